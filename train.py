@@ -1,0 +1,358 @@
+"""Train a chat model with SimPO (LoRA or 4-bit QLoRA, a plain PyTorch loop).
+
+    python train.py        # offline demo: a tiny model learns a toy preference in about a minute on 2 CPU cores
+    python train.py --model meta-llama/Meta-Llama-3-8B-Instruct --dataset princeton-nlp/llama3-ultrafeedback-armorm \
+        --eval-split test --beta 10 --gamma-beta-ratio 0.3 --lr 5e-6
+
+One optimizer step: `--batch-size` preference pairs, fed `--micro-batch-size` pairs per forward pass. Each
+forward runs chosen and rejected responses together, [chosen..., rejected...], and scores only the response
+tokens from the final hidden states (simpo.chunked_sequence_logps), never building full logits.
+"""
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+import simpo
+
+
+class UsageError(ValueError):
+    """A bad combination of flags or an output folder in the way: one line, exit code 2."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="SFT model: local folder or hub id (omit with --dataset for the offline demo)")
+    g.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
+                   help="QLoRA: nf4 weights, double quantisation, bf16 compute (default: on with CUDA, off on CPU)")
+    g.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (small models)")
+    g.add_argument("--lora-r", type=int, default=16)
+    g.add_argument("--lora-alpha", type=int, default=32)
+    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument("--lora-target", default="all-linear", help="comma-separated module names, or all-linear")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in backward: much less memory, ~30%% slower (default: on with CUDA)")
+    g.add_argument("--chat-template", help="a Jinja chat template (text or file) for tokenizers without one")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help=".jsonl/.json/.parquet/.csv file, folder or hub id (see data.py for layouts)")
+    g.add_argument("--split", default="train")
+    g.add_argument("--eval-split", help="held-out split of the same dataset, e.g. test_prefs")
+    g.add_argument("--eval-fraction", type=float, default=0.0, help="hold out this fraction of --split instead")
+    g.add_argument("--max-length", type=int, default=2048, help="prompt + response tokens")
+    g.add_argument("--max-prompt-length", type=int, default=1800, help="longer prompts lose their start")
+    g = p.add_argument_group("SimPO objective")
+    g.add_argument("--beta", type=float, default=2.0, help="reward scale β (the official repo's default)")
+    g.add_argument("--gamma", type=float, help="target reward margin γ (default 0.5)")
+    g.add_argument("--gamma-beta-ratio", type=float, help="γ/β, as the published configs give it (instead of --gamma)")
+    g.add_argument("--sft-weight", type=float, default=0.0, help="add this × the chosen responses' NLL (average per token)")
+    g.add_argument("--no-length-normalization", action="store_true", help="reward from the summed log-prob (ablation)")
+    g = p.add_argument_group("optimisation")
+    # LoRA trains ~0.5% of the weights from zero, so it wants a larger rate than the published full
+    # fine-tuning rates (3e-7 to 1e-6); 5e-6 to 2e-5 is the usual range for LoRA preference tuning.
+    g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    g.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up, then cosine decay to 0")
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=32, help="pairs per optimizer step")
+    g.add_argument("--micro-batch-size", type=int, default=2, help="pairs per forward pass; accumulation is derived")
+    g.add_argument("--seed", type=int, default=42)
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", help="default runs/<timestamp>")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (always at start and end)")
+    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    g.add_argument("--report-to", choices=["tensorboard", "wandb"], help="also log there (needs that package)")
+    args = p.parse_args(argv)
+    if args.resume:  # the saved run's settings, overridden by whatever is on this command line
+        saved = Path(args.resume) / "run_config.json"
+        if not saved.is_file():
+            raise UsageError(f"--resume {args.resume}: no run_config.json there")
+        p.set_defaults(**{**json.loads(saved.read_text()), "output_dir": args.resume, "overwrite": False})
+        args = p.parse_args(argv)
+    elif args.model is None and args.dataset is None:  # the offline demo
+        import demo
+        p.set_defaults(**demo.TRAINING, demo=True)
+        args = p.parse_args(argv)
+    return check_args(args)
+
+
+def check_args(args):
+    if (args.model is None) != (args.dataset is None) and not getattr(args, "demo", False):
+        raise UsageError("pass both --model and --dataset, or neither for the offline demo")
+    if args.gamma is not None and args.gamma_beta_ratio is not None and args.gamma != args.gamma_beta_ratio * args.beta:
+        raise UsageError("--gamma and --gamma-beta-ratio are two ways of setting γ: pass one")
+    if args.gamma is None:
+        args.gamma = 0.5 if args.gamma_beta_ratio is None else args.gamma_beta_ratio * args.beta
+    if args.micro_batch_size > args.batch_size:
+        raise UsageError("--micro-batch-size cannot exceed --batch-size")
+    if args.eval_split and args.eval_fraction:
+        raise UsageError("pass --eval-split or --eval-fraction, not both")
+    if not 0 <= args.eval_fraction < 1:
+        raise UsageError("--eval-fraction must be in [0, 1)")
+    simpo.simpo_loss(torch.zeros(1), torch.zeros(1), args.beta, args.gamma)  # ValueError on a bad β or γ
+    args.output_dir = args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S")
+    return args
+
+
+def lr_at(step, total_steps, warmup_steps, peak_lr):
+    """Learning rate of optimizer step `step` (0-based)."""
+    if step < warmup_steps:  # linear warm-up: early steps see noisy rewards, keep them small
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak_lr * 0.5 * (1 + math.cos(math.pi * progress))  # cosine decay to 0
+
+
+def load_tokenizer(name, chat_template=None):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if chat_template:
+        tokenizer.chat_template = Path(chat_template).read_text() if Path(chat_template).is_file() else chat_template
+    if tokenizer.pad_token_id is None:  # padding is masked out of the loss, any id will do
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name, load_in_4bit=False, dtype=torch.float32, device="cpu"):
+    """The model as `from_pretrained` gives it: a local folder or a hub id, optionally in 4-bit (nf4)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=dtype) if load_in_4bit else None
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, quantization_config=quantization, device_map={"": device})
+
+
+def add_lora(model, args):
+    from peft import LoraConfig, get_peft_model
+    target = args.lora_target if args.lora_target == "all-linear" else args.lora_target.split(",")
+    # No peft.prepare_model_for_kbit_training: it upcasts embeddings, lm_head and norms to float32
+    # (+2.8 GB on Llama-3-8B and a slow float32 lm_head). Non-reentrant checkpointing (below) needs no
+    # input gradients, so the model stays in bf16 around the 4-bit weights.
+    return get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                            target_modules=target, task_type="CAUSAL_LM"))
+
+
+def policy_logps(model, batch, average=True):
+    """Per-sequence response log-probs (2B,) from one forward pass over [chosen..., rejected...]."""
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    head = model.get_output_embeddings()
+    return simpo.chunked_sequence_logps(hidden, head.weight, batch["labels"], average=average, lm_head_bias=head.bias,
+                                        logit_softcap=getattr(model.config, "final_logit_softcapping", None))
+
+
+@torch.no_grad()
+def pair_logps(model, examples, pad_id, batch_size, average=True, desc="scoring"):
+    """Average log-probs of every chosen and rejected response: two (N,) float32 tensors on the CPU."""
+    device, chosen, rejected = next(model.parameters()).device, [], []
+    for i in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False):
+        batch = {k: v.to(device) for k, v in data.collate(examples[i:i + batch_size], pad_id).items()}
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            c, r = policy_logps(model, batch, average).chunk(2)
+        chosen.append(c.float().cpu())
+        rejected.append(r.float().cpu())
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def reward_metrics(chosen_logps, rejected_logps, beta, gamma):
+    """Held-out loss, reward accuracy, mean margin and the fraction of pairs beyond the margin γ."""
+    losses, chosen_rewards, rejected_rewards = simpo.simpo_loss(chosen_logps, rejected_logps, beta, gamma)
+    metrics = simpo.preference_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)
+    metrics["loss"] = losses.mean().item()
+    metrics["rewards/beyond_gamma"] = (chosen_rewards - rejected_rewards > gamma).float().mean().item()
+    return metrics
+
+
+def evaluate(model, examples, args, pad_id):
+    model.eval()  # no dropout
+    metrics = reward_metrics(*pair_logps(model, examples, pad_id, args.micro_batch_size, not args.no_length_normalization,
+                                         "evaluating"), args.beta, args.gamma)
+    model.train()
+    return {f"eval/{k}": v for k, v in metrics.items()}
+
+
+def save(model, tokenizer, folder, step, optimizer):
+    """Adapter (or model) in the usual format, plus everything `--resume` needs to continue exactly."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(),
+                "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+               Path(folder) / "training_state.pt")
+
+
+def restore(model, optimizer, run_dir):
+    """Load the latest checkpoint of `run_dir` (the final save counts too); returns its step."""
+    checkpoints = sorted(Path(run_dir).glob("checkpoint-*/training_state.pt"), key=lambda f: int(f.parent.name[11:]))
+    final = Path(run_dir) / "training_state.pt"
+    if not final.is_file() and not checkpoints:
+        return 0
+    state = torch.load(final if final.is_file() else checkpoints[-1], weights_only=False)
+    model.load_state_dict(state["trainable"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
+
+class Logger:
+    """metrics.jsonl, plus tensorboard or wandb when asked for."""
+
+    def __init__(self, out, report_to, config, start_step):
+        self.path = out / "metrics.jsonl"
+        old = self.path.read_text().splitlines() if self.path.exists() else []
+        kept = [line for line in old if json.loads(line)["step"] <= start_step]  # drop what a crash left past the checkpoint
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.writer = self.wandb = None
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+        elif report_to == "wandb":
+            import wandb
+            self.wandb = wandb.init(project="simpo", config=config, dir=str(out))
+
+    def log(self, step, metrics):
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for k, v in metrics.items():
+            if self.writer:
+                self.writer.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+
+
+def plot_curves(out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for ax, key in zip(axes, ["loss", "rewards/accuracies", "rewards/margins"]):
+        for prefix, style in (("", "-"), ("eval/", "o--")):
+            points = [(r["step"], r[prefix + key]) for r in rows if prefix + key in r]
+            if points:
+                ax.plot(*zip(*points), style, label="held-out" if prefix else "train")
+        ax.set(title=key, xlabel="step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+
+
+def train(args):
+    out = Path(args.output_dir)
+    if not args.resume and out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"--output-dir {out} is not empty: pass --overwrite to replace it, or --resume {out}")
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)  # bf16 is slow on CPUs
+    if args.full and args.load_in_4bit:
+        raise UsageError("--full trains every weight: it cannot load them in 4-bit (drop --load-in-4bit)")
+    args.load_in_4bit = cuda and not args.full if args.load_in_4bit is None else args.load_in_4bit
+    args.gradient_checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    if getattr(args, "demo", False):  # built next to the run, not inside it: eval.py loads it as the base model
+        import demo
+        args.model = demo.build_tiny_model(out.parent / "demo-model")
+    tokenizer = load_tokenizer(args.model, args.chat_template)
+    train_set, eval_set, skipped = data.load_examples(tokenizer, args.dataset, args.split, args.eval_split,
+                                                      args.eval_fraction, args.seed, args.max_length, args.max_prompt_length)
+    print(f"{len(train_set)} training pairs, {len(eval_set)} held-out, {skipped} skipped (response truncated to nothing)")
+    if not train_set:
+        raise data.DataError(f"{args.dataset}: no training pairs left after truncation")
+    if args.overwrite and not args.resume:  # only now: a run that fails on its input deletes nothing
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
+    (out / "run_config.json").write_text(json.dumps(config, indent=2))
+
+    # Full fine-tuning keeps float32 master weights (bf16 AdamW updates underflow); LoRA keeps the base in bf16.
+    model = load_model(args.model, args.load_in_4bit, torch.float32 if args.full else dtype, device)
+    model = model if args.full else add_lora(model, args)
+    if args.gradient_checkpointing:  # non-reentrant: works with frozen inputs, so no enable_input_require_grads
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # gradient checkpointing only acts in train mode
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    start = restore(model, optimizer, out) if args.resume else 0
+    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+    logger = Logger(out, args.report_to, config, start)
+    pad_id, average = tokenizer.pad_token_id, not args.no_length_normalization
+    if eval_set and start == 0:
+        before = evaluate(model, eval_set, args, pad_id)
+        logger.log(0, before)
+        print(f"held-out reward accuracy before training: {before['eval/rewards/accuracies']:.3f}")
+
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="training")
+    for step in bar:
+        epoch, index = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed + epoch))
+        pairs = [train_set[i] for i in order[index * args.batch_size:(index + 1) * args.batch_size]]
+        lr = lr_at(step, total_steps, warmup_steps, args.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        started, logs, tokens = time.time(), [], 0
+        for i in range(0, len(pairs), args.micro_batch_size):
+            batch = {k: v.to(device) for k, v in data.collate(pairs[i:i + args.micro_batch_size], pad_id).items()}
+            with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+                chosen_logps, rejected_logps = policy_logps(model, batch, average).chunk(2)
+            losses, chosen_rewards, rejected_rewards = simpo.simpo_loss(chosen_logps, rejected_logps, args.beta, args.gamma)
+            if args.sft_weight:
+                n_chosen = (batch["labels"][: len(chosen_logps), 1:] != data.IGNORE_INDEX).sum(-1).clamp(min=1)
+                losses = losses - args.sft_weight * (chosen_logps if average else chosen_logps / n_chosen)
+            # Sum over the micro-batch, divided by the pairs in the whole step: the step's loss is the mean
+            # over all its pairs however they are split, so 1×8 and 4×2 give the same update.
+            (losses.sum() / len(pairs)).backward()
+            logs.append(torch.stack([losses.detach(), chosen_logps.detach(), rejected_logps.detach(),
+                                     chosen_rewards, rejected_rewards]))
+            tokens += batch["attention_mask"].sum()  # a tensor: no device sync inside the micro-batch loop
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        losses, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards = torch.cat(logs, dim=1)
+        metrics = simpo.preference_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)  # syncs once
+        loss, grad_norm, tokens = torch.stack([losses.mean(), grad_norm.float(), tokens.float()]).tolist()
+        metrics.update(loss=loss, grad_norm=grad_norm, lr=lr, tokens_per_s=tokens / (time.time() - started))
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total_steps and eval_set:
+            metrics.update(evaluate(model, eval_set, args, pad_id))
+        logger.log(step + 1, metrics)
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            save(model, tokenizer, out / f"checkpoint-{step + 1}", step + 1, optimizer)
+
+    if eval_set:
+        after = evaluate(model, eval_set, args, pad_id)
+        logger.log(total_steps, after)
+        print(f"held-out reward accuracy after training: {after['eval/rewards/accuracies']:.3f} "
+              f"(margin {after['eval/rewards/margins']:.2f}, loss {after['eval/loss']:.3f})")
+    save(model, tokenizer, out, total_steps, optimizer)
+    plot_curves(out)
+    print(f"saved to {out}")
+    return out
+
+
+def main(argv=None):
+    try:
+        train(parse_args(argv))
+    except (data.DataError, UsageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -39,10 +39,14 @@ def sequence_logps(logits, labels, average=True, ignore_index=-100):
     return logps / mask.sum(-1).clamp(min=1) if average else logps  # clamp: an empty response gives 0, not NaN
 
 
+def project_logits(hidden, lm_head_weight, lm_head_bias=None, logit_softcap=None):
+    """(..., H) hidden states -> (..., V) float32 logits, with Gemma-2-style soft-capping if asked for."""
+    logits = F.linear(hidden, lm_head_weight, lm_head_bias).float()
+    return logits if logit_softcap is None else logit_softcap * torch.tanh(logits / logit_softcap)
+
+
 def _chunk_token_logps(hidden, weight, bias, targets, softcap):
-    logits = F.linear(hidden, weight, bias).float()  # (n, V): the only vocabulary-sized tensor, one chunk at a time
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits = project_logits(hidden, weight, bias, softcap)  # (n, V): the only vocabulary-sized tensor, one chunk at a time
     return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
 
 

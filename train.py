@@ -78,8 +78,9 @@ def parse_args(argv=None):
         saved = Path(args.resume) / "run_config.json"
         if not saved.is_file():
             raise UsageError(f"--resume {args.resume}: no run_config.json there")
-        p.set_defaults(**{**json.loads(saved.read_text()), "output_dir": args.resume, "overwrite": False})
+        p.set_defaults(**json.loads(saved.read_text()))
         args = p.parse_args(argv)
+        args.output_dir, args.overwrite = args.resume, False
     elif args.model is None and args.dataset is None:  # the offline demo
         import demo
         p.set_defaults(**demo.TRAINING, demo=True)
@@ -141,12 +142,18 @@ def add_lora(model, args):
                                             target_modules=target, task_type="CAUSAL_LM"))
 
 
-def policy_logps(model, batch, average=True):
-    """Per-sequence response log-probs (2B,) from one forward pass over [chosen..., rejected...]."""
+def final_hidden(model, batch):
+    """Final hidden states (B, T, H) and the lm_head arguments of simpo.project_logits: no logits computed."""
     hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     head = model.get_output_embeddings()
-    return simpo.chunked_sequence_logps(hidden, head.weight, batch["labels"], average=average, lm_head_bias=head.bias,
-                                        logit_softcap=getattr(model.config, "final_logit_softcapping", None))
+    return hidden, dict(lm_head_weight=head.weight, lm_head_bias=head.bias,
+                        logit_softcap=getattr(model.config, "final_logit_softcapping", None))
+
+
+def policy_logps(model, batch, average=True):
+    """Per-sequence response log-probs (2B,) from one forward pass over [chosen..., rejected...]."""
+    hidden, head = final_hidden(model, batch)
+    return simpo.chunked_sequence_logps(hidden, labels=batch["labels"], average=average, **head)
 
 
 @torch.no_grad()

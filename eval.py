@@ -1,0 +1,209 @@
+"""Did a SimPO run work? Held-out reward accuracy, KL(policy ‖ base SFT model) and response length.
+
+    python eval.py --adapter runs/demo           # the run's held-out split, with the run's own settings
+    python eval.py --adapter runs/llama3 --dataset HuggingFaceH4/ultrafeedback_binarized --split test_prefs \
+        --generate 64 --out report.json
+
+With a LoRA run the base model is the same model with its adapter switched off: no second copy in memory.
+For a full fine-tuning run (`--adapter` is then the trained model folder) `--ref-model` names the base.
+"""
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+import simpo
+import train
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--adapter", required=True, help="run folder or checkpoint (LoRA), or a fully fine-tuned model folder")
+    p.add_argument("--model", help="the base SFT model (default: the run's --model)")
+    p.add_argument("--ref-model", help="base model of a full fine-tuning run (default: the run's --model)")
+    p.add_argument("--dataset", help="default: the run's")
+    p.add_argument("--split", help="evaluate this whole split (default: the run's held-out pairs)")
+    p.add_argument("--beta", type=float, help="for reward margins (default: the run's)")
+    p.add_argument("--gamma", type=float, help="target margin γ (default: the run's)")
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--max-prompt-length", type=int, default=1800)
+    p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None, help="default: the run's")
+    p.add_argument("--batch-size", type=int, default=4, help="pairs per forward pass")
+    p.add_argument("--chunk-size", type=int, default=1024, help="response tokens per KL chunk")
+    p.add_argument("--generate", type=int, default=0, metavar="N", help="also sample N held-out prompts from policy and base")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    # Temperature 1 and no top-p: the sequence-level KL estimate is only unbiased on samples from π itself.
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write every number here as JSON (default: <adapter>/eval.json)")
+    p.add_argument("--samples", help="generated samples, JSONL (default: <adapter>/samples.jsonl)")
+    args = p.parse_args(argv)
+    adapter = Path(args.adapter)
+    if not adapter.is_dir():
+        raise train.UsageError(f"--adapter {adapter}: no such folder")
+    found = [f for f in (adapter / "run_config.json", adapter.parent / "run_config.json") if f.is_file()]
+    run = json.loads(found[0].read_text()) if found else {}  # a checkpoint's run config is one folder up
+    keys = ("model", "dataset", "beta", "gamma", "max_length", "max_prompt_length", "load_in_4bit")
+    p.set_defaults(**{k: run[k] for k in keys if run.get(k) is not None})
+    args = p.parse_args(argv)
+    args.run = run
+    for flag in ("model", "dataset"):
+        if getattr(args, flag) is None:
+            raise train.UsageError(f"no run_config.json next to {adapter}: pass --{flag}")
+    args.beta, args.gamma = args.beta or 2.0, 0.5 if args.gamma is None else args.gamma
+    return args
+
+
+def load_policy_and_base(args, device, dtype):
+    """The trained policy, and a context manager that yields the base model."""
+    adapter = Path(args.adapter)
+    if not (adapter / "adapter_config.json").is_file():  # full fine-tuning: two models
+        if not (adapter / "config.json").is_file():
+            raise train.UsageError(f"--adapter {adapter}: neither a LoRA adapter nor a model folder")
+        policy = train.load_model(str(adapter), args.load_in_4bit, dtype, device).eval()
+        reference = train.load_model(args.ref_model or args.model, args.load_in_4bit, dtype, device).eval()
+        return policy, lambda: contextlib.nullcontext(reference)
+    from peft import PeftModel
+    base = train.load_model(args.model, args.load_in_4bit, dtype, device)
+    try:
+        policy = PeftModel.from_pretrained(base, str(adapter)).eval()
+    except (RuntimeError, ValueError, KeyError) as error:
+        trained_on = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        raise train.UsageError(f"--adapter {adapter} does not fit --model {args.model} (it was trained on "
+                               f"{trained_on}): {str(error).strip().splitlines()[0]}") from None
+
+    @contextlib.contextmanager
+    def base_model():
+        with policy.disable_adapter():
+            yield policy
+    return policy, base_model
+
+
+def token_kl(policy_hidden, base_hidden, policy_head, base_head, labels, chunk_size=1024):
+    """Exact KL(π ‖ π_base) over the whole vocabulary at every response position, summed per sequence.
+
+    policy_hidden, base_hidden: (B, T, H); *_head: keyword arguments of simpo.project_logits; labels: (B, T).
+    Holds only (chunk_size, V) logits of each model at a time. Returns (kl sums (B,), response tokens (B,)).
+    """
+    mask = labels[:, 1:] != data.IGNORE_INDEX
+    policy_hidden, base_hidden = policy_hidden[:, :-1][mask], base_hidden[:, :-1][mask]  # (N, H)
+    kl = [torch.zeros(0, device=labels.device)]
+    for i in range(0, len(policy_hidden), chunk_size):
+        log_p = simpo.project_logits(policy_hidden[i:i + chunk_size], **policy_head).log_softmax(-1)
+        log_q = simpo.project_logits(base_hidden[i:i + chunk_size], **base_head).log_softmax(-1)
+        kl.append((log_p.exp() * (log_p - log_q)).sum(-1))  # Σ_v π(v) (log π(v) − log π_base(v))
+    rows = mask.nonzero()[:, 0]
+    return torch.zeros(len(labels), device=labels.device).index_add(0, rows, torch.cat(kl)), mask.sum(-1)
+
+
+@torch.no_grad()
+def kl_to_base(policy, base_model, examples, pad_id, batch_size, chunk_size):
+    """Mean per-token KL(policy ‖ base) over chosen and over rejected responses, with the token counts."""
+    device, totals = next(policy.parameters()).device, torch.zeros(2, 2)  # rows: chosen, rejected; cols: KL, tokens
+    for i in tqdm(range(0, len(examples), batch_size), desc="KL", leave=False):
+        batch = {k: v.to(device) for k, v in data.collate(examples[i:i + batch_size], pad_id).items()}
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            policy_hidden, policy_head = train.final_hidden(policy, batch)
+            with base_model() as base:
+                base_hidden, base_head = train.final_hidden(base, batch)
+            kl, tokens = token_kl(policy_hidden, base_hidden, policy_head, base_head, batch["labels"], chunk_size)
+        totals += torch.stack([torch.stack([half.sum() for half in x.float().chunk(2)]) for x in (kl, tokens)], 1).cpu()
+    return {f"kl/{side}": (kl / max(tokens, 1)).item() for side, (kl, tokens) in zip(("chosen", "rejected"), totals)} | \
+           {f"kl/{side}_tokens": int(tokens) for side, (_, tokens) in zip(("chosen", "rejected"), totals)}
+
+
+@torch.no_grad()
+def generate(policy, base_model, tokenizer, examples, args):
+    """Sample `args.generate` held-out prompts from policy and base with the same seed; lengths up to EOS and
+    a sequence-level KL estimate on the policy's own samples: mean of Σ_t log π(y_t) − log π_base(y_t)."""
+    device, samples = next(policy.parameters()).device, []
+    chosen = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))[:args.generate]
+    for i in tqdm(chosen.tolist(), desc="generating", leave=False):
+        prompt = torch.tensor([examples[i]["prompt"]], device=device)
+        sample = {"prompt": tokenizer.decode(examples[i]["prompt"])}
+        for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
+            with context as model:
+                torch.manual_seed(args.seed + i)  # the same seed for both models
+                ids = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                     temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                                     pad_token_id=tokenizer.pad_token_id)[0, prompt.shape[1]:].tolist()
+            if tokenizer.eos_token_id in ids:
+                ids = ids[:ids.index(tokenizer.eos_token_id) + 1]
+            sample |= {name: tokenizer.decode(ids, skip_special_tokens=True), f"{name}_tokens": len(ids), f"{name}_ids": ids}
+        batch = {"input_ids": torch.tensor([examples[i]["prompt"] + sample["policy_ids"]], device=device)}
+        batch |= {"attention_mask": torch.ones_like(batch["input_ids"]),
+                  "labels": torch.tensor([[data.IGNORE_INDEX] * prompt.shape[1] + sample["policy_ids"]], device=device)}
+        log_ratio = train.policy_logps(policy, batch, average=False)
+        with base_model() as base:
+            log_ratio -= train.policy_logps(base, batch, average=False)
+        samples.append(sample | {"log_ratio": log_ratio.item()})
+    summary = {f"length/{name}": sum(s[f"{name}_tokens"] for s in samples) / len(samples) for name in ("policy", "base")}
+    return summary | {"kl/sequence": sum(s["log_ratio"] for s in samples) / len(samples)}, samples
+
+
+def evaluate(args):
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    args.load_in_4bit = cuda if args.load_in_4bit is None else args.load_in_4bit
+    adapter = Path(args.adapter)
+    tokenizer = train.load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file() else args.model,
+                                     args.run.get("chat_template"))
+    # Default: the pairs the run held out, chosen exactly as train.py chose them.
+    split = args.split or args.run.get("eval_split") or args.run.get("split", "train")
+    fraction = 0.0 if args.split or args.run.get("eval_split") else args.run.get("eval_fraction", 0.0)
+    if not fraction and not (args.split or args.run.get("eval_split")):
+        raise train.UsageError("the run held out no pairs: pass --split")
+    train_part, held_out, skipped = data.load_examples(tokenizer, args.dataset, split, None, fraction, args.run.get("seed", 0),
+                                                       args.max_length, args.max_prompt_length)
+    examples = held_out if fraction else train_part
+    if not examples:
+        raise data.DataError(f"{args.dataset}: no pairs to evaluate in split {split!r}")
+    policy, base_model = load_policy_and_base(args, device, dtype)
+    average = not args.run.get("no_length_normalization", False)
+    report = {"settings": {k: v for k, v in vars(args).items() if k != "run"}, "pairs": len(examples), "skipped": skipped}
+    for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
+        with context as model:
+            logps = train.pair_logps(model, examples, tokenizer.pad_token_id, args.batch_size, average, f"scoring {name}")
+        report[name] = train.reward_metrics(*logps, args.beta, args.gamma)
+    report |= kl_to_base(policy, base_model, examples, tokenizer.pad_token_id, args.batch_size, args.chunk_size)
+    if args.generate:
+        summary, samples = generate(policy, base_model, tokenizer, examples, args)
+        report |= summary
+        samples_path = Path(args.samples or adapter / "samples.jsonl")
+        samples_path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+        report["samples"] = str(samples_path)
+    Path(args.out or adapter / "eval.json").write_text(json.dumps(report, indent=2))
+    print_report(report, args)
+    return report
+
+
+def print_report(report, args):
+    print(f"\n{report['pairs']} held-out pairs from {args.dataset} (β={args.beta:g}, γ={args.gamma:g})")
+    print(f"{'':34}{'policy':>10}{'base':>10}")
+    for key, label in (("rewards/accuracies", "reward accuracy"), ("rewards/margins", "mean reward margin β·Δ"),
+                       ("rewards/beyond_gamma", "pairs beyond margin γ"), ("loss", "SimPO loss")):
+        print(f"{label:34}{report['policy'][key]:>10.3f}{report['base'][key]:>10.3f}")
+    if "length/policy" in report:
+        print(f"{'mean sampled length (tokens)':34}{report['length/policy']:>10.1f}{report['length/base']:>10.1f}")
+    print(f"KL(policy ‖ base) per response token: chosen {report['kl/chosen']:.4f}, rejected {report['kl/rejected']:.4f}")
+    if "kl/sequence" in report:
+        print(f"KL(policy ‖ base) per sampled sequence: {report['kl/sequence']:.3f}  (samples in {report['samples']})")
+
+
+def main(argv=None):
+    try:
+        evaluate(parse_args(argv))
+    except (data.DataError, train.UsageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""The README is the front door: its commands and flags must be the ones the code has."""
+import re
+from pathlib import Path
+
+import pytest
+
+import eval as evaluate
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def help_flags(parse_args, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    return set(re.findall(r"--[a-z][a-z0-9-]+", capsys.readouterr().out)) - {"--help"}
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci_commands = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert "    python -m pytest -q" in README.splitlines()
+    assert "python -m pytest -q" in ci_commands
+
+
+def test_readme_quick_start_runs_the_demo_then_evaluates_it():
+    assert "    pip install -r requirements.txt && python train.py && python eval.py --adapter runs/demo" in README
+    assert train.parse_args([]).output_dir == "runs/demo"
+
+
+def test_every_train_flag_is_documented_and_every_documented_flag_exists(capsys):
+    train_flags = help_flags(train.parse_args, capsys)
+    assert {f for f in train_flags if f not in README} == set(), "train.py flags missing from the README"
+    known = train_flags | help_flags(evaluate.parse_args, capsys) | {"--help", "--index-url"}
+    assert set(re.findall(r"--[a-z][a-z0-9-]+", README)) - known == set(), "README flags the code does not have"

@@ -22,7 +22,7 @@ import train
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=train.HelpFormatter)
     p.add_argument("--adapter", required=True, help="run folder or checkpoint (LoRA), or a fully fine-tuned model folder")
     p.add_argument("--model", help="the base SFT model (default: the run's --model)")
     p.add_argument("--ref-model", help="base model of a full fine-tuning run (default: the run's --model)")
@@ -30,17 +30,17 @@ def parse_args(argv=None):
     p.add_argument("--split", help="evaluate this whole split (default: the run's held-out pairs)")
     p.add_argument("--beta", type=float, help="for reward margins (default: the run's)")
     p.add_argument("--gamma", type=float, help="target margin γ (default: the run's)")
-    p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--max-prompt-length", type=int, default=1800)
+    p.add_argument("--max-length", type=int, default=2048, help="prompt + response tokens, unless the run set it")
+    p.add_argument("--max-prompt-length", type=int, default=1800, help="unless the run set it")
     p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None, help="default: the run's")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per forward pass")
     p.add_argument("--chunk-size", type=int, default=1024, help="response tokens per KL chunk")
     p.add_argument("--generate", type=int, default=0, metavar="N", help="also sample N held-out prompts from policy and base")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="with --generate")
     # Temperature 1 and no top-p: the sequence-level KL estimate is only unbiased on samples from π itself.
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="with --generate")
+    p.add_argument("--top-p", type=float, default=1.0, help="with --generate")
+    p.add_argument("--seed", type=int, default=0, help="which prompts --generate samples, and how")
     p.add_argument("--out", help="write every number here as JSON (default: <adapter>/eval.json)")
     p.add_argument("--samples", help="generated samples, JSONL (default: <adapter>/samples.jsonl)")
     args = p.parse_args(argv)

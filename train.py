@@ -28,30 +28,37 @@ class UsageError(ValueError):
     """A bad combination of flags or an output folder in the way: one line, exit code 2."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with defaults, except None and False (off, or decided at run time)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", help="SFT model: local folder or hub id (omit with --dataset for the offline demo)")
     g.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
                    help="QLoRA: nf4 weights, double quantisation, bf16 compute (default: on with CUDA, off on CPU)")
     g.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (small models)")
-    g.add_argument("--lora-r", type=int, default=16)
-    g.add_argument("--lora-alpha", type=int, default=32)
-    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
+    g.add_argument("--lora-alpha", type=int, default=32, help="LoRA scale numerator: updates are scaled by alpha/r")
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
     g.add_argument("--lora-target", default="all-linear", help="comma-separated module names, or all-linear")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in backward: much less memory, ~30%% slower (default: on with CUDA)")
     g.add_argument("--chat-template", help="a Jinja chat template (text or file) for tokenizers without one")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help=".jsonl/.json/.parquet/.csv file, folder or hub id (see data.py for layouts)")
-    g.add_argument("--split", default="train")
+    g.add_argument("--split", default="train", help="training split")
     g.add_argument("--eval-split", help="held-out split of the same dataset, e.g. test_prefs")
     g.add_argument("--eval-fraction", type=float, default=0.0, help="hold out this fraction of --split instead")
     g.add_argument("--max-length", type=int, default=2048, help="prompt + response tokens")
     g.add_argument("--max-prompt-length", type=int, default=1800, help="longer prompts lose their start")
     g = p.add_argument_group("SimPO objective")
     g.add_argument("--beta", type=float, default=2.0, help="reward scale β (the official repo's default)")
-    g.add_argument("--gamma", type=float, help="target reward margin γ (default 0.5)")
+    g.add_argument("--gamma", type=float, help="target reward margin γ (default: 0.5)")
     g.add_argument("--gamma-beta-ratio", type=float, help="γ/β, as the published configs give it (instead of --gamma)")
     g.add_argument("--sft-weight", type=float, default=0.0, help="add this × the chosen responses' NLL (average per token)")
     g.add_argument("--no-length-normalization", action="store_true", help="reward from the summed log-prob (ablation)")
@@ -60,12 +67,12 @@ def parse_args(argv=None):
     # fine-tuning rates (3e-7 to 1e-6); 5e-6 to 2e-5 is the usual range for LoRA preference tuning.
     g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
     g.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up, then cosine decay to 0")
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    g.add_argument("--epochs", type=int, default=1, help="passes over the training pairs")
     g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=32, help="pairs per optimizer step")
     g.add_argument("--micro-batch-size", type=int, default=2, help="pairs per forward pass; accumulation is derived")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=int, default=42, help="data order, LoRA init, --eval-fraction split")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", help="default runs/<timestamp>")
     g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")

@@ -28,8 +28,10 @@ def load_rows(dataset, split):
     from datasets import load_dataset  # slow to import; only needed here
 
     path = Path(dataset)
-    if path.suffix in FILE_TYPES and not path.is_file():
-        raise DataError(f"{dataset}: file not found")
+    looks_local = path.suffix in FILE_TYPES or dataset.startswith((".", "/", "~")) or dataset.count("/") > 1 or \
+        (path.parent != Path(".") and path.parent.is_dir())  # hub ids are "name" or "org/name"
+    if looks_local and not path.exists():
+        raise DataError(f"{dataset}: no such file or folder")
     if path.is_file() and path.suffix not in FILE_TYPES:
         raise DataError(f"{dataset}: unsupported file type {path.suffix!r} (use {', '.join(FILE_TYPES)})")
     try:

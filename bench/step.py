@@ -1,0 +1,86 @@
+"""Peak memory and speed of one SimPO training step, the way train.py takes it (QLoRA, chunked log-probs).
+
+    python bench/step.py --shape llama3-8b --seq-len 2048     # on a GPU: random weights, no download
+    python bench/step.py --shape tiny --seq-len 64            # on a CPU: checks the script itself
+
+Builds a model of the given shape with random weights, saves it, loads it back through train.load_model
+(4-bit nf4 on CUDA) and add_lora, then times `--steps` optimizer steps of one preference pair (chosen and
+rejected `--seq-len` tokens each, half of them response) after a warm-up step. Prints and writes JSON.
+"""
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import simpo  # noqa: E402
+import train  # noqa: E402
+
+SHAPES = {
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+    "tiny": dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=SHAPES, default="tiny")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--no-load-in-4bit", dest="load_in_4bit", action="store_false")
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    p.add_argument("--out", default="runs/bench/step.json")
+    args = p.parse_args(argv)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    folder = tempfile.mkdtemp(prefix="simpo-bench-")
+    config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(8192, args.seq_len), tie_word_embeddings=False)
+    with torch.device("cuda" if cuda else "cpu"):  # random init on the GPU: minutes faster for 8B
+        LlamaForCausalLM(config).to(dtype).save_pretrained(folder)
+    torch.cuda.empty_cache() if cuda else None
+    lora = argparse.Namespace(lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target="all-linear")
+    model = train.add_lora(train.load_model(folder, args.load_in_4bit and cuda, dtype, device), lora)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    ids = torch.randint(0, config.vocab_size, (2, args.seq_len), device=device)  # [chosen, rejected]
+    labels = ids.clone()
+    labels[:, : args.seq_len // 2] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    times = []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(args.steps + 1):
+        started = time.perf_counter()
+        with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+            chosen, rejected = train.policy_logps(model, batch).chunk(2)
+        simpo.simpo_loss(chosen, rejected, beta=2.5, gamma=1.4)[0].mean().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize() if cuda else None
+        times.append(time.perf_counter() - started)
+    step_time = statistics.median(times[1:])  # the first step warms up kernels and allocator
+    result = {"shape": args.shape, "seq_len": args.seq_len, "load_in_4bit": args.load_in_4bit and cuda,
+              "gradient_checkpointing": args.gradient_checkpointing,
+              "device": torch.cuda.get_device_name() if cuda else "cpu",
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+              "step_s": step_time, "tokens_per_s": 2 * args.seq_len / step_time}
+    print(json.dumps(result, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

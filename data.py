@@ -40,8 +40,11 @@ def load_rows(dataset, split):
         return load_dataset(dataset, split=split)
     except Exception as error:
         if path.suffix in (".json", ".jsonl"):  # find the exact row that arrow choked on
-            for index, row in enumerate(_json_rows(path)):
+            rows = _json_rows(path)
+            for index, row in enumerate(rows):
                 to_pair(row, f"{dataset}: row {index + 1}")
+            if not rows:
+                raise DataError(f"{dataset}: no rows") from None
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(f"{dataset}: cannot load split {split!r}: {reason}") from None
 

@@ -25,7 +25,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=train.HelpFormatter)
     p.add_argument("--adapter", required=True, help="run folder or checkpoint (LoRA), or a fully fine-tuned model folder")
     p.add_argument("--model", help="the base SFT model (default: the run's --model)")
-    p.add_argument("--ref-model", help="base model of a full fine-tuning run (default: the run's --model)")
+    p.add_argument("--ref-model", help="base model of a full fine-tuning run (default: --model); LoRA runs need none")
     p.add_argument("--dataset", help="default: the run's")
     p.add_argument("--split", help="evaluate this whole split (default: the run's held-out pairs)")
     p.add_argument("--beta", type=float, help="for reward margins (default: the run's)")
@@ -49,14 +49,18 @@ def parse_args(argv=None):
         raise train.UsageError(f"--adapter {adapter}: no such folder")
     found = [f for f in (adapter / "run_config.json", adapter.parent / "run_config.json") if f.is_file()]
     run = json.loads(found[0].read_text()) if found else {}  # a checkpoint's run config is one folder up
+    if (adapter / "adapter_config.json").is_file():  # peft records the base it trained on
+        run.setdefault("model", json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path"))
     keys = ("model", "dataset", "beta", "gamma", "max_length", "max_prompt_length", "load_in_4bit")
     p.set_defaults(**{k: run[k] for k in keys if run.get(k) is not None})
     args = p.parse_args(argv)
-    args.run = run
-    for flag in ("model", "dataset"):
-        if getattr(args, flag) is None:
-            raise train.UsageError(f"no run_config.json next to {adapter}: pass --{flag}")
-    args.beta, args.gamma = args.beta or 2.0, 0.5 if args.gamma is None else args.gamma
+    args.run, args.beta, args.gamma = run, 2.0 if args.beta is None else args.beta, 0.5 if args.gamma is None else args.gamma
+    if args.model is None and args.ref_model is None or args.dataset is None:
+        raise train.UsageError(f"no run_config.json next to {adapter}: pass --{'dataset' if args.model else 'model'}")
+    train.check_beta_gamma(args.beta, args.gamma)
+    train.require_positive(args, "batch_size", "chunk_size", "max_new_tokens", "max_length", "max_prompt_length")
+    if args.generate < 0 or args.temperature <= 0 or not 0 < args.top_p <= 1:
+        raise train.UsageError("--generate must be >= 0, --temperature > 0 and --top-p in (0, 1]")
     return args
 
 
@@ -75,8 +79,10 @@ def load_policy_and_base(args, device, dtype):
         policy = PeftModel.from_pretrained(base, str(adapter)).eval()
     except (RuntimeError, ValueError, KeyError) as error:
         trained_on = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0])
         raise train.UsageError(f"--adapter {adapter} does not fit --model {args.model} (it was trained on "
-                               f"{trained_on}): {str(error).strip().splitlines()[0]}") from None
+                               f"{trained_on}): {detail}") from None
 
     @contextlib.contextmanager
     def base_model():
@@ -97,7 +103,8 @@ def token_kl(policy_hidden, base_hidden, policy_head, base_head, labels, chunk_s
     for i in range(0, len(policy_hidden), chunk_size):
         log_p = simpo.project_logits(policy_hidden[i:i + chunk_size], **policy_head).log_softmax(-1)
         log_q = simpo.project_logits(base_hidden[i:i + chunk_size], **base_head).log_softmax(-1)
-        kl.append((log_p.exp() * (log_p - log_q)).sum(-1))  # Σ_v π(v) (log π(v) − log π_base(v))
+        # Σ_v π(v) (log π(v) − log π_base(v)) ≥ 0; float32 rounding (~1e-7) can dip below 0 when the models agree
+        kl.append((log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0))
     rows = mask.nonzero()[:, 0]
     return torch.zeros(len(labels), device=labels.device).index_add(0, rows, torch.cat(kl)), mask.sum(-1)
 
@@ -152,8 +159,10 @@ def evaluate(args):
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     args.load_in_4bit = cuda if args.load_in_4bit is None else args.load_in_4bit
     adapter = Path(args.adapter)
-    tokenizer = train.load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file() else args.model,
-                                     args.run.get("chat_template"))
+    if (adapter / "tokenizer_config.json").is_file():  # saved by train.py, chat template included
+        tokenizer = train.load_tokenizer(str(adapter))
+    else:
+        tokenizer = train.load_tokenizer(args.ref_model or args.model, args.run.get("chat_template"))
     # Default: the pairs the run held out, chosen exactly as train.py chose them.
     split = args.split or args.run.get("eval_split") or args.run.get("split", "train")
     fraction = 0.0 if args.split or args.run.get("eval_split") else args.run.get("eval_fraction", 0.0)
@@ -176,15 +185,19 @@ def evaluate(args):
         summary, samples = generate(policy, base_model, tokenizer, examples, args)
         report |= summary
         samples_path = Path(args.samples or adapter / "samples.jsonl")
+        samples_path.parent.mkdir(parents=True, exist_ok=True)
         samples_path.write_text("".join(json.dumps(s) + "\n" for s in samples))
         report["samples"] = str(samples_path)
-    Path(args.out or adapter / "eval.json").write_text(json.dumps(report, indent=2))
+    out = Path(args.out or adapter / "eval.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
     print_report(report, args)
     return report
 
 
 def print_report(report, args):
-    print(f"\n{report['pairs']} held-out pairs from {args.dataset} (β={args.beta:g}, γ={args.gamma:g})")
+    which = f"split {args.split!r}" if args.split else "held-out pairs"
+    print(f"\n{report['pairs']} pairs from {args.dataset}, {which} (β={args.beta:g}, γ={args.gamma:g})")
     print(f"{'':34}{'policy':>10}{'base':>10}")
     for key, label in (("rewards/accuracies", "reward accuracy"), ("rewards/margins", "mean reward margin β·Δ"),
                        ("rewards/beyond_gamma", "pairs beyond margin γ"), ("loss", "SimPO loss")):

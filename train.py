@@ -95,7 +95,22 @@ def parse_args(argv=None):
     return check_args(args)
 
 
+def require_positive(args, *flags):
+    for flag in flags:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
+
+
+def check_beta_gamma(beta, gamma):
+    try:
+        simpo.simpo_loss(torch.zeros(1), torch.zeros(1), beta, gamma)  # the loss's own checks, before hours of work
+    except ValueError as error:
+        raise UsageError(f"--{error}") from None
+
+
 def check_args(args):
+    require_positive(args, "batch_size", "micro_batch_size", "epochs", "max_steps", "max_length", "max_prompt_length",
+                     "lora_r")
     if (args.model is None) != (args.dataset is None) and not getattr(args, "demo", False):
         raise UsageError("pass both --model and --dataset, or neither for the offline demo")
     if args.gamma is not None and args.gamma_beta_ratio is not None and args.gamma != args.gamma_beta_ratio * args.beta:
@@ -108,7 +123,7 @@ def check_args(args):
         raise UsageError("pass --eval-split or --eval-fraction, not both")
     if not 0 <= args.eval_fraction < 1:
         raise UsageError("--eval-fraction must be in [0, 1)")
-    simpo.simpo_loss(torch.zeros(1), torch.zeros(1), args.beta, args.gamma)  # ValueError on a bad β or γ
+    check_beta_gamma(args.beta, args.gamma)
     args.output_dir = args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S")
     return args
 
@@ -125,6 +140,8 @@ def load_tokenizer(name, chat_template=None):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(name)
     if chat_template:
+        if not Path(chat_template).is_file() and "{{" not in chat_template and "{%" not in chat_template:
+            raise UsageError(f"--chat-template {chat_template}: neither a file nor a Jinja template")
         tokenizer.chat_template = Path(chat_template).read_text() if Path(chat_template).is_file() else chat_template
     if tokenizer.pad_token_id is None:  # padding is masked out of the loss, any id will do
         tokenizer.pad_token = tokenizer.eos_token

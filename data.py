@@ -28,18 +28,19 @@ def load_rows(dataset, split):
     from datasets import load_dataset  # slow to import; only needed here
 
     path = Path(dataset)
-    looks_local = path.suffix in FILE_TYPES or dataset.startswith((".", "/", "~")) or dataset.count("/") > 1 or \
+    suffix = path.suffix.lower()
+    looks_local = suffix in FILE_TYPES or dataset.startswith((".", "/", "~")) or dataset.count("/") > 1 or \
         (path.parent != Path(".") and path.parent.is_dir())  # hub ids are "name" or "org/name"
     if looks_local and not path.exists():
         raise DataError(f"{dataset}: no such file or folder")
-    if path.is_file() and path.suffix not in FILE_TYPES:
+    if path.is_file() and suffix not in FILE_TYPES:
         raise DataError(f"{dataset}: unsupported file type {path.suffix!r} (use {', '.join(FILE_TYPES)})")
     try:
         if path.is_file():  # a single file serves as whatever split is asked for
-            return load_dataset(FILE_TYPES[path.suffix], data_files={split: str(path)}, split=split)
+            return load_dataset(FILE_TYPES[suffix], data_files={split: str(path)}, split=split)
         return load_dataset(dataset, split=split)
     except Exception as error:
-        if path.suffix in (".json", ".jsonl"):  # find the exact row that arrow choked on
+        if suffix in (".json", ".jsonl"):  # find the exact row that arrow choked on
             rows = _json_rows(path)
             for index, row in enumerate(rows):
                 to_pair(row, f"{dataset}: row {index + 1}")
@@ -50,7 +51,7 @@ def load_rows(dataset, split):
 
 
 def _json_rows(path):
-    if path.suffix == ".json":
+    if path.suffix.lower() == ".json":
         try:
             return json.loads(path.read_text())
         except json.JSONDecodeError as error:
@@ -132,14 +133,14 @@ def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_le
     # Chat templates write the BOS token themselves: letting the tokenizer add another gives the double
     # BOS the official SimPO repo warns about (Llama-3). Plain text does want the tokenizer's BOS.
     prompt_ids = tokenizer(prompt_text, add_special_tokens=tokenizer.chat_template is None)["input_ids"]
-    prompt_ids = prompt_ids[-max_prompt_length:]  # keep the end of a long prompt: it holds the question
-    responses = []
+    responses, eos = [], tokenizer.eos_token_id
     for text in (chosen_text, rejected_text):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        eos = tokenizer.eos_token_id
         # End on EOS so the policy learns to stop; drop what a template writes after it (e.g. "\n").
-        ids = ids[:len(ids) - ids[::-1].index(eos)] if eos in ids else ids + [eos]
-        responses.append(ids[:max(0, max_length - len(prompt_ids))])
+        responses.append(ids[:len(ids) - ids[::-1].index(eos)] if eos in ids else ids + [eos])
+    if len(prompt_ids) + max(map(len, responses)) > max_length:  # too long: first the prompt loses its start
+        prompt_ids = prompt_ids[-max_prompt_length:]            # (its end holds the question), then the responses their end
+        responses = [ids[:max(0, max_length - len(prompt_ids))] for ids in responses]
     if not all(responses):
         return None
     return {"prompt": prompt_ids, "chosen": responses[0], "rejected": responses[1]}
@@ -159,6 +160,9 @@ def tokenize_pairs(pairs, tokenizer, max_length, max_prompt_length, source):
 def load_examples(tokenizer, dataset, split, eval_split=None, eval_fraction=0.0, seed=0, max_length=2048,
                   max_prompt_length=1800):
     """Tokenized (train, held-out) examples and the count of skipped pairs, shared by train.py and eval.py."""
+    if eval_split and Path(dataset).is_file():
+        raise DataError(f"{dataset}: a single file has no separate {eval_split!r} split: use --eval-fraction, or a "
+                        f"folder with train and test files")
     train = read_pairs(dataset, split)
     held_out = read_pairs(dataset, eval_split) if eval_split else []
     if not eval_split and eval_fraction > 0:  # a fixed, seeded slice of the training split

@@ -9,6 +9,7 @@ forward runs chosen and rejected responses together, [chosen..., rejected...], a
 tokens from the final hidden states (simpo.chunked_sequence_logps), never building full logits.
 """
 import argparse
+import importlib.util
 import json
 import math
 import random
@@ -85,7 +86,12 @@ def parse_args(argv=None):
         saved = Path(args.resume) / "run_config.json"
         if not saved.is_file():
             raise UsageError(f"--resume {args.resume}: no run_config.json there")
-        p.set_defaults(**json.loads(saved.read_text()))
+        saved = json.loads(saved.read_text())
+        if args.gamma is not None or args.gamma_beta_ratio is not None:  # γ given again: it replaces the saved one
+            saved.update(gamma=None, gamma_beta_ratio=None)
+        elif saved.get("gamma_beta_ratio") is not None:  # recompute γ from the ratio, in case β is given again
+            saved["gamma"] = None
+        p.set_defaults(**saved)
         args = p.parse_args(argv)
         args.output_dir, args.overwrite = args.resume, False
     elif args.model is None and args.dataset is None:  # the offline demo
@@ -113,12 +119,15 @@ def check_args(args):
                      "lora_r")
     if (args.model is None) != (args.dataset is None) and not getattr(args, "demo", False):
         raise UsageError("pass both --model and --dataset, or neither for the offline demo")
-    if args.gamma is not None and args.gamma_beta_ratio is not None and args.gamma != args.gamma_beta_ratio * args.beta:
+    if args.gamma is not None and args.gamma_beta_ratio is not None and \
+            not math.isclose(args.gamma, args.gamma_beta_ratio * args.beta):
         raise UsageError("--gamma and --gamma-beta-ratio are two ways of setting γ: pass one")
     if args.gamma is None:
         args.gamma = 0.5 if args.gamma_beta_ratio is None else args.gamma_beta_ratio * args.beta
     if args.micro_batch_size > args.batch_size:
         raise UsageError("--micro-batch-size cannot exceed --batch-size")
+    if args.report_to and importlib.util.find_spec(args.report_to) is None:
+        raise UsageError(f"--report-to {args.report_to} needs that package: pip install {args.report_to}")
     if args.eval_split and args.eval_fraction:
         raise UsageError("pass --eval-split or --eval-fraction, not both")
     if not 0 <= args.eval_fraction < 1:
@@ -130,19 +139,23 @@ def check_args(args):
 
 def lr_at(step, total_steps, warmup_steps, peak_lr):
     """Learning rate of optimizer step `step` (0-based)."""
-    if step < warmup_steps:  # linear warm-up: early steps see noisy rewards, keep them small
-        return peak_lr * (step + 1) / warmup_steps
+    if step < warmup_steps:  # linear warm-up to the peak at step `warmup_steps`: early rewards are noisy
+        return peak_lr * (step + 1) / (warmup_steps + 1)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak_lr * 0.5 * (1 + math.cos(math.pi * progress))  # cosine decay to 0
+    return peak_lr * 0.5 * (1 + math.cos(math.pi * progress))  # cosine decay towards 0
 
 
 def load_tokenizer(name, chat_template=None):
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    if chat_template:
-        if not Path(chat_template).is_file() and "{{" not in chat_template and "{%" not in chat_template:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except OSError as error:  # no such folder, or a hub id that cannot be reached
+        raise UsageError(f"--model {name}: {str(error).strip().splitlines()[0]}") from None
+    if chat_template and "{{" not in chat_template and "{%" not in chat_template:  # not a template: a file
+        if not Path(chat_template).is_file():
             raise UsageError(f"--chat-template {chat_template}: neither a file nor a Jinja template")
-        tokenizer.chat_template = Path(chat_template).read_text() if Path(chat_template).is_file() else chat_template
+        chat_template = Path(chat_template).read_text()
+    tokenizer.chat_template = chat_template or tokenizer.chat_template
     if tokenizer.pad_token_id is None:  # padding is masked out of the loss, any id will do
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -160,10 +173,21 @@ def add_lora(model, args):
     from peft import LoraConfig, get_peft_model
     target = args.lora_target if args.lora_target == "all-linear" else args.lora_target.split(",")
     # No peft.prepare_model_for_kbit_training: it upcasts embeddings, lm_head and norms to float32
-    # (+2.8 GB on Llama-3-8B and a slow float32 lm_head). Non-reentrant checkpointing (below) needs no
-    # input gradients, so the model stays in bf16 around the 4-bit weights.
+    # (+2.8 GB on Llama-3-8B and a slow float32 lm_head). Gradient checkpointing is turned on by hand
+    # instead, so the model stays in bf16 around the 4-bit weights.
     return get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                             target_modules=target, task_type="CAUSAL_LM"))
+
+
+def prepare_model(args, device, dtype):
+    """The model as train.py trains it: loaded (maybe in 4-bit), LoRA unless --full, checkpointing, train mode."""
+    # Full fine-tuning keeps float32 master weights (bf16 AdamW updates underflow); LoRA keeps the base in bf16.
+    model = load_model(args.model, args.load_in_4bit, torch.float32 if args.full else dtype, device)
+    model = model if args.full else add_lora(model, args)
+    if args.gradient_checkpointing:  # non-reentrant, as torch recommends; newer transformers renamed the method
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    return model.train()  # gradient checkpointing only acts in train mode
 
 
 def final_hidden(model, batch):
@@ -283,6 +307,8 @@ def plot_curves(out):
 
 def train(args):
     out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out} is a file")
     if not args.resume and out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"--output-dir {out} is not empty: pass --overwrite to replace it, or --resume {out}")
     cuda = torch.cuda.is_available()
@@ -301,19 +327,14 @@ def train(args):
                                                       args.eval_fraction, args.seed, args.max_length, args.max_prompt_length)
     print(f"{len(train_set)} training pairs, {len(eval_set)} held-out, {skipped} skipped (response truncated to nothing)")
     if not train_set:
-        raise data.DataError(f"{args.dataset}: no training pairs left after truncation")
+        raise data.DataError(f"{args.dataset}: no training pairs left after holding out and truncation")
     if args.overwrite and not args.resume:  # only now: a run that fails on its input deletes nothing
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
     (out / "run_config.json").write_text(json.dumps(config, indent=2))
 
-    # Full fine-tuning keeps float32 master weights (bf16 AdamW updates underflow); LoRA keeps the base in bf16.
-    model = load_model(args.model, args.load_in_4bit, torch.float32 if args.full else dtype, device)
-    model = model if args.full else add_lora(model, args)
-    if args.gradient_checkpointing:  # non-reentrant: works with frozen inputs, so no enable_input_require_grads
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()  # gradient checkpointing only acts in train mode
+    model = prepare_model(args, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     start = restore(model, optimizer, out) if args.resume else 0

@@ -47,11 +47,9 @@ def main(argv=None):
     with torch.device("cuda" if cuda else "cpu"):  # random init on the GPU: minutes faster for 8B
         LlamaForCausalLM(config).to(dtype).save_pretrained(folder)
     torch.cuda.empty_cache() if cuda else None
-    lora = argparse.Namespace(lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target="all-linear")
-    model = train.add_lora(train.load_model(folder, args.load_in_4bit and cuda, dtype, device), lora)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    settings = dict(model=folder, full=False, lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target="all-linear")
+    args.load_in_4bit = args.load_in_4bit and cuda
+    model = train.prepare_model(argparse.Namespace(**vars(args), **settings), device, dtype)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     ids = torch.randint(0, config.vocab_size, (2, args.seq_len), device=device)  # [chosen, rejected]
@@ -72,7 +70,7 @@ def main(argv=None):
         torch.cuda.synchronize() if cuda else None
         times.append(time.perf_counter() - started)
     step_time = statistics.median(times[1:])  # the first step warms up kernels and allocator
-    result = {"shape": args.shape, "seq_len": args.seq_len, "load_in_4bit": args.load_in_4bit and cuda,
+    result = {"shape": args.shape, "seq_len": args.seq_len, "load_in_4bit": args.load_in_4bit,
               "gradient_checkpointing": args.gradient_checkpointing,
               "device": torch.cuda.get_device_name() if cuda else "cpu",
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,

@@ -19,7 +19,7 @@ DATA_DIR = Path(__file__).parent / "data" / "demo"
 
 # Settings the demo runs with, unless a flag on the command line says otherwise (see train.py).
 TRAINING = dict(dataset=str(DATA_DIR), split="train", eval_split="test", output_dir="runs/demo",
-                lr=2e-3, beta=2.0, batch_size=16, micro_batch_size=16, epochs=2,
+                lr=2e-3, beta=2.0, batch_size=16, micro_batch_size=16, epochs=4,
                 max_length=64, max_prompt_length=32, lora_r=8, lora_alpha=16, lora_dropout=0.0,
                 load_in_4bit=False, gradient_checkpointing=False)
 

@@ -305,6 +305,28 @@ def plot_curves(out):
     plt.close(fig)
 
 
+def accumulate_gradients(model, pairs, args, pad_id):
+    """Forward and backward over one optimizer step's pairs, `--micro-batch-size` at a time.
+    Returns the detached per-pair (losses, chosen logps, rejected logps, chosen rewards, rejected rewards) as
+    one (5, pairs) tensor, and the step's token count, both left on the device (no sync here)."""
+    device, average, logs, tokens = next(model.parameters()).device, not args.no_length_normalization, [], 0
+    for i in range(0, len(pairs), args.micro_batch_size):
+        batch = {k: v.to(device) for k, v in data.collate(pairs[i:i + args.micro_batch_size], pad_id).items()}
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            chosen_logps, rejected_logps = policy_logps(model, batch, average).chunk(2)
+        losses, chosen_rewards, rejected_rewards = simpo.simpo_loss(chosen_logps, rejected_logps, args.beta, args.gamma)
+        if args.sft_weight:  # NLL of the chosen response, per token whatever the reward's normalisation
+            n_chosen = (batch["labels"][: len(chosen_logps), 1:] != data.IGNORE_INDEX).sum(-1).clamp(min=1)
+            losses = losses - args.sft_weight * (chosen_logps if average else chosen_logps / n_chosen)
+        # Sum over the micro-batch, divided by the pairs in the whole step: the step's loss is the mean
+        # over all its pairs however they are split, so 1×8 and 4×2 give the same update.
+        (losses.sum() / len(pairs)).backward()
+        logs.append(torch.stack([losses.detach(), chosen_logps.detach(), rejected_logps.detach(),
+                                 chosen_rewards, rejected_rewards]))
+        tokens += batch["attention_mask"].sum()
+    return torch.cat(logs, dim=1), tokens
+
+
 def train(args):
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
@@ -342,7 +364,7 @@ def train(args):
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
     logger = Logger(out, args.report_to, config, start)
-    pad_id, average = tokenizer.pad_token_id, not args.no_length_normalization
+    pad_id = tokenizer.pad_token_id
     if eval_set and start == 0:
         before = evaluate(model, eval_set, args, pad_id)
         logger.log(0, before)
@@ -350,32 +372,19 @@ def train(args):
 
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="training")
     for step in bar:
-        epoch, index = divmod(step, steps_per_epoch)
+        epoch, index = divmod(step, steps_per_epoch)  # the order follows from (seed, epoch): resuming needs only `step`
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed + epoch))
         pairs = [train_set[i] for i in order[index * args.batch_size:(index + 1) * args.batch_size]]
         lr = lr_at(step, total_steps, warmup_steps, args.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        started, logs, tokens = time.time(), [], 0
-        for i in range(0, len(pairs), args.micro_batch_size):
-            batch = {k: v.to(device) for k, v in data.collate(pairs[i:i + args.micro_batch_size], pad_id).items()}
-            with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
-                chosen_logps, rejected_logps = policy_logps(model, batch, average).chunk(2)
-            losses, chosen_rewards, rejected_rewards = simpo.simpo_loss(chosen_logps, rejected_logps, args.beta, args.gamma)
-            if args.sft_weight:
-                n_chosen = (batch["labels"][: len(chosen_logps), 1:] != data.IGNORE_INDEX).sum(-1).clamp(min=1)
-                losses = losses - args.sft_weight * (chosen_logps if average else chosen_logps / n_chosen)
-            # Sum over the micro-batch, divided by the pairs in the whole step: the step's loss is the mean
-            # over all its pairs however they are split, so 1×8 and 4×2 give the same update.
-            (losses.sum() / len(pairs)).backward()
-            logs.append(torch.stack([losses.detach(), chosen_logps.detach(), rejected_logps.detach(),
-                                     chosen_rewards, rejected_rewards]))
-            tokens += batch["attention_mask"].sum()  # a tensor: no device sync inside the micro-batch loop
+        started = time.time()
+        (losses, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards), tokens = \
+            accumulate_gradients(model, pairs, args, pad_id)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        losses, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards = torch.cat(logs, dim=1)
         metrics = simpo.preference_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)  # syncs once
         loss, grad_norm, tokens = torch.stack([losses.mean(), grad_norm.float(), tokens.float()]).tolist()
         metrics.update(loss=loss, grad_norm=grad_norm, lr=lr, tokens_per_s=tokens / (time.time() - started))

@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 from tqdm import tqdm
 
 IGNORE_INDEX = -100  # label of positions that are not scored (prompt, padding)
@@ -85,7 +86,7 @@ def _messages(value, where, field):
 
 
 def to_pair(row, where):
-    """One row -> (prompt messages, chosen message, rejected message, conversational?)."""
+    """One row -> (prompt messages, chosen message, rejected message, conversational?, where)."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: not an object with 'prompt', 'chosen' and 'rejected' fields")
     if isinstance(row.get("chosen"), list) or isinstance(row.get("rejected"), list):
@@ -100,10 +101,10 @@ def to_pair(row, where):
             value = row.get("prompt")
             prompt = _messages(value, where, "prompt") if isinstance(value, list) else \
                 [{"role": "user", "content": _text(value, where, "prompt")}]
-        return prompt, chosen[-1], rejected[-1], True
+        return prompt, chosen[-1], rejected[-1], True, where
     prompt = _text(row.get("prompt"), where, "prompt")
     return ([{"role": "user", "content": prompt}], {"role": "assistant", "content": _text(row.get("chosen"), where, "chosen")},
-            {"role": "assistant", "content": _text(row.get("rejected"), where, "rejected")}, False)
+            {"role": "assistant", "content": _text(row.get("rejected"), where, "rejected")}, False, where)
 
 
 def read_pairs(dataset, split):
@@ -126,21 +127,33 @@ def _prompt_and_response_text(tokenizer, prompt, response):
     return prompt_text, full_text[len(prompt_text):]
 
 
+def _shared_length(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_length):
     """Token ids of one pair, truncated; None if a response would end up empty."""
     prompt_text, chosen_text = _prompt_and_response_text(tokenizer, prompt, chosen)
     rejected_text = _prompt_and_response_text(tokenizer, prompt, rejected)[1]
-    # Chat templates write the BOS token themselves: letting the tokenizer add another gives the double
-    # BOS the official SimPO repo warns about (Llama-3). Plain text does want the tokenizer's BOS.
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=tokenizer.chat_template is None)["input_ids"]
-    responses, eos = [], tokenizer.eos_token_id
-    for text in (chosen_text, rejected_text):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        # End on EOS so the policy learns to stop; drop what a template writes after it (e.g. "\n").
-        responses.append(ids[:len(ids) - ids[::-1].index(eos)] if eos in ids else ids + [eos])
+    encode = lambda text, special=False: tokenizer(text, add_special_tokens=special)["input_ids"]  # noqa: E731
+    if tokenizer.chat_template is None:  # plain text: prompt (with the tokenizer's BOS) and response apart, as TRL
+        prompt_ids = encode(prompt_text, special=True)
+        fulls = [prompt_ids + encode(text) for text in (chosen_text, rejected_text)]
+    else:  # the template writes BOS itself: adding another is the double BOS the official repo warns of (Llama-3)
+        # Each conversation is tokenized in one piece, as the model reads it. Where a token spans the boundary
+        # (SentencePiece's "▁Hello", "\n" + text), it belongs to the response and the prompt ends before it.
+        prompt_ids, fulls = encode(prompt_text), [encode(prompt_text + text) for text in (chosen_text, rejected_text)]
+    cut = min(_shared_length(prompt_ids, full) for full in fulls)
+    prompt_ids, responses, eos = prompt_ids[:cut], [full[cut:] for full in fulls], tokenizer.eos_token_id
+    # End on EOS so the policy learns to stop; drop what a template writes after it (e.g. "\n").
+    responses = [ids[:len(ids) - ids[::-1].index(eos)] if eos in ids else ids + [eos] for ids in responses]
     if len(prompt_ids) + max(map(len, responses)) > max_length:  # too long: first the prompt loses its start
-        prompt_ids = prompt_ids[-max_prompt_length:]            # (its end holds the question), then the responses their end
-        responses = [ids[:max(0, max_length - len(prompt_ids))] for ids in responses]
+        bos = prompt_ids[:1] if prompt_ids[0] == tokenizer.bos_token_id else []  # (its end holds the question,
+        prompt_ids = bos + prompt_ids[len(bos) - max_prompt_length:]            # BOS stays), then the responses
+        responses = [ids[:max(0, max_length - len(prompt_ids))] for ids in responses]  # their end
     if not all(responses):
         return None
     return {"prompt": prompt_ids, "chosen": responses[0], "rejected": responses[1]}
@@ -148,11 +161,15 @@ def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_le
 
 def tokenize_pairs(pairs, tokenizer, max_length, max_prompt_length, source):
     """Tokenize every pair once, up front. Returns (examples, number skipped for an empty response)."""
-    if tokenizer.chat_template is None and any(conversational for *_, conversational in pairs):
+    if tokenizer.chat_template is None and any(conversational for *_, conversational, _ in pairs):
         raise DataError(f"{source}: conversational data needs a chat template, and this tokenizer has none "
                         f"(pass --chat-template)")
-    examples = [tokenize_pair(tokenizer, p, c, r, max_length, max_prompt_length)
-                for p, c, r, _ in tqdm(pairs, desc=f"tokenizing {source}", leave=False)]
+    examples = []
+    for prompt, chosen, rejected, _, where in tqdm(pairs, desc=f"tokenizing {source}", leave=False):
+        try:
+            examples.append(tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_length))
+        except TemplateError as error:  # e.g. Gemma-2's template refuses a system turn
+            raise DataError(f"{where}: the chat template fails on this row: {error}") from None
     kept = [e for e in examples if e is not None]
     return kept, len(examples) - len(kept)
 

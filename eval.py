@@ -59,6 +59,8 @@ def parse_args(argv=None):
         raise train.UsageError(f"no run_config.json next to {adapter}: pass --{'dataset' if args.model else 'model'}")
     train.check_beta_gamma(args.beta, args.gamma)
     train.require_positive(args, "batch_size", "chunk_size", "max_new_tokens", "max_length", "max_prompt_length")
+    if args.max_prompt_length > args.max_length:
+        raise train.UsageError(f"--max-prompt-length {args.max_prompt_length} exceeds --max-length {args.max_length}")
     if args.generate < 0 or args.temperature <= 0 or not 0 < args.top_p <= 1:
         raise train.UsageError("--generate must be >= 0, --temperature > 0 and --top-p in (0, 1]")
     return args
@@ -129,7 +131,12 @@ def kl_to_base(policy, base_model, examples, pad_id, batch_size, chunk_size):
 def generate(policy, base_model, tokenizer, examples, args):
     """Sample `args.generate` held-out prompts from policy and base with the same seed; lengths up to EOS and
     a sequence-level KL estimate on the policy's own samples: mean of Σ_t log π(y_t) − log π_base(y_t)."""
+    from transformers import GenerationConfig
     device, samples = next(policy.parameters()).device, []
+    # A fresh config, not the model's: its top_k, repetition penalty etc. would sample from something other than π.
+    sampling = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
+                                max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id)
     chosen = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))[:args.generate]
     for i in tqdm(chosen.tolist(), desc="generating", leave=False):
         prompt = torch.tensor([examples[i]["prompt"]], device=device)
@@ -137,9 +144,8 @@ def generate(policy, base_model, tokenizer, examples, args):
         for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
             with context as model:
                 torch.manual_seed(args.seed + i)  # the same seed for both models
-                ids = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
-                                     temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                                     pad_token_id=tokenizer.pad_token_id)[0, prompt.shape[1]:].tolist()
+                ids = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=sampling)
+                ids = ids[0, prompt.shape[1]:].tolist()
             if tokenizer.eos_token_id in ids:
                 ids = ids[:ids.index(tokenizer.eos_token_id) + 1]
             sample |= {name: tokenizer.decode(ids, skip_special_tokens=True), f"{name}_tokens": len(ids), f"{name}_ids": ids}

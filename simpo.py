@@ -40,7 +40,8 @@ def sequence_logps(logits, labels, average=True, ignore_index=-100):
 
 
 def project_logits(hidden, lm_head_weight, lm_head_bias=None, logit_softcap=None):
-    """(..., H) hidden states -> (..., V) float32 logits, with Gemma-2-style soft-capping if asked for."""
+    """(..., H) hidden states -> (..., V) float32 logits, with Gemma-2-style soft-capping if asked for.
+    Under bf16 autocast the matmul runs in bf16 and its result is upcast: the log-softmax is float32 either way."""
     logits = F.linear(hidden, lm_head_weight, lm_head_bias).float()
     return logits if logit_softcap is None else logit_softcap * torch.tanh(logits / logit_softcap)
 

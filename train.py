@@ -12,6 +12,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -116,7 +117,13 @@ def check_beta_gamma(beta, gamma):
 
 def check_args(args):
     require_positive(args, "batch_size", "micro_batch_size", "epochs", "max_steps", "max_length", "max_prompt_length",
-                     "lora_r")
+                     "lora_r", "lora_alpha")
+    if args.max_prompt_length > args.max_length:
+        raise UsageError(f"--max-prompt-length {args.max_prompt_length} exceeds --max-length {args.max_length}")
+    if args.max_grad_norm <= 0 or args.save_every < 0 or args.eval_every < 0:
+        raise UsageError("--max-grad-norm must be > 0, --save-every and --eval-every >= 0")
+    if not 0 <= args.warmup_ratio < 1 or not 0 <= args.lora_dropout < 1:
+        raise UsageError("--warmup-ratio and --lora-dropout must be in [0, 1)")
     if (args.model is None) != (args.dataset is None) and not getattr(args, "demo", False):
         raise UsageError("pass both --model and --dataset, or neither for the offline demo")
     if args.gamma is not None and args.gamma_beta_ratio is not None and \
@@ -175,8 +182,11 @@ def add_lora(model, args):
     # No peft.prepare_model_for_kbit_training: it upcasts embeddings, lm_head and norms to float32
     # (+2.8 GB on Llama-3-8B and a slow float32 lm_head). Gradient checkpointing is turned on by hand
     # instead, so the model stays in bf16 around the 4-bit weights.
-    return get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                            target_modules=target, task_type="CAUSAL_LM"))
+    try:
+        return get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                                target_modules=target, task_type="CAUSAL_LM"))
+    except ValueError as error:  # e.g. a --lora-target the model does not have
+        raise UsageError(f"--lora-target {args.lora_target}: {str(error).strip().splitlines()[0]}") from None
 
 
 def prepare_model(args, device, dtype):
@@ -192,7 +202,11 @@ def prepare_model(args, device, dtype):
 
 def final_hidden(model, batch):
     """Final hidden states (B, T, H) and the lm_head arguments of simpo.project_logits: no logits computed."""
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    for name in ("logit_scale", "logits_scaling"):  # Cohere, Granite: logits = lm_head(h) scaled; not handled here
+        if getattr(model.config, name, None) not in (None, 1, 1.0):
+            raise UsageError(f"this model scales its logits by config.{name}, which simpo does not apply yet")
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 use_cache=False).last_hidden_state  # no KV cache: nothing is generated
     head = model.get_output_embeddings()
     return hidden, dict(lm_head_weight=head.weight, lm_head_bias=head.bias,
                         logit_softcap=getattr(model.config, "final_logit_softcapping", None))
@@ -242,7 +256,8 @@ def save(model, tokenizer, folder, step, optimizer):
                 "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-               Path(folder) / "training_state.pt")
+               Path(folder) / "training_state.tmp")
+    os.replace(Path(folder) / "training_state.tmp", Path(folder) / "training_state.pt")  # a crash mid-write leaves the old one
 
 
 def restore(model, optimizer, run_dir):
@@ -252,7 +267,8 @@ def restore(model, optimizer, run_dir):
     if not final.is_file() and not checkpoints:
         return 0
     state = torch.load(final if final.is_file() else checkpoints[-1], weights_only=False)
-    model.load_state_dict(state["trainable"], strict=False)
+    if model.load_state_dict(state["trainable"], strict=False).unexpected_keys:  # strict=False: frozen weights are absent
+        raise UsageError(f"--resume {run_dir}: the checkpoint does not fit this model (other --lora-target or --full?)")
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
@@ -308,7 +324,7 @@ def plot_curves(out):
 def accumulate_gradients(model, pairs, args, pad_id):
     """Forward and backward over one optimizer step's pairs, `--micro-batch-size` at a time.
     Returns the detached per-pair (losses, chosen logps, rejected logps, chosen rewards, rejected rewards) as
-    one (5, pairs) tensor, and the step's token count, both left on the device (no sync here)."""
+    one (5, pairs) tensor, and the step's token count, both left on the device: logging syncs once per step."""
     device, average, logs, tokens = next(model.parameters()).device, not args.no_length_normalization, [], 0
     for i in range(0, len(pairs), args.micro_batch_size):
         batch = {k: v.to(device) for k, v in data.collate(pairs[i:i + args.micro_batch_size], pad_id).items()}
@@ -344,25 +360,29 @@ def train(args):
     if getattr(args, "demo", False):  # built next to the run, not inside it: eval.py loads it as the base model
         import demo
         args.model = demo.build_tiny_model(out.parent / "demo-model")
+    for name in ("model", "dataset"):  # run_config.json must still find local paths from another folder
+        setattr(args, name, str(Path(getattr(args, name)).resolve()) if Path(getattr(args, name)).exists() else getattr(args, name))
     tokenizer = load_tokenizer(args.model, args.chat_template)
     train_set, eval_set, skipped = data.load_examples(tokenizer, args.dataset, args.split, args.eval_split,
                                                       args.eval_fraction, args.seed, args.max_length, args.max_prompt_length)
     print(f"{len(train_set)} training pairs, {len(eval_set)} held-out, {skipped} skipped (response truncated to nothing)")
     if not train_set:
         raise data.DataError(f"{args.dataset}: no training pairs left after holding out and truncation")
-    if args.overwrite and not args.resume:  # only now: a run that fails on its input deletes nothing
+    model = prepare_model(args, device, dtype)
+    if args.overwrite and not args.resume:  # only now: a run that fails on its input or model deletes nothing
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
     (out / "run_config.json").write_text(json.dumps(config, indent=2))
-
-    model = prepare_model(args, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     start = restore(model, optimizer, out) if args.resume else 0
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+    if start >= total_steps:
+        print(f"{out} finished all {total_steps} steps already")
+        return out
     logger = Logger(out, args.report_to, config, start)
     pad_id = tokenizer.pad_token_id
     if eval_set and start == 0:

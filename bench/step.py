@@ -41,7 +41,8 @@ def main(argv=None):
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    folder = tempfile.mkdtemp(prefix="simpo-bench-")
+    scratch = tempfile.TemporaryDirectory(prefix="simpo-bench-")  # deleted when main() returns: 16 GB for 8B
+    folder = scratch.name
     config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(8192, args.seq_len), tie_word_embeddings=False)
     with torch.device("cuda" if cuda else "cpu"):  # random init on the GPU: minutes faster for 8B
         LlamaForCausalLM(config).to(dtype).save_pretrained(folder)

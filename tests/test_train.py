@@ -232,7 +232,7 @@ def test_conversational_layout_matches_chat_template(layout, tokenizer, tmp_path
     dataset, rows = write_layout(layout, tmp_path)
     pairs = data.read_pairs(dataset, "train")
     assert len(pairs) == len(rows)
-    for (prompt, chosen, rejected, conversational), row in zip(pairs, rows):
+    for (prompt, chosen, rejected, conversational, _), row in zip(pairs, rows):
         assert conversational
         assert (prompt, chosen, rejected) == expected_conversations(row)
 
@@ -357,12 +357,12 @@ def test_prompt_keeps_its_end_and_response_is_cut(tokenizer):
     # a pair that fits in max_length keeps its whole prompt, whatever max_prompt_length says (as the official repo)
     assert data.tokenize_pair(tokenizer, prompt, chosen, rejected, max_length=1000, max_prompt_length=5) == full
     cut = data.tokenize_pair(tokenizer, prompt, chosen, rejected, max_length=20, max_prompt_length=5)
-    assert cut["prompt"] == full["prompt"][-5:]  # left truncation: the end of the prompt survives
+    assert cut["prompt"] == full["prompt"][:1] + full["prompt"][-4:]  # left truncation: BOS and the end survive
     assert tokenizer.convert_ids_to_tokens(cut["prompt"])[-1] == "<|assistant|>"
     assert cut["chosen"] == full["chosen"] and cut["rejected"] == full["rejected"]
 
     short = data.tokenize_pair(tokenizer, prompt, chosen, rejected, max_length=10, max_prompt_length=7)
-    assert short["prompt"] == full["prompt"][-7:]
+    assert short["prompt"] == full["prompt"][:1] + full["prompt"][-6:]
     assert short["chosen"] == full["chosen"][:3]  # max_length - prompt length
     assert short["rejected"] == full["rejected"]  # already short enough
     assert len(short["prompt"] + short["chosen"]) == 10
@@ -530,7 +530,9 @@ def test_gamma_and_gamma_beta_ratio(tmp_path, capsys):
 @pytest.mark.parametrize("flags", [["--micro-batch-size", 0], ["--micro-batch-size", 0, "--batch-size", 0],
                                    ["--batch-size", 2, "--micro-batch-size", 4], ["--max-prompt-length", 0],
                                    ["--max-steps", 0], ["--beta", 0], ["--gamma", -1],
-                                   ["--chat-template", "no-such-template.jinja"]])
+                                   ["--chat-template", "no-such-template.jinja"], ["--max-grad-norm", 0],
+                                   ["--warmup-ratio", 1.5], ["--lora-dropout", 1.5], ["--max-prompt-length", 64],
+                                   ["--lora-alpha", 0], ["--eval-every", -1]])
 def test_bad_numbers_and_flags_are_usage_errors(flags, model_dir, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
     out = tmp_path / "run"
@@ -587,8 +589,13 @@ def test_overwrite_with_bad_dataset_deletes_nothing(model_dir, tmp_path, capsys)
     assert "row 2" in error_line(err)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
 
-    # with good data, --overwrite does replace the folder
+    # nor does a model that cannot be set up (here: LoRA on a module the model does not have)
     good = write_jsonl(tmp_path / "good.jsonl", standard_rows(8))
+    code, _, err = run(small_args(model_dir, good, out, "--max-steps", 1, "--overwrite", "--lora-target", "q_projx"), capsys)
+    assert code == 2 and "q_projx" in error_line(err)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+    # with good data, --overwrite does replace the folder
     code, _, err = run(small_args(model_dir, good, out, "--max-steps", 1, "--overwrite"), capsys)
     assert code == 0, err
     assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").is_file()
@@ -759,3 +766,46 @@ def test_report_to_a_missing_package_is_refused_before_any_work(model_dir, tmp_p
     code, _, err = run(small_args(model_dir, dataset, tmp_path / "run", "--report-to", "tensorboard"), capsys)
     assert code == 2 and "pip install tensorboard" in error_line(err)
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- tokenization at the prompt/response boundary
+
+def test_a_token_across_the_prompt_response_boundary_goes_to_the_response():
+    """BPE/SentencePiece tokenizers can merge the end of the templated prompt with the start of the response:
+    the pair is tokenized as the model reads it, and the merged token is scored as response."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE(vocab={"<s>": 0, "</s>": 1, "a": 2, "b": 3, "x": 4, "ab": 5}, merges=[("a", "b")]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'user' %}a"
+                         "{% else %}</s>{% endif %}{% endfor %}")
+    example = data.tokenize_pair(tok, [U("x")], A("bx"), A("x"), max_length=64, max_prompt_length=32)
+    assert example == {"prompt": [0, 4], "chosen": [5, 4, 1], "rejected": [2, 4, 1]}  # "ab" merged; prompt shared
+    for side, text in (("chosen", "<s>xabx</s>"), ("rejected", "<s>xax</s>")):
+        assert example["prompt"] + example[side] == tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_chat_template_error_names_the_row(model_dir, tmp_path, capsys):
+    """Gemma-2's template, for one, refuses system turns: one line naming the row, not a Jinja traceback."""
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}" \
+               "{% endif %}{% endfor %}" + demo.CHAT_TEMPLATE
+    (model / "chat_template.jinja").write_text(template)
+    rows = [{"chosen": [U("shout: apple"), A("APPLE")], "rejected": [U("shout: apple"), A("apple")]},
+            {"chosen": [S("be loud"), U("shout: river"), A("RIVER")], "rejected": [S("be loud"), U("shout: river"), A("river")]}]
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    code, _, err = run(small_args(model, dataset, tmp_path / "run"), capsys)
+    assert code == 2 and "row 2" in error_line(err) and "System role not supported" in error_line(err)
+
+
+def test_resuming_a_finished_run_changes_nothing(model_dir, tmp_path, capsys):
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(12))
+    out = tmp_path / "run"
+    code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 2, "--eval-fraction", 0.25), capsys)
+    assert code == 0, err
+    before = {name: (out / name).read_bytes() for name in ("metrics.jsonl", "adapter_model.safetensors")}
+    code, stdout, err = run(["--resume", out], capsys)
+    assert code == 0, err
+    assert "finished all 2 steps already" in stdout
+    assert before == {name: (out / name).read_bytes() for name in before}

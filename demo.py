@@ -1,12 +1,13 @@
 """The offline demo's scaffolding: a toy preference task and a tiny Llama-architecture model built locally.
 
-    python demo.py          # regenerate data/demo/{train,test}.jsonl (deterministic)
+    python demo.py          # regenerate data/demo/ and data/demo-chat/ {train,test}.jsonl (deterministic)
     python train.py         # train on them (see train.py), then: python eval.py --adapter runs/demo
 
 The task: a prompt asks to "shout:" or "whisper:" a few words; the chosen response repeats them in the
 asked-for case, the rejected one in the other case. Half the prompts want each case, so a model that
 merely prefers one case is at chance: it has to read the instruction. Held-out prompts use word
-combinations never seen in training.
+combinations never seen in training. data/demo-chat/ holds the same pairs in the conversational layout of
+HuggingFaceH4/ultrafeedback_binarized (a `prompt` string, `chosen`/`rejected` as whole conversations).
 """
 import json
 import random
@@ -51,11 +52,15 @@ def write_data(folder=DATA_DIR, n_train=512, n_test=128, seed=0):
         if words not in seen:
             seen.add(words)
             word_lists.append(words)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder, chat_folder = Path(folder), Path(folder).with_name(Path(folder).name + "-chat")
     for name, lists in (("train", word_lists[:n_train]), ("test", word_lists[n_train:])):
-        lines = (json.dumps(pair) + "\n" for pair in make_pairs(lists, rng))
-        (folder / f"{name}.jsonl").write_text("".join(lines))
+        pairs = make_pairs(lists, rng)
+        chat = [{"prompt": p["prompt"], **{side: [{"role": "user", "content": p["prompt"]},
+                                                  {"role": "assistant", "content": p[side]}] for side in ("chosen", "rejected")}}
+                for p in pairs]
+        for where, rows in ((folder, pairs), (chat_folder, chat)):
+            where.mkdir(parents=True, exist_ok=True)
+            (where / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return folder
 
 
@@ -87,4 +92,4 @@ def build_tiny_model(folder, words=WORDS, hidden_size=64, num_layers=2, seed=0):
 
 
 if __name__ == "__main__":
-    print(f"wrote {write_data()}")
+    print(f"wrote {write_data()} and its -chat twin")

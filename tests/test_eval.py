@@ -57,16 +57,6 @@ def ref_kl(log_p, log_q):
 
 # ---------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and two OpenMP threads on two cores shared with another
-    busy process spin-wait for ages (10x slower); restored afterwards for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """The offline demo trained once (1 epoch is enough: held-out accuracy 1.0), with a mid-run checkpoint."""

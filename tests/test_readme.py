@@ -33,3 +33,23 @@ def test_every_train_flag_is_documented_and_every_documented_flag_exists(capsys)
     assert {f for f in train_flags if f not in README} == set(), "train.py flags missing from the README"
     known = train_flags | help_flags(evaluate.parse_args, capsys) | {"--help", "--index-url"}
     assert set(re.findall(r"--[a-z][a-z0-9-]+", README)) - known == set(), "README flags the code does not have"
+
+
+def test_readme_conversational_command_trains(tmp_path, capsys):
+    """The README's run on data/demo-chat, as written, with runs/ moved under tmp_path."""
+    import demo
+    line = next(line.strip() for line in README.splitlines() if "--dataset data/demo-chat" in line)
+    argv = [arg.replace("runs/", f"{tmp_path}/runs/") for arg in line.split()[2:]]
+    demo.build_tiny_model(tmp_path / "runs" / "demo-model")
+    assert train.main([arg.replace("data/", f"{ROOT}/data/") for arg in argv]) == 0
+    out = capsys.readouterr().out
+    accuracy = float(re.search(r"accuracy after training: ([0-9.]+)", out).group(1))
+    assert accuracy >= 0.9, out
+
+
+def test_demo_data_is_what_demo_py_writes(tmp_path):
+    import demo
+    demo.write_data(tmp_path / "demo")
+    for folder in ("demo", "demo-chat"):
+        for name in ("train.jsonl", "test.jsonl"):
+            assert (tmp_path / folder / name).read_text() == (ROOT / "data" / folder / name).read_text()

@@ -32,16 +32,6 @@ METRIC_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", 
 
 # ---------------------------------------------------------------- fixtures and helpers
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two processes with 2 OpenMP
-    threads each slow each other down 10-70x (the demo: 2 s alone, up to 140 s beside another test run)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama model + word-level tokenizer with a chat template (every demo word, in both cases)."""

@@ -114,7 +114,8 @@ def token_kl(policy_hidden, base_hidden, policy_head, base_head, labels, chunk_s
 @torch.no_grad()
 def kl_to_base(policy, base_model, examples, pad_id, batch_size, chunk_size):
     """Mean per-token KL(policy ‖ base) over chosen and over rejected responses, with the token counts."""
-    device, totals = next(policy.parameters()).device, torch.zeros(2, 2)  # rows: chosen, rejected; cols: KL, tokens
+    device = next(policy.parameters()).device
+    kl_sums, token_counts = torch.zeros(2, device=device), torch.zeros(2, device=device)  # [chosen, rejected]
     for i in tqdm(range(0, len(examples), batch_size), desc="KL", leave=False):
         batch = {k: v.to(device) for k, v in data.collate(examples[i:i + batch_size], pad_id).items()}
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
@@ -122,9 +123,11 @@ def kl_to_base(policy, base_model, examples, pad_id, batch_size, chunk_size):
             with base_model() as base:
                 base_hidden, base_head = train.final_hidden(base, batch)
             kl, tokens = token_kl(policy_hidden, base_hidden, policy_head, base_head, batch["labels"], chunk_size)
-        totals += torch.stack([torch.stack([half.sum() for half in x.float().chunk(2)]) for x in (kl, tokens)], 1).cpu()
-    return {f"kl/{side}": (kl / max(tokens, 1)).item() for side, (kl, tokens) in zip(("chosen", "rejected"), totals)} | \
-           {f"kl/{side}_tokens": int(tokens) for side, (_, tokens) in zip(("chosen", "rejected"), totals)}
+        kl_sums += kl.view(2, -1).sum(1)  # the batch is [chosen..., rejected...]
+        token_counts += tokens.view(2, -1).sum(1)
+    (kl_chosen, kl_rejected), (n_chosen, n_rejected) = (kl_sums / token_counts.clamp(min=1)).tolist(), token_counts.tolist()
+    return {"kl/chosen": kl_chosen, "kl/rejected": kl_rejected, "kl/chosen_tokens": int(n_chosen),
+            "kl/rejected_tokens": int(n_rejected)}
 
 
 @torch.no_grad()
@@ -169,11 +172,12 @@ def evaluate(args):
         tokenizer = train.load_tokenizer(str(adapter))
     else:
         tokenizer = train.load_tokenizer(args.ref_model or args.model, args.run.get("chat_template"))
-    # Default: the pairs the run held out, chosen exactly as train.py chose them.
-    split = args.split or args.run.get("eval_split") or args.run.get("split", "train")
-    fraction = 0.0 if args.split or args.run.get("eval_split") else args.run.get("eval_fraction", 0.0)
-    if not fraction and not (args.split or args.run.get("eval_split")):
+    # A whole split, or else the slice of the training split that the run held out, cut exactly as train.py cut it.
+    whole_split = args.split or args.run.get("eval_split")
+    fraction = 0.0 if whole_split else args.run.get("eval_fraction", 0.0)
+    if not whole_split and not fraction:
         raise train.UsageError("the run held out no pairs: pass --split")
+    split = whole_split or args.run.get("split", "train")
     train_part, held_out, skipped = data.load_examples(tokenizer, args.dataset, split, None, fraction, args.run.get("seed", 0),
                                                        args.max_length, args.max_prompt_length)
     examples = held_out if fraction else train_part

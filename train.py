@@ -180,7 +180,7 @@ def add_lora(model, args):
     from peft import LoraConfig, get_peft_model
     target = args.lora_target if args.lora_target == "all-linear" else args.lora_target.split(",")
     # No peft.prepare_model_for_kbit_training: it upcasts embeddings, lm_head and norms to float32
-    # (+2.8 GB on Llama-3-8B and a slow float32 lm_head). Gradient checkpointing is turned on by hand
+    # (2+ GB more on Llama-3-8B, and a slow float32 lm_head). Gradient checkpointing is turned on by hand
     # instead, so the model stays in bf16 around the 4-bit weights.
     try:
         return get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -296,8 +296,8 @@ class Logger:
     def log(self, step, metrics):
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        for k, v in metrics.items():
-            if self.writer:
+        if self.writer:
+            for k, v in metrics.items():
                 self.writer.add_scalar(k, v, step)
         if self.wandb:
             self.wandb.log(metrics, step=step)

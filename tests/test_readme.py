@@ -1,4 +1,5 @@
 """The README is the front door: its commands and flags must be the ones the code has."""
+import importlib.util
 import re
 from pathlib import Path
 
@@ -31,7 +32,10 @@ def test_readme_quick_start_runs_the_demo_then_evaluates_it():
 def test_every_train_flag_is_documented_and_every_documented_flag_exists(capsys):
     train_flags = help_flags(train.parse_args, capsys)
     assert {f for f in train_flags if f not in README} == set(), "train.py flags missing from the README"
-    known = train_flags | help_flags(evaluate.parse_args, capsys) | {"--help", "--index-url"}
+    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "bench" / "step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    known = train_flags | help_flags(evaluate.parse_args, capsys) | help_flags(bench.main, capsys) | {"--help", "--index-url"}
     assert set(re.findall(r"--[a-z][a-z0-9-]+", README)) - known == set(), "README flags the code does not have"
 
 

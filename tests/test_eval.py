@@ -491,3 +491,21 @@ def test_run_trained_with_a_chat_template_file_that_is_gone(tiny, tmp_path, caps
     if rc != 2:
         with_file, without = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("with", "without"))
         assert rc == 0 and without["policy"] == with_file["policy"], (with_file["policy"], without["policy"])
+
+
+# ---------------------------------------------------------------- 4-bit QLoRA base
+
+def test_qlora_run_evaluates_on_its_4bit_base(demo_run, tmp_path, capsys):
+    """A QLoRA run (nf4 base, on the CPU here) is evaluated on a 4-bit base too, read from run_config.json; the
+    adapter changes the scores. Hidden size 64: bitsandbytes' CPU inference path needs in_features >= 64."""
+    run = tmp_path / "qlora"
+    rc, _, err = quiet(train.main, ["--model", str(demo_run.model), "--dataset", str(demo_run.dataset), "--split", "test",
+                                    "--eval-fraction", "0.25", "--max-steps", "6", "--batch-size", "8", "--lr", "2e-3",
+                                    "--load-in-4bit", "--max-length", "64", "--max-prompt-length", "32",
+                                    "--output-dir", str(run)])
+    assert rc == 0, err
+    rc, _, err = run_eval(capsys, "--adapter", run)
+    assert rc == 0, err
+    report = json.loads((run / "eval.json").read_text())
+    assert report["settings"]["load_in_4bit"] is True and report["pairs"] == 32
+    assert report["kl/chosen"] > 0 and report["policy"]["rewards/margins"] != report["base"]["rewards/margins"]

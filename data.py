@@ -11,6 +11,7 @@ Every problem is a DataError whose message names the file, row and field.
 import json
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from jinja2 import TemplateError
@@ -22,6 +23,14 @@ FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": 
 
 class DataError(ValueError):
     """Bad input: one line, naming the file, row and field."""
+
+
+class Pair(NamedTuple):
+    prompt: list          # messages
+    chosen: dict          # the preferred response, one assistant message
+    rejected: dict
+    conversational: bool  # read from message lists (needs a chat template)
+    where: str            # "file: row N", for error messages
 
 
 def load_rows(dataset, split):
@@ -86,7 +95,7 @@ def _messages(value, where, field):
 
 
 def to_pair(row, where):
-    """One row -> (prompt messages, chosen message, rejected message, conversational?, where)."""
+    """One row of either layout -> a Pair."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: not an object with 'prompt', 'chosen' and 'rejected' fields")
     if isinstance(row.get("chosen"), list) or isinstance(row.get("rejected"), list):
@@ -101,10 +110,10 @@ def to_pair(row, where):
             value = row.get("prompt")
             prompt = _messages(value, where, "prompt") if isinstance(value, list) else \
                 [{"role": "user", "content": _text(value, where, "prompt")}]
-        return prompt, chosen[-1], rejected[-1], True, where
+        return Pair(prompt, chosen[-1], rejected[-1], True, where)
     prompt = _text(row.get("prompt"), where, "prompt")
-    return ([{"role": "user", "content": prompt}], {"role": "assistant", "content": _text(row.get("chosen"), where, "chosen")},
-            {"role": "assistant", "content": _text(row.get("rejected"), where, "rejected")}, False, where)
+    return Pair([{"role": "user", "content": prompt}], {"role": "assistant", "content": _text(row.get("chosen"), where, "chosen")},
+                {"role": "assistant", "content": _text(row.get("rejected"), where, "rejected")}, False, where)
 
 
 def read_pairs(dataset, split):
@@ -147,13 +156,15 @@ def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_le
         # (SentencePiece's "▁Hello", "\n" + text), it belongs to the response and the prompt ends before it.
         prompt_ids, fulls = encode(prompt_text), [encode(prompt_text + text) for text in (chosen_text, rejected_text)]
     cut = min(_shared_length(prompt_ids, full) for full in fulls)
-    prompt_ids, responses, eos = prompt_ids[:cut], [full[cut:] for full in fulls], tokenizer.eos_token_id
-    # End on EOS so the policy learns to stop; drop what a template writes after it (e.g. "\n").
+    prompt_ids, responses = prompt_ids[:cut], [full[cut:] for full in fulls]
+    # End on EOS so the policy learns to stop; cut after the last EOS what a template writes after it (e.g. "\n").
+    eos = tokenizer.eos_token_id
     responses = [ids[:len(ids) - ids[::-1].index(eos)] if eos in ids else ids + [eos] for ids in responses]
-    if len(prompt_ids) + max(map(len, responses)) > max_length:  # too long: first the prompt loses its start
-        bos = prompt_ids[:1] if prompt_ids[0] == tokenizer.bos_token_id else []  # (its end holds the question,
-        prompt_ids = bos + prompt_ids[len(bos) - max_prompt_length:]            # BOS stays), then the responses
-        responses = [ids[:max(0, max_length - len(prompt_ids))] for ids in responses]  # their end
+    if len(prompt_ids) + max(map(len, responses)) > max_length:
+        if len(prompt_ids) > max_prompt_length:  # first the prompt loses its start (its end holds the question)
+            bos = prompt_ids[:1] if prompt_ids[0] == tokenizer.bos_token_id else []  # BOS stays
+            prompt_ids = bos + prompt_ids[len(prompt_ids) - max_prompt_length + len(bos):]
+        responses = [ids[:max(0, max_length - len(prompt_ids))] for ids in responses]  # then the responses their end
     if not all(responses):
         return None
     return {"prompt": prompt_ids, "chosen": responses[0], "rejected": responses[1]}
@@ -161,15 +172,15 @@ def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_le
 
 def tokenize_pairs(pairs, tokenizer, max_length, max_prompt_length, source):
     """Tokenize every pair once, up front. Returns (examples, number skipped for an empty response)."""
-    if tokenizer.chat_template is None and any(conversational for *_, conversational, _ in pairs):
+    if tokenizer.chat_template is None and any(pair.conversational for pair in pairs):
         raise DataError(f"{source}: conversational data needs a chat template, and this tokenizer has none "
                         f"(pass --chat-template)")
     examples = []
-    for prompt, chosen, rejected, _, where in tqdm(pairs, desc=f"tokenizing {source}", leave=False):
+    for pair in tqdm(pairs, desc=f"tokenizing {source}", leave=False):
         try:
-            examples.append(tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_length))
+            examples.append(tokenize_pair(tokenizer, pair.prompt, pair.chosen, pair.rejected, max_length, max_prompt_length))
         except TemplateError as error:  # e.g. Gemma-2's template refuses a system turn
-            raise DataError(f"{where}: the chat template fails on this row: {error}") from None
+            raise DataError(f"{pair.where}: the chat template fails on this row: {error}") from None
     kept = [e for e in examples if e is not None]
     return kept, len(examples) - len(kept)
 

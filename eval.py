@@ -28,8 +28,8 @@ def parse_args(argv=None):
     p.add_argument("--ref-model", help="base model of a full fine-tuning run (default: --model); LoRA runs need none")
     p.add_argument("--dataset", help="default: the run's")
     p.add_argument("--split", help="evaluate this whole split (default: the run's held-out pairs)")
-    p.add_argument("--beta", type=float, help="for reward margins (default: the run's)")
-    p.add_argument("--gamma", type=float, help="target margin γ (default: the run's)")
+    p.add_argument("--beta", type=float, default=2.0, help="for reward margins, unless the run set it")
+    p.add_argument("--gamma", type=float, default=0.5, help="target margin γ, unless the run set it")
     p.add_argument("--max-length", type=int, default=2048, help="prompt + response tokens, unless the run set it")
     p.add_argument("--max-prompt-length", type=int, default=1800, help="unless the run set it")
     p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None, help="default: the run's")
@@ -54,9 +54,11 @@ def parse_args(argv=None):
     keys = ("model", "dataset", "beta", "gamma", "max_length", "max_prompt_length", "load_in_4bit")
     p.set_defaults(**{k: run[k] for k in keys if run.get(k) is not None})
     args = p.parse_args(argv)
-    args.run, args.beta, args.gamma = run, 2.0 if args.beta is None else args.beta, 0.5 if args.gamma is None else args.gamma
-    if args.model is None and args.ref_model is None or args.dataset is None:
-        raise train.UsageError(f"no run_config.json next to {adapter}: pass --{'dataset' if args.model else 'model'}")
+    args.run = run
+    if args.model is None and args.ref_model is None:
+        raise train.UsageError(f"no run_config.json next to {adapter}: pass --model")
+    if args.dataset is None:
+        raise train.UsageError(f"no run_config.json next to {adapter}: pass --dataset")
     train.check_beta_gamma(args.beta, args.gamma)
     train.require_positive(args, "batch_size", "chunk_size", "max_new_tokens", "max_length", "max_prompt_length")
     if args.max_prompt_length > args.max_length:
@@ -136,12 +138,15 @@ def generate(policy, base_model, tokenizer, examples, args):
     a sequence-level KL estimate on the policy's own samples: mean of Σ_t log π(y_t) − log π_base(y_t)."""
     from transformers import GenerationConfig
     device, samples = next(policy.parameters()).device, []
-    # A fresh config, not the model's: its top_k, repetition penalty etc. would sample from something other than π.
+    # The model's stop tokens (Gemma-2 ends a turn with <end_of_turn>, not its EOS), but a fresh sampling config:
+    # the model's top_k, repetition penalty etc. would sample from something other than π.
+    stop = policy.generation_config.eos_token_id or tokenizer.eos_token_id
+    stop = {tokenizer.eos_token_id, *(stop if isinstance(stop, list) else [stop])}
     sampling = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
                                 max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id)
-    chosen = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))[:args.generate]
-    for i in tqdm(chosen.tolist(), desc="generating", leave=False):
+                                eos_token_id=sorted(stop))
+    prompt_indices = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))[:args.generate]
+    for i in tqdm(prompt_indices.tolist(), desc="generating", leave=False):
         prompt = torch.tensor([examples[i]["prompt"]], device=device)
         sample = {"prompt": tokenizer.decode(examples[i]["prompt"])}
         for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
@@ -149,8 +154,8 @@ def generate(policy, base_model, tokenizer, examples, args):
                 torch.manual_seed(args.seed + i)  # the same seed for both models
                 ids = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=sampling)
                 ids = ids[0, prompt.shape[1]:].tolist()
-            if tokenizer.eos_token_id in ids:
-                ids = ids[:ids.index(tokenizer.eos_token_id) + 1]
+            ends = [n for n, token in enumerate(ids) if token in stop]
+            ids = ids[:ends[0] + 1] if ends else ids  # up to and including the first stop token
             sample |= {name: tokenizer.decode(ids, skip_special_tokens=True), f"{name}_tokens": len(ids), f"{name}_ids": ids}
         batch = {"input_ids": torch.tensor([examples[i]["prompt"] + sample["policy_ids"]], device=device)}
         batch |= {"attention_mask": torch.ones_like(batch["input_ids"]),

@@ -34,7 +34,8 @@ def sequence_logps(logits, labels, average=True, ignore_index=-100):
     """
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
     mask = labels != ignore_index
-    token_logps = torch.gather(logits.log_softmax(-1), 2, labels.masked_fill(~mask, 0).unsqueeze(2)).squeeze(2)
+    safe_labels = labels.masked_fill(~mask, 0)  # any valid id: these positions are zeroed below
+    token_logps = logits.log_softmax(-1).gather(2, safe_labels.unsqueeze(2)).squeeze(2)
     logps = torch.where(mask, token_logps, 0).sum(-1)  # where, not *: a -inf logit at an ignored position is no NaN
     return logps / mask.sum(-1).clamp(min=1) if average else logps  # clamp: an empty response gives 0, not NaN
 

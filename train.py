@@ -140,6 +140,13 @@ def check_args(args):
     if not 0 <= args.eval_fraction < 1:
         raise UsageError("--eval-fraction must be in [0, 1)")
     check_beta_gamma(args.beta, args.gamma)
+    if args.full and args.load_in_4bit:
+        raise UsageError("--full trains every weight: it cannot load them in 4-bit (drop --load-in-4bit)")
+    cuda = torch.cuda.is_available()
+    if args.load_in_4bit is None:  # QLoRA by default on a GPU, never with --full
+        args.load_in_4bit = cuda and not args.full
+    if args.gradient_checkpointing is None:  # on by default on a GPU, where memory is what runs out
+        args.gradient_checkpointing = cuda
     args.output_dir = args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S")
     return args
 
@@ -173,12 +180,22 @@ def load_model(name, load_in_4bit=False, dtype=torch.float32, device="cpu"):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=dtype) if load_in_4bit else None
-    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, quantization_config=quantization, device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, quantization_config=quantization, device_map={"": device})
+    for key in ("logit_scale", "logits_scaling"):  # Cohere, Granite: logits = lm_head(h) scaled; not handled here
+        if getattr(model.config, key, None) not in (None, 1, 1.0):
+            raise UsageError(f"--model {name} scales its logits by config.{key}, which simpo does not apply yet")
+    if load_in_4bit and device == "cpu":  # (the tests' QLoRA path) bitsandbytes repacks 4-bit weights for CPU
+        for module in model.modules():    # inference in eval mode and never back: backward is then wrong
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def add_lora(model, args):
     from peft import LoraConfig, get_peft_model
     target = args.lora_target if args.lora_target == "all-linear" else args.lora_target.split(",")
+    if "lm_head" in target:  # log-probs use lm_head's base weight (simpo.chunked_sequence_logps): it would not train
+        raise UsageError("--lora-target: lm_head cannot take LoRA here; train it with --full")
     # No peft.prepare_model_for_kbit_training: it upcasts embeddings, lm_head and norms to float32
     # (2+ GB more on Llama-3-8B, and a slow float32 lm_head). Gradient checkpointing is turned on by hand
     # instead, so the model stays in bf16 around the 4-bit weights.
@@ -202,9 +219,6 @@ def prepare_model(args, device, dtype):
 
 def final_hidden(model, batch):
     """Final hidden states (B, T, H) and the lm_head arguments of simpo.project_logits: no logits computed."""
-    for name in ("logit_scale", "logits_scaling"):  # Cohere, Granite: logits = lm_head(h) scaled; not handled here
-        if getattr(model.config, name, None) not in (None, 1, 1.0):
-            raise UsageError(f"this model scales its logits by config.{name}, which simpo does not apply yet")
     hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  use_cache=False).last_hidden_state  # no KV cache: nothing is generated
     head = model.get_output_embeddings()
@@ -262,7 +276,7 @@ def save(model, tokenizer, folder, step, optimizer):
 
 def restore(model, optimizer, run_dir):
     """Load the latest checkpoint of `run_dir` (the final save counts too); returns its step."""
-    checkpoints = sorted(Path(run_dir).glob("checkpoint-*/training_state.pt"), key=lambda f: int(f.parent.name[11:]))
+    checkpoints = sorted(Path(run_dir).glob("checkpoint-*/training_state.pt"), key=lambda f: int(f.parent.name.removeprefix("checkpoint-")))
     final = Path(run_dir) / "training_state.pt"
     if not final.is_file() and not checkpoints:
         return 0
@@ -323,21 +337,20 @@ def plot_curves(out):
 
 def accumulate_gradients(model, pairs, args, pad_id):
     """Forward and backward over one optimizer step's pairs, `--micro-batch-size` at a time.
-    Returns the detached per-pair (losses, chosen logps, rejected logps, chosen rewards, rejected rewards) as
-    one (5, pairs) tensor, and the step's token count, both left on the device: logging syncs once per step."""
+    Returns the detached per-pair (SimPO losses, SFT losses, chosen logps, rejected logps, chosen rewards,
+    rejected rewards) as one (6, pairs) tensor and the step's token count, both left on the device."""
     device, average, logs, tokens = next(model.parameters()).device, not args.no_length_normalization, [], 0
     for i in range(0, len(pairs), args.micro_batch_size):
         batch = {k: v.to(device) for k, v in data.collate(pairs[i:i + args.micro_batch_size], pad_id).items()}
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             chosen_logps, rejected_logps = policy_logps(model, batch, average).chunk(2)
         losses, chosen_rewards, rejected_rewards = simpo.simpo_loss(chosen_logps, rejected_logps, args.beta, args.gamma)
-        if args.sft_weight:  # NLL of the chosen response, per token whatever the reward's normalisation
-            n_chosen = (batch["labels"][: len(chosen_logps), 1:] != data.IGNORE_INDEX).sum(-1).clamp(min=1)
-            losses = losses - args.sft_weight * (chosen_logps if average else chosen_logps / n_chosen)
+        n_chosen = (batch["labels"][: len(chosen_logps), 1:] != data.IGNORE_INDEX).sum(-1).clamp(min=1)
+        sft_losses = -(chosen_logps if average else chosen_logps / n_chosen)  # NLL per token of the chosen response
         # Sum over the micro-batch, divided by the pairs in the whole step: the step's loss is the mean
         # over all its pairs however they are split, so 1×8 and 4×2 give the same update.
-        (losses.sum() / len(pairs)).backward()
-        logs.append(torch.stack([losses.detach(), chosen_logps.detach(), rejected_logps.detach(),
+        ((losses + args.sft_weight * sft_losses).sum() / len(pairs)).backward()
+        logs.append(torch.stack([losses.detach(), sft_losses.detach(), chosen_logps.detach(), rejected_logps.detach(),
                                  chosen_rewards, rejected_rewards]))
         tokens += batch["attention_mask"].sum()
     return torch.cat(logs, dim=1), tokens
@@ -349,19 +362,16 @@ def train(args):
         raise UsageError(f"--output-dir {out} is a file")
     if not args.resume and out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"--output-dir {out} is not empty: pass --overwrite to replace it, or --resume {out}")
-    cuda = torch.cuda.is_available()
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)  # bf16 is slow on CPUs
-    if args.full and args.load_in_4bit:
-        raise UsageError("--full trains every weight: it cannot load them in 4-bit (drop --load-in-4bit)")
-    args.load_in_4bit = cuda and not args.full if args.load_in_4bit is None else args.load_in_4bit
-    args.gradient_checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing
+    device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)  # bf16 is slow on CPUs
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     if getattr(args, "demo", False):  # built next to the run, not inside it: eval.py loads it as the base model
         import demo
         args.model = demo.build_tiny_model(out.parent / "demo-model")
     for name in ("model", "dataset"):  # run_config.json must still find local paths from another folder
-        setattr(args, name, str(Path(getattr(args, name)).resolve()) if Path(getattr(args, name)).exists() else getattr(args, name))
+        value = getattr(args, name)
+        if Path(value).exists():
+            setattr(args, name, str(Path(value).resolve()))
     tokenizer = load_tokenizer(args.model, args.chat_template)
     train_set, eval_set, skipped = data.load_examples(tokenizer, args.dataset, args.split, args.eval_split,
                                                       args.eval_fraction, args.seed, args.max_length, args.max_prompt_length)
@@ -399,15 +409,19 @@ def train(args):
         for group in optimizer.param_groups:
             group["lr"] = lr
         started = time.time()
-        (losses, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards), tokens = \
+        (losses, sft_losses, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards), tokens = \
             accumulate_gradients(model, pairs, args, pad_id)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        metrics = simpo.preference_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)  # syncs once
-        loss, grad_norm, tokens = torch.stack([losses.mean(), grad_norm.float(), tokens.float()]).tolist()
+        # Read from the device once per step, not per micro-batch: each read waits for the GPU to catch up.
+        loss, sft_loss, grad_norm, tokens = torch.stack([losses.mean(), sft_losses.mean(), grad_norm.float(),
+                                                         tokens.float()]).tolist()
+        metrics = simpo.preference_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)
         metrics.update(loss=loss, grad_norm=grad_norm, lr=lr, tokens_per_s=tokens / (time.time() - started))
+        if args.sft_weight:
+            metrics["sft_loss"] = sft_loss
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total_steps and eval_set:
             metrics.update(evaluate(model, eval_set, args, pad_id))
         logger.log(step + 1, metrics)

@@ -46,7 +46,8 @@ def main(argv=None):
     config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(8192, args.seq_len), tie_word_embeddings=False)
     with torch.device("cuda" if cuda else "cpu"):  # random init on the GPU: minutes faster for 8B
         LlamaForCausalLM(config).to(dtype).save_pretrained(folder)
-    torch.cuda.empty_cache() if cuda else None
+    if cuda:
+        torch.cuda.empty_cache()
     settings = dict(model=folder, full=False, lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target="all-linear",
                     micro_batch_size=1, beta=2.5, gamma=1.4, sft_weight=0.0, no_length_normalization=False)
     args = argparse.Namespace(**{**vars(args), **settings, "load_in_4bit": args.load_in_4bit and cuda})
@@ -65,7 +66,8 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize() if cuda else None
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     step_time = statistics.median(times[1:])  # the first step warms up kernels and allocator
     result = {"shape": args.shape, "seq_len": args.seq_len, "load_in_4bit": args.load_in_4bit,

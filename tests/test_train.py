@@ -357,6 +357,13 @@ def test_prompt_keeps_its_end_and_response_is_cut(tokenizer):
     assert short["rejected"] == full["rejected"]  # already short enough
     assert len(short["prompt"] + short["chosen"]) == 10
 
+    # a short prompt with a long response: the prompt stays whole (one BOS), the responses are cut
+    long_chosen = A(" ".join(w.upper() for w in demo.WORDS[:20]))
+    short_prompt = data.tokenize_pair(tokenizer, [U("shout: apple")], long_chosen, rejected, max_length=12,
+                                      max_prompt_length=8)
+    assert short_prompt["prompt"] == template_ids(tokenizer, [U("shout: apple")], add_generation_prompt=True)
+    assert short_prompt["prompt"].count(tokenizer.bos_token_id) == 1 and len(short_prompt["prompt"]) == 6
+    assert len(short_prompt["prompt"] + short_prompt["chosen"]) == 12
     # nothing left of the responses: skipped
     assert data.tokenize_pair(tokenizer, prompt, chosen, rejected, max_length=8, max_prompt_length=8) is None
     # a short prompt still fits under the same limits
@@ -522,7 +529,7 @@ def test_gamma_and_gamma_beta_ratio(tmp_path, capsys):
                                    ["--max-steps", 0], ["--beta", 0], ["--gamma", -1],
                                    ["--chat-template", "no-such-template.jinja"], ["--max-grad-norm", 0],
                                    ["--warmup-ratio", 1.5], ["--lora-dropout", 1.5], ["--max-prompt-length", 64],
-                                   ["--lora-alpha", 0], ["--eval-every", -1]])
+                                   ["--lora-alpha", 0], ["--eval-every", -1], ["--lora-target", "q_proj,lm_head"]])
 def test_bad_numbers_and_flags_are_usage_errors(flags, model_dir, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
     out = tmp_path / "run"
@@ -625,11 +632,14 @@ def test_length_normalization_and_sft_weight(model_dir, tmp_path, capsys):
     assert summed["logps/chosen"] < 2 * plain["logps/chosen"] < 0
     sft, config = first_step("sft", "--sft-weight", 0.5)
     assert config["sft_weight"] == 0.5
-    # same model, same batch at step 1: the SFT term adds 0.5 × the chosen responses' average NLL
+    # same model, same batch at step 1: the SimPO loss is unchanged and the SFT term, logged on its own, is the
+    # chosen responses' average NLL; the update differs (0.5 × its gradient is added)
     assert sft["logps/chosen"] == pytest.approx(plain["logps/chosen"], rel=1e-6)
-    assert sft["loss"] == pytest.approx(plain["loss"] - 0.5 * plain["logps/chosen"], rel=1e-5)
+    assert sft["loss"] == pytest.approx(plain["loss"], rel=1e-6) and "sft_loss" not in plain
+    assert sft["sft_loss"] == pytest.approx(-plain["logps/chosen"], rel=1e-6)
+    assert sft["grad_norm"] != pytest.approx(plain["grad_norm"], rel=1e-3)
     both, _ = first_step("both", "--no-length-normalization", "--sft-weight", 0.5)
-    assert both["loss"] > summed["loss"]
+    assert both["sft_loss"] == pytest.approx(sft["sft_loss"], rel=1e-5)  # per token, whatever the reward's normalisation
 
 
 # ---------------------------------------------------------------- 9. learning-rate schedule

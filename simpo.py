@@ -1,8 +1,7 @@
 """SimPO: Simple Preference Optimization with a Reference-Free Reward (Meng, Xia & Chen, 2024).
 
-This file imports only torch, so you can copy it into your own trainer:
+This file imports only torch, so you can copy it next to your own trainer, `import simpo`, and write:
 
-    import simpo
     hidden = model.model(input_ids, attention_mask=mask).last_hidden_state       # (2B, T, H)
     logps = simpo.chunked_sequence_logps(hidden, model.lm_head.weight, labels)   # (2B,) average log-prob
     chosen_logps, rejected_logps = logps.chunk(2)        # batch is [chosen..., rejected...]

@@ -11,6 +11,7 @@ tokens from the final hidden states (simpo.chunked_sequence_logps), never buildi
 import argparse
 import importlib.util
 import json
+import logging
 import math
 import os
 import random
@@ -24,6 +25,9 @@ from tqdm import tqdm
 
 import data
 import simpo
+
+# On CPUs, bitsandbytes announces at import that an optional kernel package from the hub is missing: noise here.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 class UsageError(ValueError):

@@ -10,5 +10,6 @@ def test_bench_step_writes_json(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     bench.main(["--shape", "tiny", "--seq-len", "16", "--steps", "1", "--out", str(tmp_path / "step.json")])
-    result = json.loads((tmp_path / "step.json").read_text())
-    assert result["seq_len"] == 16 and result["tokens_per_s"] > 0 and result["device"] == "cpu"
+    (result,) = json.loads((tmp_path / "step.json").read_text())  # one setup: --trl not asked for
+    assert result["setup"] == "simpo" and result["seq_len"] == 16 and result["tokens_per_s"] > 0
+    assert result["device"] == "cpu"

@@ -17,12 +17,12 @@ import torch
 from tqdm import tqdm
 
 import data
+import modeling
 import simpo
-import train
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=train.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=modeling.HelpFormatter)
     p.add_argument("--adapter", required=True, help="run folder or checkpoint (LoRA), or a fully fine-tuned model folder")
     p.add_argument("--model", help="the base SFT model (default: the run's --model)")
     p.add_argument("--ref-model", help="base model of a full fine-tuning run (default: --model); LoRA runs need none")
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     adapter = Path(args.adapter)
     if not adapter.is_dir():
-        raise train.UsageError(f"--adapter {adapter}: no such folder")
+        raise modeling.UsageError(f"--adapter {adapter}: no such folder")
     found = [f for f in (adapter / "run_config.json", adapter.parent / "run_config.json") if f.is_file()]
     run = json.loads(found[0].read_text()) if found else {}  # a checkpoint's run config is one folder up
     if (adapter / "adapter_config.json").is_file():  # peft records the base it trained on
@@ -56,15 +56,15 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.run = run
     if args.model is None and args.ref_model is None:
-        raise train.UsageError(f"no run_config.json next to {adapter}: pass --model")
+        raise modeling.UsageError(f"no run_config.json next to {adapter}: pass --model")
     if args.dataset is None:
-        raise train.UsageError(f"no run_config.json next to {adapter}: pass --dataset")
-    train.check_beta_gamma(args.beta, args.gamma)
-    train.require_positive(args, "batch_size", "chunk_size", "max_new_tokens", "max_length", "max_prompt_length")
+        raise modeling.UsageError(f"no run_config.json next to {adapter}: pass --dataset")
+    modeling.check_beta_gamma(args.beta, args.gamma)
+    modeling.require_positive(args, "batch_size", "chunk_size", "max_new_tokens", "max_length", "max_prompt_length")
     if args.max_prompt_length > args.max_length:
-        raise train.UsageError(f"--max-prompt-length {args.max_prompt_length} exceeds --max-length {args.max_length}")
+        raise modeling.UsageError(f"--max-prompt-length {args.max_prompt_length} exceeds --max-length {args.max_length}")
     if args.generate < 0 or args.temperature <= 0 or not 0 < args.top_p <= 1:
-        raise train.UsageError("--generate must be >= 0, --temperature > 0 and --top-p in (0, 1]")
+        raise modeling.UsageError("--generate must be >= 0, --temperature > 0 and --top-p in (0, 1]")
     return args
 
 
@@ -73,19 +73,19 @@ def load_policy_and_base(args, device, dtype):
     adapter = Path(args.adapter)
     if not (adapter / "adapter_config.json").is_file():  # full fine-tuning: two models
         if not (adapter / "config.json").is_file():
-            raise train.UsageError(f"--adapter {adapter}: neither a LoRA adapter nor a model folder")
-        policy = train.load_model(str(adapter), args.load_in_4bit, dtype, device).eval()
-        reference = train.load_model(args.ref_model or args.model, args.load_in_4bit, dtype, device).eval()
+            raise modeling.UsageError(f"--adapter {adapter}: neither a LoRA adapter nor a model folder")
+        policy = modeling.load_model(str(adapter), args.load_in_4bit, dtype, device).eval()
+        reference = modeling.load_model(args.ref_model or args.model, args.load_in_4bit, dtype, device).eval()
         return policy, lambda: contextlib.nullcontext(reference)
     from peft import PeftModel
-    base = train.load_model(args.model, args.load_in_4bit, dtype, device)
+    base = modeling.load_model(args.model, args.load_in_4bit, dtype, device)
     try:
         policy = PeftModel.from_pretrained(base, str(adapter)).eval()
     except (RuntimeError, ValueError, KeyError) as error:
         trained_on = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
         lines = str(error).strip().splitlines() or [type(error).__name__]
         detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0])
-        raise train.UsageError(f"--adapter {adapter} does not fit --model {args.model} (it was trained on "
+        raise modeling.UsageError(f"--adapter {adapter} does not fit --model {args.model} (it was trained on "
                                f"{trained_on}): {detail}") from None
 
     @contextlib.contextmanager
@@ -121,9 +121,9 @@ def kl_to_base(policy, base_model, examples, pad_id, batch_size, chunk_size):
     for i in tqdm(range(0, len(examples), batch_size), desc="KL", leave=False):
         batch = {k: v.to(device) for k, v in data.collate(examples[i:i + batch_size], pad_id).items()}
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            policy_hidden, policy_head = train.final_hidden(policy, batch)
+            policy_hidden, policy_head = modeling.final_hidden(policy, batch)
             with base_model() as base:
-                base_hidden, base_head = train.final_hidden(base, batch)
+                base_hidden, base_head = modeling.final_hidden(base, batch)
             kl, tokens = token_kl(policy_hidden, base_hidden, policy_head, base_head, batch["labels"], chunk_size)
         kl_sums += kl.view(2, -1).sum(1)  # the batch is [chosen..., rejected...]
         token_counts += tokens.view(2, -1).sum(1)
@@ -160,9 +160,9 @@ def generate(policy, base_model, tokenizer, examples, args):
         batch = {"input_ids": torch.tensor([examples[i]["prompt"] + sample["policy_ids"]], device=device)}
         batch |= {"attention_mask": torch.ones_like(batch["input_ids"]),
                   "labels": torch.tensor([[data.IGNORE_INDEX] * prompt.shape[1] + sample["policy_ids"]], device=device)}
-        log_ratio = train.policy_logps(policy, batch, average=False)
+        log_ratio = modeling.policy_logps(policy, batch, average=False)
         with base_model() as base:
-            log_ratio -= train.policy_logps(base, batch, average=False)
+            log_ratio -= modeling.policy_logps(base, batch, average=False)
         samples.append(sample | {"log_ratio": log_ratio.item()})
     summary = {f"length/{name}": sum(s[f"{name}_tokens"] for s in samples) / len(samples) for name in ("policy", "base")}
     return summary | {"kl/sequence": sum(s["log_ratio"] for s in samples) / len(samples)}, samples
@@ -174,14 +174,14 @@ def evaluate(args):
     args.load_in_4bit = cuda if args.load_in_4bit is None else args.load_in_4bit
     adapter = Path(args.adapter)
     if (adapter / "tokenizer_config.json").is_file():  # saved by train.py, chat template included
-        tokenizer = train.load_tokenizer(str(adapter))
+        tokenizer = modeling.load_tokenizer(str(adapter))
     else:
-        tokenizer = train.load_tokenizer(args.ref_model or args.model, args.run.get("chat_template"))
+        tokenizer = modeling.load_tokenizer(args.ref_model or args.model, args.run.get("chat_template"))
     # A whole split, or else the slice of the training split that the run held out, cut exactly as train.py cut it.
     whole_split = args.split or args.run.get("eval_split")
     fraction = 0.0 if whole_split else args.run.get("eval_fraction", 0.0)
     if not whole_split and not fraction:
-        raise train.UsageError("the run held out no pairs: pass --split")
+        raise modeling.UsageError("the run held out no pairs: pass --split")
     split = whole_split or args.run.get("split", "train")
     train_part, held_out, skipped = data.load_examples(tokenizer, args.dataset, split, None, fraction, args.run.get("seed", 0),
                                                        args.max_length, args.max_prompt_length)
@@ -193,8 +193,8 @@ def evaluate(args):
     report = {"settings": {k: v for k, v in vars(args).items() if k != "run"}, "pairs": len(examples), "skipped": skipped}
     for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
         with context as model:
-            logps = train.pair_logps(model, examples, tokenizer.pad_token_id, args.batch_size, average, f"scoring {name}")
-        report[name] = train.reward_metrics(*logps, args.beta, args.gamma)
+            logps = modeling.pair_logps(model, examples, tokenizer.pad_token_id, args.batch_size, average, f"scoring {name}")
+        report[name] = modeling.reward_metrics(*logps, args.beta, args.gamma)
     report |= kl_to_base(policy, base_model, examples, tokenizer.pad_token_id, args.batch_size, args.chunk_size)
     if args.generate:
         summary, samples = generate(policy, base_model, tokenizer, examples, args)
@@ -227,7 +227,7 @@ def print_report(report, args):
 def main(argv=None):
     try:
         evaluate(parse_args(argv))
-    except (data.DataError, train.UsageError) as error:
+    except (data.DataError, modeling.UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

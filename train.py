@@ -11,7 +11,6 @@ tokens from the final hidden states (simpo.chunked_sequence_logps), never buildi
 import argparse
 import importlib.util
 import json
-import logging
 import math
 import os
 import random
@@ -24,25 +23,13 @@ import torch
 from tqdm import tqdm
 
 import data
+import modeling
 import simpo
-
-# On CPUs, bitsandbytes announces at import that an optional kernel package from the hub is missing: noise here.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-
-class UsageError(ValueError):
-    """A bad combination of flags or an output folder in the way: one line, exit code 2."""
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with defaults, except None and False (off, or decided at run time)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+from modeling import UsageError
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=modeling.HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", help="SFT model: local folder or hub id (omit with --dataset for the offline demo)")
     g.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
@@ -106,21 +93,8 @@ def parse_args(argv=None):
     return check_args(args)
 
 
-def require_positive(args, *flags):
-    for flag in flags:
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
-
-
-def check_beta_gamma(beta, gamma):
-    try:
-        simpo.simpo_loss(torch.zeros(1), torch.zeros(1), beta, gamma)  # the loss's own checks, before hours of work
-    except ValueError as error:
-        raise UsageError(f"--{error}") from None
-
-
 def check_args(args):
-    require_positive(args, "batch_size", "micro_batch_size", "epochs", "max_steps", "max_length", "max_prompt_length",
+    modeling.require_positive(args, "batch_size", "micro_batch_size", "epochs", "max_steps", "max_length", "max_prompt_length",
                      "lora_r", "lora_alpha")
     if args.max_prompt_length > args.max_length:
         raise UsageError(f"--max-prompt-length {args.max_prompt_length} exceeds --max-length {args.max_length}")
@@ -143,7 +117,7 @@ def check_args(args):
         raise UsageError("pass --eval-split or --eval-fraction, not both")
     if not 0 <= args.eval_fraction < 1:
         raise UsageError("--eval-fraction must be in [0, 1)")
-    check_beta_gamma(args.beta, args.gamma)
+    modeling.check_beta_gamma(args.beta, args.gamma)
     if args.full and args.load_in_4bit:
         raise UsageError("--full trains every weight: it cannot load them in 4-bit (drop --load-in-4bit)")
     cuda = torch.cuda.is_available()
@@ -163,104 +137,9 @@ def lr_at(step, total_steps, warmup_steps, peak_lr):
     return peak_lr * 0.5 * (1 + math.cos(math.pi * progress))  # cosine decay towards 0
 
 
-def load_tokenizer(name, chat_template=None):
-    from transformers import AutoTokenizer
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except OSError as error:  # no such folder, or a hub id that cannot be reached
-        raise UsageError(f"--model {name}: {str(error).strip().splitlines()[0]}") from None
-    if chat_template and "{{" not in chat_template and "{%" not in chat_template:  # not a template: a file
-        if not Path(chat_template).is_file():
-            raise UsageError(f"--chat-template {chat_template}: neither a file nor a Jinja template")
-        chat_template = Path(chat_template).read_text()
-    tokenizer.chat_template = chat_template or tokenizer.chat_template
-    if tokenizer.pad_token_id is None:  # padding is masked out of the loss, any id will do
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_model(name, load_in_4bit=False, dtype=torch.float32, device="cpu"):
-    """The model as `from_pretrained` gives it: a local folder or a hub id, optionally in 4-bit (nf4)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=dtype) if load_in_4bit else None
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, quantization_config=quantization, device_map={"": device})
-    for key in ("logit_scale", "logits_scaling"):  # Cohere, Granite: logits = lm_head(h) scaled; not handled here
-        if getattr(model.config, key, None) not in (None, 1, 1.0):
-            raise UsageError(f"--model {name} scales its logits by config.{key}, which simpo does not apply yet")
-    if load_in_4bit and device == "cpu":  # (the tests' QLoRA path) bitsandbytes repacks 4-bit weights for CPU
-        for module in model.modules():    # inference in eval mode and never back: backward is then wrong
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
-    return model
-
-
-def add_lora(model, args):
-    from peft import LoraConfig, get_peft_model
-    target = args.lora_target if args.lora_target == "all-linear" else args.lora_target.split(",")
-    if "lm_head" in target:  # log-probs use lm_head's base weight (simpo.chunked_sequence_logps): it would not train
-        raise UsageError("--lora-target: lm_head cannot take LoRA here; train it with --full")
-    # No peft.prepare_model_for_kbit_training: it upcasts embeddings, lm_head and norms to float32
-    # (2+ GB more on Llama-3-8B, and a slow float32 lm_head). Gradient checkpointing is turned on by hand
-    # instead, so the model stays in bf16 around the 4-bit weights.
-    try:
-        return get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                                target_modules=target, task_type="CAUSAL_LM"))
-    except ValueError as error:  # e.g. a --lora-target the model does not have
-        raise UsageError(f"--lora-target {args.lora_target}: {str(error).strip().splitlines()[0]}") from None
-
-
-def prepare_model(args, device, dtype):
-    """The model as train.py trains it: loaded (maybe in 4-bit), LoRA unless --full, checkpointing, train mode."""
-    # Full fine-tuning keeps float32 master weights (bf16 AdamW updates underflow); LoRA keeps the base in bf16.
-    model = load_model(args.model, args.load_in_4bit, torch.float32 if args.full else dtype, device)
-    model = model if args.full else add_lora(model, args)
-    if args.gradient_checkpointing:  # non-reentrant, as torch recommends; newer transformers renamed the method
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
-    return model.train()  # gradient checkpointing only acts in train mode
-
-
-def final_hidden(model, batch):
-    """Final hidden states (B, T, H) and the lm_head arguments of simpo.project_logits: no logits computed."""
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 use_cache=False).last_hidden_state  # no KV cache: nothing is generated
-    head = model.get_output_embeddings()
-    return hidden, dict(lm_head_weight=head.weight, lm_head_bias=head.bias,
-                        logit_softcap=getattr(model.config, "final_logit_softcapping", None))
-
-
-def policy_logps(model, batch, average=True):
-    """Per-sequence response log-probs (2B,) from one forward pass over [chosen..., rejected...]."""
-    hidden, head = final_hidden(model, batch)
-    return simpo.chunked_sequence_logps(hidden, labels=batch["labels"], average=average, **head)
-
-
-@torch.no_grad()
-def pair_logps(model, examples, pad_id, batch_size, average=True, desc="scoring"):
-    """Average log-probs of every chosen and rejected response: two (N,) float32 tensors on the CPU."""
-    device, chosen, rejected = next(model.parameters()).device, [], []
-    for i in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False):
-        batch = {k: v.to(device) for k, v in data.collate(examples[i:i + batch_size], pad_id).items()}
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            c, r = policy_logps(model, batch, average).chunk(2)
-        chosen.append(c.float().cpu())
-        rejected.append(r.float().cpu())
-    return torch.cat(chosen), torch.cat(rejected)
-
-
-def reward_metrics(chosen_logps, rejected_logps, beta, gamma):
-    """Held-out loss, reward accuracy, mean margin and the fraction of pairs beyond the margin γ."""
-    losses, chosen_rewards, rejected_rewards = simpo.simpo_loss(chosen_logps, rejected_logps, beta, gamma)
-    metrics = simpo.preference_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)
-    metrics["loss"] = losses.mean().item()
-    metrics["rewards/beyond_gamma"] = (chosen_rewards - rejected_rewards > gamma).float().mean().item()
-    return metrics
-
-
 def evaluate(model, examples, args, pad_id):
     model.eval()  # no dropout
-    metrics = reward_metrics(*pair_logps(model, examples, pad_id, args.micro_batch_size, not args.no_length_normalization,
+    metrics = modeling.reward_metrics(*modeling.pair_logps(model, examples, pad_id, args.micro_batch_size, not args.no_length_normalization,
                                          "evaluating"), args.beta, args.gamma)
     model.train()
     return {f"eval/{k}": v for k, v in metrics.items()}
@@ -347,7 +226,7 @@ def accumulate_gradients(model, pairs, args, pad_id):
     for i in range(0, len(pairs), args.micro_batch_size):
         batch = {k: v.to(device) for k, v in data.collate(pairs[i:i + args.micro_batch_size], pad_id).items()}
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            chosen_logps, rejected_logps = policy_logps(model, batch, average).chunk(2)
+            chosen_logps, rejected_logps = modeling.policy_logps(model, batch, average).chunk(2)
         losses, chosen_rewards, rejected_rewards = simpo.simpo_loss(chosen_logps, rejected_logps, args.beta, args.gamma)
         n_chosen = (batch["labels"][: len(chosen_logps), 1:] != data.IGNORE_INDEX).sum(-1).clamp(min=1)
         sft_losses = -(chosen_logps if average else chosen_logps / n_chosen)  # NLL per token of the chosen response
@@ -376,13 +255,13 @@ def train(args):
         value = getattr(args, name)
         if Path(value).exists():
             setattr(args, name, str(Path(value).resolve()))
-    tokenizer = load_tokenizer(args.model, args.chat_template)
+    tokenizer = modeling.load_tokenizer(args.model, args.chat_template)
     train_set, eval_set, skipped = data.load_examples(tokenizer, args.dataset, args.split, args.eval_split,
                                                       args.eval_fraction, args.seed, args.max_length, args.max_prompt_length)
     print(f"{len(train_set)} training pairs, {len(eval_set)} held-out, {skipped} skipped (response truncated to nothing)")
     if not train_set:
         raise data.DataError(f"{args.dataset}: no training pairs left after holding out and truncation")
-    model = prepare_model(args, device, dtype)
+    model = modeling.prepare_model(args, device, dtype)
     if args.overwrite and not args.resume:  # only now: a run that fails on its input or model deletes nothing
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import modeling  # noqa: E402
 import train  # noqa: E402
 
 SHAPES = {
@@ -36,7 +37,7 @@ def simpo_step_times(folder, pair, args, device, dtype):
     settings = dict(model=folder, full=False, micro_batch_size=1, beta=2.5, gamma=1.4, sft_weight=0.0,
                     no_length_normalization=False, **LORA)
     run = argparse.Namespace(**{**vars(args), **settings})
-    model = train.prepare_model(run, device, dtype)
+    model = modeling.prepare_model(run, device, dtype)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     times = []
@@ -79,7 +80,7 @@ def trl_step_times(folder, pair, args, device, dtype):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.started)
 
-    model = train.load_model(folder, args.load_in_4bit, dtype, device)
+    model = modeling.load_model(folder, args.load_in_4bit, dtype, device)
     config = CPOConfig(output_dir=str(Path(folder) / "trl-output"), loss_type="simpo", cpo_alpha=0.0,
                        beta=2.5, simpo_gamma=1.4, learning_rate=1e-5, max_steps=args.steps + 1,
                        per_device_train_batch_size=1, gradient_accumulation_steps=1, max_length=2 * args.seq_len,

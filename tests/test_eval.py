@@ -14,6 +14,7 @@ from torch.testing import assert_close
 import data
 import demo
 import eval
+import modeling
 import simpo
 import train
 
@@ -134,7 +135,7 @@ def tiny(tmp_path_factory):
 
 def test_fresh_adapter_has_exactly_zero_kl_and_identical_samples(demo_run, tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
-    base = train.load_model(str(demo_run.model))
+    base = modeling.load_model(str(demo_run.model))
     adapter = tmp_path / "fresh" / "adapter"  # no run_config.json here or one level up
     get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")) \
         .save_pretrained(adapter)
@@ -221,10 +222,10 @@ def test_token_kl_on_model_hidden_states_matches_full_logits(reference):
     batch = data.collate(reference.examples[:3], pad_id)
     assert (batch["attention_mask"] == 0).any()  # some rows are padded
     with torch.no_grad():
-        policy_hidden, policy_head = train.final_hidden(policy, batch)
+        policy_hidden, policy_head = modeling.final_hidden(policy, batch)
         p_logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         with policy.disable_adapter():
-            base_hidden, base_head = train.final_hidden(policy, batch)
+            base_hidden, base_head = modeling.final_hidden(policy, batch)
             b_logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         kl, tokens = eval.token_kl(policy_hidden, base_hidden, policy_head, base_head, batch["labels"], chunk_size=7)
     mask = batch["labels"][:, 1:] != data.IGNORE_INDEX

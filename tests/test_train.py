@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import data
 import demo
+import modeling
 import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,13 +49,13 @@ def model_without_template(model_dir, tmp_path_factory):
     config = json.loads(config_file.read_text())
     config.pop("chat_template", None)
     config_file.write_text(json.dumps(config))
-    assert train.load_tokenizer(str(folder)).chat_template is None
+    assert modeling.load_tokenizer(str(folder)).chat_template is None
     return str(folder)
 
 
 @pytest.fixture(scope="module")
 def tokenizer(model_dir):
-    return train.load_tokenizer(model_dir)
+    return modeling.load_tokenizer(model_dir)
 
 
 def standard_rows(n=8, seed=0, max_words=5):
@@ -158,7 +159,7 @@ def test_standard_format_end_to_end(model_dir, tmp_path, capsys):
     loaded = {n.replace(".default", ""): p.detach() for n, p in model.named_parameters() if "lora_" in n}
     assert loaded.keys() == saved.keys()
     assert_adapters_close(loaded, saved, atol=0)  # every saved tensor really reached the model
-    tokenizer = train.load_tokenizer(str(out))  # the tokenizer saved with the run, chat template included
+    tokenizer = modeling.load_tokenizer(str(out))  # the tokenizer saved with the run, chat template included
     assert tokenizer.chat_template == demo.CHAT_TEMPLATE
     ids = torch.tensor([template_ids(tokenizer, [U("shout: apple"), A("APPLE")])])
     with torch.no_grad():
@@ -275,7 +276,7 @@ def test_standard_layout_tokenization(tokenizer, model_without_template, tmp_pat
     for example, row in zip(examples, rows):
         assert example["prompt"] + example["chosen"] == template_ids(tokenizer, [U(row["prompt"]), A(row["chosen"])])
     # without one, plain text: the tokenizer's BOS, the prompt, then the response and EOS
-    plain = train.load_tokenizer(model_without_template)
+    plain = modeling.load_tokenizer(model_without_template)
     examples, _, _ = data.load_examples(plain, dataset, "train", max_length=64, max_prompt_length=48)
     for example, row in zip(examples, rows):
         assert example["prompt"] == plain(row["prompt"])["input_ids"]
@@ -288,13 +289,13 @@ def test_standard_layout_tokenization(tokenizer, model_without_template, tmp_pat
 def test_qlora_4bit(model_dir, tmp_path, capsys):
     import bitsandbytes as bnb
 
-    model = train.load_model(model_dir, load_in_4bit=True)
+    model = modeling.load_model(model_dir, load_in_4bit=True)
     quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
     assert quantized[0].weight.quant_state.quant_type == "nf4"
-    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in train.load_model(model_dir).modules())
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in modeling.load_model(model_dir).modules())
     args = train.parse_args([str(a) for a in small_args(model_dir, "unused.jsonl", tmp_path / "unused")])
-    lora = train.add_lora(model, args)
+    lora = modeling.add_lora(model, args)
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
 
@@ -554,7 +555,7 @@ def test_conversational_data_needs_a_chat_template(model_dir, model_without_temp
     code, _, err = run(small_args(model_without_template, dataset, out, "--max-steps", 1, "--chat-template", template),
                        capsys)
     assert code == 0, err
-    assert train.load_tokenizer(str(out)).chat_template == demo.CHAT_TEMPLATE
+    assert modeling.load_tokenizer(str(out)).chat_template == demo.CHAT_TEMPLATE
 
 
 def test_non_empty_output_dir_is_refused_and_untouched(model_dir, tmp_path, capsys):
@@ -696,7 +697,7 @@ def test_offline_demo(tmp_path, capsys):
 
 def test_chat_template_given_as_long_text(model_without_template):
     template = demo.CHAT_TEMPLATE + "{# " + "a comment that makes this a realistic length " * 8 + "#}"
-    assert train.load_tokenizer(model_without_template, template).chat_template == template
+    assert modeling.load_tokenizer(model_without_template, template).chat_template == template
 
 
 def test_consistent_gamma_and_ratio_with_rounding():
@@ -738,11 +739,11 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(model_dir, tmp_pa
         args = train.parse_args([str(a) for a in small_args(model_dir, "d.jsonl", tmp_path, "--lora-dropout", 0, flag)])
         args.load_in_4bit = False
         torch.manual_seed(0)
-        model = train.prepare_model(args, "cpu", torch.float32)
+        model = modeling.prepare_model(args, "cpu", torch.float32)
         calls = []
         # q_proj: the first op inside the checkpointed layer, so recomputed even when torch stops the replay early
         model.get_decoder().layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
-        chosen, rejected = train.policy_logps(model, pairs).chunk(2)
+        chosen, rejected = modeling.policy_logps(model, pairs).chunk(2)
         (rejected - chosen).sum().backward()
         assert model.training and len(calls) == (2 if checkpointing else 1)
         grads[checkpointing] = [p.grad.clone() for p in model.parameters() if p.requires_grad]

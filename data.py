@@ -78,7 +78,8 @@ def _json_rows(path):
 
 def _text(value, where, field):
     if not isinstance(value, str) or not value.strip():
-        problem = "missing" if value is None else "empty" if isinstance(value, str) else f"not a string ({type(value).__name__})"
+        problem = "missing" if value is None else "empty" if isinstance(value, str) else \
+            f"not a string ({type(value).__name__})"
         raise DataError(f"{where}: field '{field}' is {problem}")
     return value
 
@@ -88,7 +89,8 @@ def _messages(value, where, field):
         raise DataError(f"{where}: field '{field}' must be a non-empty list of messages")
     for i, message in enumerate(value):
         if not isinstance(message, dict):
-            raise DataError(f"{where}: field '{field}[{i}]' is not a message ({{'role': ..., 'content': ...}})")
+            raise DataError(f"{where}: field '{field}[{i}]' is not a message "
+                            f"({{'role': ..., 'content': ...}})")
         _text(message.get("role"), where, f"{field}[{i}].role")
         _text(message.get("content"), where, f"{field}[{i}].content")
     return [{"role": m["role"], "content": m["content"]} for m in value]
@@ -99,7 +101,8 @@ def to_pair(row, where):
     if not isinstance(row, dict):
         raise DataError(f"{where}: not an object with 'prompt', 'chosen' and 'rejected' fields")
     if isinstance(row.get("chosen"), list) or isinstance(row.get("rejected"), list):
-        chosen, rejected = _messages(row.get("chosen"), where, "chosen"), _messages(row.get("rejected"), where, "rejected")
+        chosen = _messages(row.get("chosen"), where, "chosen")
+        rejected = _messages(row.get("rejected"), where, "rejected")
         for field, messages in (("chosen", chosen), ("rejected", rejected)):
             if messages[-1]["role"] != "assistant":
                 raise DataError(f"{where}: field '{field}': last message must be the assistant's response")
@@ -112,8 +115,9 @@ def to_pair(row, where):
                 [{"role": "user", "content": _text(value, where, "prompt")}]
         return Pair(prompt, chosen[-1], rejected[-1], True, where)
     prompt = _text(row.get("prompt"), where, "prompt")
-    return Pair([{"role": "user", "content": prompt}], {"role": "assistant", "content": _text(row.get("chosen"), where, "chosen")},
-                {"role": "assistant", "content": _text(row.get("rejected"), where, "rejected")}, False, where)
+    chosen, rejected = (_text(row.get(field), where, field) for field in ("chosen", "rejected"))
+    return Pair([{"role": "user", "content": prompt}], {"role": "assistant", "content": chosen},
+                {"role": "assistant", "content": rejected}, False, where)
 
 
 def read_pairs(dataset, split):

@@ -24,11 +24,14 @@ TRAINING = dict(dataset=str(DATA_DIR), split="train", eval_split="test", output_
                 max_length=64, max_prompt_length=32, lora_r=8, lora_alpha=16, lora_dropout=0.0,
                 load_in_4bit=False, gradient_checkpointing=False)
 
-# Special tokens in a form no ordinary word starts with (a special token that prefixes normal text breaks tokenization).
+# Special tokens in a form no ordinary word starts with: a special token that prefixes normal text breaks
+# tokenization.
 SPECIAL = {"pad": "<|pad|>", "unk": "<|unk|>", "bos": "<|bos|>", "eos": "<|end|>"}
 ROLES = ("<|system|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (  # every turn ends with the EOS token, as Llama-3's does
-    "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|> ' + m['content'] + ' <|end|> ' }}{% endfor %}"
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<|' + m['role'] + '|> ' + m['content'] + ' <|end|> ' }}"
+    "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}")
 
 
@@ -56,7 +59,8 @@ def write_data(folder=DATA_DIR, n_train=512, n_test=128, seed=0):
     for name, lists in (("train", word_lists[:n_train]), ("test", word_lists[n_train:])):
         pairs = make_pairs(lists, rng)
         chat = [{"prompt": p["prompt"], **{side: [{"role": "user", "content": p["prompt"]},
-                                                  {"role": "assistant", "content": p[side]}] for side in ("chosen", "rejected")}}
+                                                  {"role": "assistant", "content": p[side]}]
+                                           for side in ("chosen", "rejected")}}
                 for p in pairs]
         for where, rows in ((folder, pairs), (chat_folder, chat)):
             where.mkdir(parents=True, exist_ok=True)
@@ -72,19 +76,23 @@ def build_tiny_model(folder, words=WORDS, hidden_size=64, num_layers=2, seed=0):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    tokens = [*SPECIAL.values(), *ROLES, *INSTRUCTIONS, *dict.fromkeys([w.lower() for w in words] + [w.upper() for w in words])]
+    cased_words = dict.fromkeys([w.lower() for w in words] + [w.upper() for w in words])
+    tokens = [*SPECIAL.values(), *ROLES, *INSTRUCTIONS, *cased_words]
     vocab = {token: i for i, token in enumerate(tokens)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL["unk"]))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     # Plain-text tokenization (no chat template) starts with BOS, as Llama's tokenizer does.
-    backend.post_processor = processors.TemplateProcessing(single=f"{SPECIAL['bos']} $A", special_tokens=[(SPECIAL["bos"], vocab[SPECIAL["bos"]])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=SPECIAL["bos"], eos_token=SPECIAL["eos"],
-                                        pad_token=SPECIAL["pad"], unk_token=SPECIAL["unk"], additional_special_tokens=list(ROLES))
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{SPECIAL['bos']} $A", special_tokens=[(SPECIAL["bos"], vocab[SPECIAL["bos"]])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=SPECIAL["bos"],
+                                        eos_token=SPECIAL["eos"], pad_token=SPECIAL["pad"],
+                                        unk_token=SPECIAL["unk"], additional_special_tokens=list(ROLES))
     tokenizer.chat_template = CHAT_TEMPLATE
     config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=vocab[SPECIAL["bos"]],
-                         eos_token_id=vocab[SPECIAL["eos"]], pad_token_id=vocab[SPECIAL["pad"]])
+                         max_position_embeddings=256, tie_word_embeddings=False,
+                         bos_token_id=vocab[SPECIAL["bos"]], eos_token_id=vocab[SPECIAL["eos"]],
+                         pad_token_id=vocab[SPECIAL["pad"]])
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

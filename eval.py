@@ -19,23 +19,29 @@ from tqdm import tqdm
 import data
 import modeling
 import simpo
+from modeling import UsageError
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=modeling.HelpFormatter)
-    p.add_argument("--adapter", required=True, help="run folder or checkpoint (LoRA), or a fully fine-tuned model folder")
+    p.add_argument("--adapter", required=True,
+                   help="run folder or checkpoint (LoRA), or a fully fine-tuned model folder")
     p.add_argument("--model", help="the base SFT model (default: the run's --model)")
-    p.add_argument("--ref-model", help="base model of a full fine-tuning run (default: --model); LoRA runs need none")
+    p.add_argument("--ref-model",
+                   help="base model of a full fine-tuning run (default: --model); LoRA runs need none")
     p.add_argument("--dataset", help="default: the run's")
     p.add_argument("--split", help="evaluate this whole split (default: the run's held-out pairs)")
     p.add_argument("--beta", type=float, default=2.0, help="for reward margins, unless the run set it")
     p.add_argument("--gamma", type=float, default=0.5, help="target margin γ, unless the run set it")
-    p.add_argument("--max-length", type=int, default=2048, help="prompt + response tokens, unless the run set it")
+    p.add_argument("--max-length", type=int, default=2048,
+                   help="prompt + response tokens, unless the run set it")
     p.add_argument("--max-prompt-length", type=int, default=1800, help="unless the run set it")
-    p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None, help="default: the run's")
+    p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: the run's")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per forward pass")
     p.add_argument("--chunk-size", type=int, default=1024, help="response tokens per KL chunk")
-    p.add_argument("--generate", type=int, default=0, metavar="N", help="also sample N held-out prompts from policy and base")
+    p.add_argument("--generate", type=int, default=0, metavar="N",
+                   help="also sample N held-out prompts from policy and base")
     p.add_argument("--max-new-tokens", type=int, default=256, help="with --generate")
     # Temperature 1 and no top-p: the sequence-level KL estimate is only unbiased on samples from π itself.
     p.add_argument("--temperature", type=float, default=1.0, help="with --generate")
@@ -46,25 +52,28 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     adapter = Path(args.adapter)
     if not adapter.is_dir():
-        raise modeling.UsageError(f"--adapter {adapter}: no such folder")
+        raise UsageError(f"--adapter {adapter}: no such folder")
     found = [f for f in (adapter / "run_config.json", adapter.parent / "run_config.json") if f.is_file()]
     run = json.loads(found[0].read_text()) if found else {}  # a checkpoint's run config is one folder up
     if (adapter / "adapter_config.json").is_file():  # peft records the base it trained on
-        run.setdefault("model", json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path"))
+        adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+        run.setdefault("model", adapter_config.get("base_model_name_or_path"))
     keys = ("model", "dataset", "beta", "gamma", "max_length", "max_prompt_length", "load_in_4bit")
     p.set_defaults(**{k: run[k] for k in keys if run.get(k) is not None})
     args = p.parse_args(argv)
     args.run = run
     if args.model is None and args.ref_model is None:
-        raise modeling.UsageError(f"no run_config.json next to {adapter}: pass --model")
+        raise UsageError(f"no run_config.json next to {adapter}: pass --model")
     if args.dataset is None:
-        raise modeling.UsageError(f"no run_config.json next to {adapter}: pass --dataset")
+        raise UsageError(f"no run_config.json next to {adapter}: pass --dataset")
     modeling.check_beta_gamma(args.beta, args.gamma)
-    modeling.require_positive(args, "batch_size", "chunk_size", "max_new_tokens", "max_length", "max_prompt_length")
+    modeling.require_positive(args, "batch_size", "chunk_size", "max_new_tokens", "max_length",
+                              "max_prompt_length")
     if args.max_prompt_length > args.max_length:
-        raise modeling.UsageError(f"--max-prompt-length {args.max_prompt_length} exceeds --max-length {args.max_length}")
+        raise UsageError(f"--max-prompt-length {args.max_prompt_length} exceeds "
+                         f"--max-length {args.max_length}")
     if args.generate < 0 or args.temperature <= 0 or not 0 < args.top_p <= 1:
-        raise modeling.UsageError("--generate must be >= 0, --temperature > 0 and --top-p in (0, 1]")
+        raise UsageError("--generate must be >= 0, --temperature > 0 and --top-p in (0, 1]")
     return args
 
 
@@ -73,7 +82,7 @@ def load_policy_and_base(args, device, dtype):
     adapter = Path(args.adapter)
     if not (adapter / "adapter_config.json").is_file():  # full fine-tuning: two models
         if not (adapter / "config.json").is_file():
-            raise modeling.UsageError(f"--adapter {adapter}: neither a LoRA adapter nor a model folder")
+            raise UsageError(f"--adapter {adapter}: neither a LoRA adapter nor a model folder")
         policy = modeling.load_model(str(adapter), args.load_in_4bit, dtype, device).eval()
         reference = modeling.load_model(args.ref_model or args.model, args.load_in_4bit, dtype, device).eval()
         return policy, lambda: contextlib.nullcontext(reference)
@@ -85,7 +94,7 @@ def load_policy_and_base(args, device, dtype):
         trained_on = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
         lines = str(error).strip().splitlines() or [type(error).__name__]
         detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0])
-        raise modeling.UsageError(f"--adapter {adapter} does not fit --model {args.model} (it was trained on "
+        raise UsageError(f"--adapter {adapter} does not fit --model {args.model} (it was trained on "
                                f"{trained_on}): {detail}") from None
 
     @contextlib.contextmanager
@@ -107,7 +116,8 @@ def token_kl(policy_hidden, base_hidden, policy_head, base_head, labels, chunk_s
     for i in range(0, len(policy_hidden), chunk_size):
         log_p = simpo.project_logits(policy_hidden[i:i + chunk_size], **policy_head).log_softmax(-1)
         log_q = simpo.project_logits(base_hidden[i:i + chunk_size], **base_head).log_softmax(-1)
-        # Σ_v π(v) (log π(v) − log π_base(v)) ≥ 0; float32 rounding (~1e-7) can dip below 0 when the models agree
+        # Σ_v π(v) (log π(v) − log π_base(v)) ≥ 0; float32 rounding (~1e-7) can dip below 0 when the
+        # models agree
         kl.append((log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0))
     rows = mask.nonzero()[:, 0]
     return torch.zeros(len(labels), device=labels.device).index_add(0, rows, torch.cat(kl)), mask.sum(-1)
@@ -124,10 +134,12 @@ def kl_to_base(policy, base_model, examples, pad_id, batch_size, chunk_size):
             policy_hidden, policy_head = modeling.final_hidden(policy, batch)
             with base_model() as base:
                 base_hidden, base_head = modeling.final_hidden(base, batch)
-            kl, tokens = token_kl(policy_hidden, base_hidden, policy_head, base_head, batch["labels"], chunk_size)
+            kl, tokens = token_kl(policy_hidden, base_hidden, policy_head, base_head, batch["labels"],
+                                  chunk_size)
         kl_sums += kl.view(2, -1).sum(1)  # the batch is [chosen..., rejected...]
         token_counts += tokens.view(2, -1).sum(1)
-    (kl_chosen, kl_rejected), (n_chosen, n_rejected) = (kl_sums / token_counts.clamp(min=1)).tolist(), token_counts.tolist()
+    kl_chosen, kl_rejected = (kl_sums / token_counts.clamp(min=1)).tolist()
+    n_chosen, n_rejected = token_counts.tolist()
     return {"kl/chosen": kl_chosen, "kl/rejected": kl_rejected, "kl/chosen_tokens": int(n_chosen),
             "kl/rejected_tokens": int(n_rejected)}
 
@@ -138,33 +150,38 @@ def generate(policy, base_model, tokenizer, examples, args):
     a sequence-level KL estimate on the policy's own samples: mean of Σ_t log π(y_t) − log π_base(y_t)."""
     from transformers import GenerationConfig
     device, samples = next(policy.parameters()).device, []
-    # The model's stop tokens (Gemma-2 ends a turn with <end_of_turn>, not its EOS), but a fresh sampling config:
-    # the model's top_k, repetition penalty etc. would sample from something other than π.
+    # The model's stop tokens (Gemma-2 ends a turn with <end_of_turn>, not its EOS), but a fresh sampling
+    # config: the model's top_k, repetition penalty etc. would sample from something other than π.
     stop = policy.generation_config.eos_token_id or tokenizer.eos_token_id
     stop = {tokenizer.eos_token_id, *(stop if isinstance(stop, list) else [stop])}
     sampling = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
                                 max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                 eos_token_id=sorted(stop))
-    prompt_indices = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))[:args.generate]
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))
+    prompt_indices = order[:args.generate]
     for i in tqdm(prompt_indices.tolist(), desc="generating", leave=False):
         prompt = torch.tensor([examples[i]["prompt"]], device=device)
         sample = {"prompt": tokenizer.decode(examples[i]["prompt"])}
         for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
             with context as model:
                 torch.manual_seed(args.seed + i)  # the same seed for both models
-                ids = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=sampling)
+                ids = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                     generation_config=sampling)
                 ids = ids[0, prompt.shape[1]:].tolist()
             ends = [n for n, token in enumerate(ids) if token in stop]
             ids = ids[:ends[0] + 1] if ends else ids  # up to and including the first stop token
-            sample |= {name: tokenizer.decode(ids, skip_special_tokens=True), f"{name}_tokens": len(ids), f"{name}_ids": ids}
+            sample |= {name: tokenizer.decode(ids, skip_special_tokens=True), f"{name}_tokens": len(ids),
+                       f"{name}_ids": ids}
+        labels = [data.IGNORE_INDEX] * prompt.shape[1] + sample["policy_ids"]
         batch = {"input_ids": torch.tensor([examples[i]["prompt"] + sample["policy_ids"]], device=device)}
         batch |= {"attention_mask": torch.ones_like(batch["input_ids"]),
-                  "labels": torch.tensor([[data.IGNORE_INDEX] * prompt.shape[1] + sample["policy_ids"]], device=device)}
+                  "labels": torch.tensor([labels], device=device)}
         log_ratio = modeling.policy_logps(policy, batch, average=False)
         with base_model() as base:
             log_ratio -= modeling.policy_logps(base, batch, average=False)
         samples.append(sample | {"log_ratio": log_ratio.item()})
-    summary = {f"length/{name}": sum(s[f"{name}_tokens"] for s in samples) / len(samples) for name in ("policy", "base")}
+    summary = {f"length/{name}": sum(s[f"{name}_tokens"] for s in samples) / len(samples)
+               for name in ("policy", "base")}
     return summary | {"kl/sequence": sum(s["log_ratio"] for s in samples) / len(samples)}, samples
 
 
@@ -177,25 +194,28 @@ def evaluate(args):
         tokenizer = modeling.load_tokenizer(str(adapter))
     else:
         tokenizer = modeling.load_tokenizer(args.ref_model or args.model, args.run.get("chat_template"))
-    # A whole split, or else the slice of the training split that the run held out, cut exactly as train.py cut it.
+    # A whole split, or else the slice of the training split that the run held out, cut as train.py cut it.
     whole_split = args.split or args.run.get("eval_split")
     fraction = 0.0 if whole_split else args.run.get("eval_fraction", 0.0)
     if not whole_split and not fraction:
-        raise modeling.UsageError("the run held out no pairs: pass --split")
+        raise UsageError("the run held out no pairs: pass --split")
     split = whole_split or args.run.get("split", "train")
-    train_part, held_out, skipped = data.load_examples(tokenizer, args.dataset, split, None, fraction, args.run.get("seed", 0),
-                                                       args.max_length, args.max_prompt_length)
+    train_part, held_out, skipped = data.load_examples(tokenizer, args.dataset, split, None, fraction,
+                                                       args.run.get("seed", 0), args.max_length,
+                                                       args.max_prompt_length)
     examples = held_out if fraction else train_part
     if not examples:
         raise data.DataError(f"{args.dataset}: no pairs to evaluate in split {split!r}")
     policy, base_model = load_policy_and_base(args, device, dtype)
     average = not args.run.get("no_length_normalization", False)
-    report = {"settings": {k: v for k, v in vars(args).items() if k != "run"}, "pairs": len(examples), "skipped": skipped}
+    settings = {k: v for k, v in vars(args).items() if k != "run"}
+    report = {"settings": settings, "pairs": len(examples), "skipped": skipped}
+    pad_id = tokenizer.pad_token_id
     for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
         with context as model:
-            logps = modeling.pair_logps(model, examples, tokenizer.pad_token_id, args.batch_size, average, f"scoring {name}")
+            logps = modeling.pair_logps(model, examples, pad_id, args.batch_size, average, f"scoring {name}")
         report[name] = modeling.reward_metrics(*logps, args.beta, args.gamma)
-    report |= kl_to_base(policy, base_model, examples, tokenizer.pad_token_id, args.batch_size, args.chunk_size)
+    report |= kl_to_base(policy, base_model, examples, pad_id, args.batch_size, args.chunk_size)
     if args.generate:
         summary, samples = generate(policy, base_model, tokenizer, examples, args)
         report |= summary
@@ -214,20 +234,24 @@ def print_report(report, args):
     which = f"split {args.split!r}" if args.split else "held-out pairs"
     print(f"\n{report['pairs']} pairs from {args.dataset}, {which} (β={args.beta:g}, γ={args.gamma:g})")
     print(f"{'':34}{'policy':>10}{'base':>10}")
-    for key, label in (("rewards/accuracies", "reward accuracy"), ("rewards/margins", "mean reward margin β·Δ"),
-                       ("rewards/beyond_gamma", "pairs beyond margin γ"), ("loss", "SimPO loss")):
+    rows = (("rewards/accuracies", "reward accuracy"), ("rewards/margins", "mean reward margin β·Δ"),
+            ("rewards/beyond_gamma", "pairs beyond margin γ"), ("loss", "SimPO loss"))
+    for key, label in rows:
         print(f"{label:34}{report['policy'][key]:>10.3f}{report['base'][key]:>10.3f}")
     if "length/policy" in report:
-        print(f"{'mean sampled length (tokens)':34}{report['length/policy']:>10.1f}{report['length/base']:>10.1f}")
-    print(f"KL(policy ‖ base) per response token: chosen {report['kl/chosen']:.4f}, rejected {report['kl/rejected']:.4f}")
+        label = "mean sampled length (tokens)"
+        print(f"{label:34}{report['length/policy']:>10.1f}{report['length/base']:>10.1f}")
+    print(f"KL(policy ‖ base) per response token: chosen {report['kl/chosen']:.4f}, "
+          f"rejected {report['kl/rejected']:.4f}")
     if "kl/sequence" in report:
-        print(f"KL(policy ‖ base) per sampled sequence: {report['kl/sequence']:.3f}  (samples in {report['samples']})")
+        print(f"KL(policy ‖ base) per sampled sequence: {report['kl/sequence']:.3f}  "
+              f"(samples in {report['samples']})")
 
 
 def main(argv=None):
     try:
         evaluate(parse_args(argv))
-    except (data.DataError, modeling.UsageError) as error:
+    except (data.DataError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -1,5 +1,6 @@
-"""Model plumbing that train.py and eval.py share: load the tokenizer and the model (maybe in 4-bit), add LoRA,
-and score responses from the final hidden states. Plus the one-line errors and checks both command lines use.
+"""Model plumbing that train.py and eval.py share: load the tokenizer and the model (maybe in 4-bit), add
+LoRA, and score responses from the final hidden states. Plus the one-line errors and checks both command
+lines use.
 """
 import argparse
 import logging
@@ -11,7 +12,7 @@ from tqdm import tqdm
 import data
 import simpo
 
-# On CPUs, bitsandbytes announces at import that an optional kernel package from the hub is missing: noise here.
+# On CPUs, bitsandbytes announces at import that an optional kernel package from the hub is missing: noise.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
@@ -23,7 +24,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with defaults, except None and False (off, or decided at run time)."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def require_positive(args, *flags):
@@ -34,7 +37,8 @@ def require_positive(args, *flags):
 
 def check_beta_gamma(beta, gamma):
     try:
-        simpo.simpo_loss(torch.zeros(1), torch.zeros(1), beta, gamma)  # the loss's own checks, before hours of work
+        # the loss's own checks, before hours of work
+        simpo.simpo_loss(torch.zeros(1), torch.zeros(1), beta, gamma)
     except ValueError as error:
         raise UsageError(f"--{error}") from None
 
@@ -58,12 +62,14 @@ def load_tokenizer(name, chat_template=None):
 def load_model(name, load_in_4bit=False, dtype=torch.float32, device="cpu"):
     """The model as `from_pretrained` gives it: a local folder or a hub id, optionally in 4-bit (nf4)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=dtype) if load_in_4bit else None
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, quantization_config=quantization, device_map={"": device})
-    for key in ("logit_scale", "logits_scaling"):  # Cohere, Granite: logits = lm_head(h) scaled; not handled here
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, quantization_config=quantization,
+                                                 device_map={"": device})
+    for key in ("logit_scale", "logits_scaling"):  # Cohere, Granite: logits = lm_head(h) scaled; not handled
         if getattr(model.config, key, None) not in (None, 1, 1.0):
-            raise UsageError(f"--model {name} scales its logits by config.{key}, which simpo does not apply yet")
+            raise UsageError(f"--model {name} scales its logits by config.{key}, which simpo does not apply")
     if load_in_4bit and device == "cpu":  # (the tests' QLoRA path) bitsandbytes repacks 4-bit weights for CPU
         for module in model.modules():    # inference in eval mode and never back: backward is then wrong
             if hasattr(module, "support_avx512bf16_for_cpu"):
@@ -73,27 +79,37 @@ def load_model(name, load_in_4bit=False, dtype=torch.float32, device="cpu"):
 
 def add_lora(model, args):
     from peft import LoraConfig, get_peft_model
-    target = args.lora_target if args.lora_target == "all-linear" else args.lora_target.split(",")
-    if "lm_head" in target:  # log-probs use lm_head's base weight (simpo.chunked_sequence_logps): it would not train
+    target = args.lora_target
+    if target != "all-linear":  # "q_proj, v_proj": every name must be a module of this model
+        target = [name.strip() for name in target.split(",") if name.strip()]
+        known = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        unknown = [name for name in target if name not in known]
+        if unknown or not target:
+            raise UsageError(f"--lora-target {args.lora_target}: this model has no module named "
+                             f"{', '.join(unknown) or 'at all'} (e.g. q_proj, k_proj, v_proj, o_proj)")
+    if "lm_head" in target:  # log-probs use lm_head's base weight (simpo.chunked_sequence_logps): no training
         raise UsageError("--lora-target: lm_head cannot take LoRA here; train it with --full")
     # No peft.prepare_model_for_kbit_training: it upcasts embeddings, lm_head and norms to float32
     # (2+ GB more on Llama-3-8B, and a slow float32 lm_head). Gradient checkpointing is turned on by hand
     # instead, so the model stays in bf16 around the 4-bit weights.
     try:
-        return get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                                target_modules=target, task_type="CAUSAL_LM"))
+        return get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                lora_dropout=args.lora_dropout, target_modules=target,
+                                                task_type="CAUSAL_LM"))
     except ValueError as error:  # e.g. a --lora-target the model does not have
         raise UsageError(f"--lora-target {args.lora_target}: {str(error).strip().splitlines()[0]}") from None
 
 
 def prepare_model(args, device, dtype):
-    """The model as train.py trains it: loaded (maybe in 4-bit), LoRA unless --full, checkpointing, train mode."""
-    # Full fine-tuning keeps float32 master weights (bf16 AdamW updates underflow); LoRA keeps the base in bf16.
+    """The model as train.py trains it: loaded (maybe in 4-bit), LoRA unless --full, checkpointing, train
+    mode."""
+    # Full fine-tuning keeps float32 master weights (bf16 AdamW updates underflow); LoRA keeps the base in
+    # bf16.
     model = load_model(args.model, args.load_in_4bit, torch.float32 if args.full else dtype, device)
     model = model if args.full else add_lora(model, args)
-    if args.gradient_checkpointing:  # non-reentrant, as torch recommends; newer transformers renamed the method
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
+    if args.gradient_checkpointing:  # non-reentrant, as torch recommends; newer transformers renamed it
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
     return model.train()  # gradient checkpointing only acts in train mode
 
 

@@ -35,19 +35,22 @@ def sequence_logps(logits, labels, average=True, ignore_index=-100):
     mask = labels != ignore_index
     safe_labels = labels.masked_fill(~mask, 0)  # any valid id: these positions are zeroed below
     token_logps = logits.log_softmax(-1).gather(2, safe_labels.unsqueeze(2)).squeeze(2)
-    logps = torch.where(mask, token_logps, 0).sum(-1)  # where, not *: a -inf logit at an ignored position is no NaN
-    return logps / mask.sum(-1).clamp(min=1) if average else logps  # clamp: an empty response gives 0, not NaN
+    # where, not *: a -inf logit at an ignored position is no NaN
+    logps = torch.where(mask, token_logps, 0).sum(-1)
+    return logps / mask.sum(-1).clamp(min=1) if average else logps  # clamp: an empty response gives 0
 
 
 def project_logits(hidden, lm_head_weight, lm_head_bias=None, logit_softcap=None):
     """(..., H) hidden states -> (..., V) float32 logits, with Gemma-2-style soft-capping if asked for.
-    Under bf16 autocast the matmul runs in bf16 and its result is upcast: the log-softmax is float32 either way."""
+    Under bf16 autocast the matmul runs in bf16 and its result is upcast: the log-softmax is float32 either
+    way."""
     logits = F.linear(hidden, lm_head_weight, lm_head_bias).float()
     return logits if logit_softcap is None else logit_softcap * torch.tanh(logits / logit_softcap)
 
 
 def _chunk_token_logps(hidden, weight, bias, targets, softcap):
-    logits = project_logits(hidden, weight, bias, softcap)  # (n, V): the only vocabulary-sized tensor, one chunk at a time
+    # (n, V): the only vocabulary-sized tensor, one chunk at a time
+    logits = project_logits(hidden, weight, bias, softcap)
     return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
 
 
@@ -63,7 +66,8 @@ def chunked_sequence_logps(hidden, lm_head_weight, labels, average=True, ignore_
 
     Models that transform logits after lm_head need it said here: Gemma-2 soft-caps them (pass
     `logit_softcap=config.final_logit_softcapping`); a model that multiplies logits by a constant s (e.g.
-    Cohere's `logit_scale`) gives the same result with `lm_head_weight * s`; a biased lm_head takes `lm_head_bias`.
+    Cohere's `logit_scale`) gives the same result with `lm_head_weight * s`; a biased lm_head takes
+    `lm_head_bias`.
     Returns (B,) like `sequence_logps`.
     """
     labels = labels[:, 1:]
@@ -75,9 +79,11 @@ def chunked_sequence_logps(hidden, lm_head_weight, labels, average=True, ignore_
                    targets[i:i + chunk_size], logit_softcap, use_reentrant=False)
         for i in range(0, targets.numel(), chunk_size)
     ]
-    token_logps = torch.cat(token_logps) if token_logps else positions.float().sum(-1)  # (0,), still in the graph
+    # No response token at all: an empty (0,) tensor that is still in the graph.
+    token_logps = torch.cat(token_logps) if token_logps else positions.float().sum(-1)
     rows = mask.nonzero()[:, 0]       # which sequence each response token belongs to
-    logps = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
+    logps = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
+    logps = logps.index_add(0, rows, token_logps)
     return logps / mask.sum(-1).clamp(min=1) if average else logps
 
 
@@ -103,12 +109,14 @@ def simpo_loss(chosen_logps, rejected_logps, beta=2.0, gamma=0.5, loss_type="sig
     if chosen_logps.shape != rejected_logps.shape or chosen_logps.dim() != 1:
         raise ValueError(f"chosen_logps and rejected_logps must both have shape (B,), got "
                          f"{tuple(chosen_logps.shape)} and {tuple(rejected_logps.shape)}")
-    chosen_rewards, rejected_rewards = beta * chosen_logps, beta * rejected_logps  # r(x, y) = β/|y| · log π(y|x)
-    z = chosen_rewards - rejected_rewards - gamma                                  # r(x, y_w) − r(x, y_l) − γ
+    chosen_rewards = beta * chosen_logps                    # r(x, y_w) = β/|y_w| · log π(y_w | x)
+    rejected_rewards = beta * rejected_logps                # r(x, y_l) = β/|y_l| · log π(y_l | x)
+    z = chosen_rewards - rejected_rewards - gamma           # r(x, y_w) − r(x, y_l) − γ
     if loss_type == "hinge":
         losses = torch.relu(1 - z)
     else:
-        losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)  # −log σ(z) at ε=0
+        # −log σ(z) at ε=0
+        losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
@@ -120,4 +128,4 @@ def preference_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_re
     ]).detach().float().tolist()  # the single sync point
     names = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
              "logps/chosen", "logps/rejected"]
-    return dict(zip(names, values))
+    return dict(zip(names, values, strict=True))

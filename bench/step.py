@@ -54,7 +54,8 @@ def simpo_step_times(folder, pair, args, device, dtype):
 
 
 def trl_step_times(folder, pair, args, device, dtype):
-    """TRL tokenizes text: a word-level tokenizer whose words are the token ids ("t17") gives it the same tokens."""
+    """TRL tokenizes text: a word-level tokenizer whose words are the token ids ("t17") gives it the same
+    tokens."""
     from datasets import Dataset
     from peft import LoraConfig
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -64,8 +65,8 @@ def trl_step_times(folder, pair, args, device, dtype):
     vocab_size = SHAPES[args.shape]["vocab_size"]
     backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t3"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0", bos_token="t1", eos_token="t2",
-                                        unk_token="t3")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0", bos_token="t1",
+                                        eos_token="t2", unk_token="t3")
     text = {k: " ".join(f"t{i}" for i in ids) for k, ids in pair.items()}
     times = []
 
@@ -83,8 +84,9 @@ def trl_step_times(folder, pair, args, device, dtype):
     model = modeling.load_model(folder, args.load_in_4bit, dtype, device)
     config = CPOConfig(output_dir=str(Path(folder) / "trl-output"), loss_type="simpo", cpo_alpha=0.0,
                        beta=2.5, simpo_gamma=1.4, learning_rate=1e-5, max_steps=args.steps + 1,
-                       per_device_train_batch_size=1, gradient_accumulation_steps=1, max_length=2 * args.seq_len,
-                       gradient_checkpointing=args.gradient_checkpointing, bf16=device == "cuda", use_cpu=device == "cpu",
+                       per_device_train_batch_size=1, gradient_accumulation_steps=1,
+                       max_length=2 * args.seq_len, gradient_checkpointing=args.gradient_checkpointing,
+                       bf16=device == "cuda", use_cpu=device == "cpu",
                        logging_steps=1, report_to=[], save_strategy="no", disable_dropout=False)
     lora = LoraConfig(r=LORA["lora_r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
                       target_modules="all-linear", task_type="CAUSAL_LM")
@@ -109,11 +111,13 @@ def main(argv=None):
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     args.load_in_4bit = args.load_in_4bit and cuda
     scratch = tempfile.TemporaryDirectory(prefix="simpo-bench-")  # deleted when main() returns: 16 GB for 8B
-    config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(8192, args.seq_len), tie_word_embeddings=False)
+    config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(8192, args.seq_len),
+                         tie_word_embeddings=False)
     with torch.device(device):  # random init on the GPU: minutes faster for 8B
         LlamaForCausalLM(config).to(dtype).save_pretrained(scratch.name)
     half = args.seq_len // 2
-    prompt, chosen, rejected = torch.randint(4, config.vocab_size, (3, half)).tolist()  # 4+: not a special token
+    # ids from 4 up: not a special token
+    prompt, chosen, rejected = torch.randint(4, config.vocab_size, (3, half)).tolist()
     pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}  # 2 sequences of seq_len tokens
     results = []
     for name, step_times in [("simpo", simpo_step_times)] + [("trl", trl_step_times)] * args.trl:
@@ -123,7 +127,8 @@ def main(argv=None):
             torch.cuda.reset_peak_memory_stats()
         times = step_times(scratch.name, pair, args, device, dtype)
         step_time = statistics.median(times[1:])  # the first step warms up kernels and allocator
-        results.append({"setup": name, "shape": args.shape, "seq_len": args.seq_len, "load_in_4bit": args.load_in_4bit,
+        results.append({"setup": name, "shape": args.shape, "seq_len": args.seq_len,
+                        "load_in_4bit": args.load_in_4bit,
                         "gradient_checkpointing": args.gradient_checkpointing,
                         "device": torch.cuda.get_device_name() if cuda else "cpu",
                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,

@@ -15,5 +15,7 @@ def one_torch_thread():
 
 
 def pytest_configure(config):
-    # Backward through a 4-bit op with no autograd kernel gives silently wrong gradients (see train.load_model).
-    config.addinivalue_line("filterwarnings", "error:.*an autograd kernel was not registered:UserWarning")
+    # Backward through a 4-bit op with no autograd kernel gives silently wrong gradients
+    # (see train.load_model).
+    config.addinivalue_line("filterwarnings",
+                            "error:.*an autograd kernel was not registered:UserWarning")

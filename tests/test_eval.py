@@ -18,7 +18,6 @@ import modeling
 import simpo
 import train
 
-
 # ---------------------------------------------------------------- helpers
 
 def run_eval(capsys, *argv):
@@ -67,7 +66,8 @@ def demo_run(tmp_path_factory):
     run = d / "demo"
     config = json.loads((run / "run_config.json").read_text())
     assert (run / "checkpoint-16" / "adapter_config.json").is_file()
-    return SimpleNamespace(dir=d, run=run, model=d / "demo-model", dataset=Path(config["dataset"]), config=config)
+    return SimpleNamespace(dir=d, run=run, model=d / "demo-model", dataset=Path(config["dataset"]),
+                           config=config)
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +87,8 @@ def reference(demo_run):
 
     tokenizer = AutoTokenizer.from_pretrained(demo_run.run)
     cfg = demo_run.config
-    _, examples, _ = data.load_examples(tokenizer, cfg["dataset"], cfg["split"], cfg["eval_split"], 0.0, cfg["seed"],
-                                        cfg["max_length"], cfg["max_prompt_length"])
+    _, examples, _ = data.load_examples(tokenizer, cfg["dataset"], cfg["split"], cfg["eval_split"], 0.0,
+                                        cfg["seed"], cfg["max_length"], cfg["max_prompt_length"])
     base = AutoModelForCausalLM.from_pretrained(demo_run.model, dtype=torch.float32)
     policy = PeftModel.from_pretrained(base, str(demo_run.run)).eval()
     logps = {(m, s): [] for m in ("policy", "base") for s in ("chosen", "rejected")}
@@ -110,7 +110,8 @@ def reference(demo_run):
             log_q = b_logits[0].double().log_softmax(-1)[response]
             kl[side] += ref_kl(log_p, log_q).sum().item()
             tokens[side] += len(e[side])
-    return SimpleNamespace(tokenizer=tokenizer, examples=examples, policy=policy, logps=logps, kl=kl, tokens=tokens)
+    return SimpleNamespace(tokenizer=tokenizer, examples=examples, policy=policy, logps=logps, kl=kl,
+                           tokens=tokens)
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +123,16 @@ def tiny(tmp_path_factory):
     pairs = d / "pairs.jsonl"
     pairs.write_text("".join((demo.DATA_DIR / "train.jsonl").read_text().splitlines(keepends=True)[:24]))
     (d / "empty.jsonl").write_text("")
-    common = ["--model", model, "--dataset", str(pairs), "--lr", "1e-2", "--batch-size", "4", "--micro-batch-size", "2"]
+    common = ["--model", model, "--dataset", str(pairs), "--lr", "1e-2",
+              "--batch-size", "4", "--micro-batch-size", "2"]
     lora, full = d / "tiny-lora", d / "tiny-full"
-    rc, _, err = quiet(train.main, common + ["--eval-fraction", "0.25", "--max-steps", "2", "--output-dir", str(lora)])
+    rc, _, err = quiet(train.main, common + ["--eval-fraction", "0.25", "--max-steps", "2",
+                                             "--output-dir", str(lora)])
     assert rc == 0, err
     rc, _, err = quiet(train.main, common + ["--full", "--max-steps", "1", "--output-dir", str(full)])
     assert rc == 0, err
-    return SimpleNamespace(dir=d, model=Path(model), pairs=pairs, empty=d / "empty.jsonl", lora=lora, full=full)
+    return SimpleNamespace(dir=d, model=Path(model), pairs=pairs, empty=d / "empty.jsonl",
+                           lora=lora, full=full)
 
 
 # ---------------------------------------------------------------- 1. KL of the base against itself
@@ -140,8 +144,9 @@ def test_fresh_adapter_has_exactly_zero_kl_and_identical_samples(demo_run, tmp_p
     get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")) \
         .save_pretrained(adapter)
     out, samples = tmp_path / "report.json", tmp_path / "samples.jsonl"
-    rc, _, err = run_eval(capsys, "--adapter", adapter, "--model", demo_run.model, "--dataset", demo_run.dataset,
-                          "--split", "test", "--out", out, "--samples", samples, "--generate", 2, "--max-new-tokens", 6)
+    rc, _, err = run_eval(capsys, "--adapter", adapter, "--model", demo_run.model,
+                          "--dataset", demo_run.dataset, "--split", "test",
+                          "--out", out, "--samples", samples, "--generate", 2, "--max-new-tokens", 6)
     assert rc == 0, err
     report = json.loads(out.read_text())
     assert report["pairs"] == 128
@@ -167,7 +172,8 @@ def test_trained_adapter_has_positive_kl(demo_eval):
 def random_kl_case(B=4, T=9, H=8, V=11, seed=0):
     g = torch.Generator().manual_seed(seed)
     policy_hidden, base_hidden = torch.randn(B, T, H, generator=g), torch.randn(B, T, H, generator=g)
-    policy_head = dict(lm_head_weight=torch.randn(V, H, generator=g), lm_head_bias=torch.randn(V, generator=g),
+    policy_head = dict(lm_head_weight=torch.randn(V, H, generator=g),
+                       lm_head_bias=torch.randn(V, generator=g),
                        logit_softcap=3.0)
     base_head = dict(lm_head_weight=torch.randn(V, H, generator=g), lm_head_bias=None, logit_softcap=None)
     labels = torch.randint(0, V, (B, T), generator=g)
@@ -191,7 +197,8 @@ def ref_token_kl(policy_hidden, base_hidden, policy_head, base_head, labels):
         total, n = torch.zeros((), dtype=torch.float64), 0
         for t in range(labels.shape[1] - 1):
             if labels[b, t + 1] != data.IGNORE_INDEX:
-                total += ref_kl(log_probs(policy_hidden[b, t], policy_head), log_probs(base_hidden[b, t], base_head))
+                total += ref_kl(log_probs(policy_hidden[b, t], policy_head),
+                                log_probs(base_hidden[b, t], base_head))
                 n += 1
         sums.append(total)
         counts.append(n)
@@ -227,9 +234,11 @@ def test_token_kl_on_model_hidden_states_matches_full_logits(reference):
         with policy.disable_adapter():
             base_hidden, base_head = modeling.final_hidden(policy, batch)
             b_logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        kl, tokens = eval.token_kl(policy_hidden, base_hidden, policy_head, base_head, batch["labels"], chunk_size=7)
+        kl, tokens = eval.token_kl(policy_hidden, base_hidden, policy_head, base_head, batch["labels"],
+                                   chunk_size=7)
     mask = batch["labels"][:, 1:] != data.IGNORE_INDEX
-    per_position = ref_kl(p_logits[:, :-1].double().log_softmax(-1), b_logits[:, :-1].double().log_softmax(-1))
+    per_position = ref_kl(p_logits[:, :-1].double().log_softmax(-1),
+                          b_logits[:, :-1].double().log_softmax(-1))
     want = torch.where(mask, per_position, 0).sum(-1)
     assert tokens.tolist() == mask.sum(-1).tolist()
     assert (want > 0).all()
@@ -262,7 +271,8 @@ def test_reward_accuracy_matches_independent_scoring(demo_eval, reference):
 def test_batch_and_chunk_size_do_not_change_the_numbers(demo_run, demo_eval, tmp_path, capsys):
     """128 pairs in batches of 3 (a short last batch) and KL chunks of 5 tokens: the same numbers."""
     out = tmp_path / "b3.json"
-    rc, _, err = run_eval(capsys, "--adapter", demo_run.run, "--batch-size", 3, "--chunk-size", 5, "--out", out)
+    rc, _, err = run_eval(capsys, "--adapter", demo_run.run, "--batch-size", 3, "--chunk-size", 5,
+                          "--out", out)
     assert rc == 0, err
     report, default = json.loads(out.read_text()), demo_eval.report
     for model in ("policy", "base"):
@@ -282,7 +292,8 @@ def test_defaults_come_from_the_run(demo_run, demo_eval):
     settings = report["settings"]
     assert settings["model"] == config["model"] and settings["dataset"] == config["dataset"]
     assert (settings["beta"], settings["gamma"]) == (config["beta"], config["gamma"])
-    assert (settings["max_length"], settings["max_prompt_length"]) == (config["max_length"], config["max_prompt_length"])
+    assert ((settings["max_length"], settings["max_prompt_length"])
+            == (config["max_length"], config["max_prompt_length"]))
     assert settings["load_in_4bit"] is False
     assert "length/policy" not in report and "kl/sequence" not in report  # nothing generated by default
     assert not (demo_run.run / "samples.jsonl").exists()
@@ -358,7 +369,8 @@ def test_missing_adapter_folder(tmp_path, capsys):
 
 def test_adapter_from_a_different_base_model(demo_run, tiny, tmp_path, capsys):
     """The tiny run's adapter (hidden size 32) on the demo model (hidden size 64)."""
-    rc, _, err = run_eval(capsys, "--adapter", tiny.lora, "--model", demo_run.model, "--out", tmp_path / "r.json")
+    rc, _, err = run_eval(capsys, "--adapter", tiny.lora, "--model", demo_run.model,
+                          "--out", tmp_path / "r.json")
     assert_usage_error(rc, err, "does not fit", str(tiny.model))
     assert not (tmp_path / "r.json").exists()
 
@@ -436,13 +448,16 @@ def test_eval_fraction_run_scores_the_pairs_training_held_out(tiny, capsys):
 
 # ---------------------------------------------------------------- bad flags and edge cases
 
-@pytest.mark.parametrize("flags", [["--beta", "0"], ["--beta", "-1"], ["--gamma", "-1"], ["--chunk-size", "0"],
-                                   ["--batch-size", "0"], ["--generate", "-1", "--max-new-tokens", "1"],
-                                   ["--generate", "1", "--max-new-tokens", "0"], ["--generate", "1", "--temperature", "0"]],
+@pytest.mark.parametrize("flags", [["--beta", "0"], ["--beta", "-1"], ["--gamma", "-1"],
+                                   ["--chunk-size", "0"], ["--batch-size", "0"],
+                                   ["--generate", "-1", "--max-new-tokens", "1"],
+                                   ["--generate", "1", "--max-new-tokens", "0"],
+                                   ["--generate", "1", "--temperature", "0"]],
                          ids=lambda flags: " ".join(flags))
 def test_bad_numeric_flags_are_usage_errors(tiny, tmp_path, capsys, flags):
     out = tmp_path / "r.json"
-    rc, _, err = run_eval(capsys, "--adapter", tiny.lora, "--out", out, "--samples", tmp_path / "s.jsonl", *flags)
+    rc, _, err = run_eval(capsys, "--adapter", tiny.lora, "--out", out, "--samples", tmp_path / "s.jsonl",
+                          *flags)
     assert_usage_error(rc, err)
     assert not out.exists()
 
@@ -455,7 +470,8 @@ def test_out_in_a_missing_folder(tiny, tmp_path, capsys):
 
 def test_full_model_without_run_config_takes_ref_model(tiny, tmp_path, capsys):
     model = tmp_path / "models" / "policy"
-    shutil.copytree(tiny.full, model, ignore=shutil.ignore_patterns("run_config.json", "metrics.jsonl", "*.png"))
+    shutil.copytree(tiny.full, model,
+                    ignore=shutil.ignore_patterns("run_config.json", "metrics.jsonl", "*.png"))
     rc, _, err = run_eval(capsys, "--adapter", model, "--ref-model", tiny.model, "--dataset", tiny.pairs,
                           "--split", "train", "--out", tmp_path / "r.json")
     assert rc == 0, err
@@ -481,9 +497,10 @@ def test_run_trained_with_a_chat_template_file_that_is_gone(tiny, tmp_path, caps
     template = tmp_path / "template.jinja"
     template.write_text(demo.CHAT_TEMPLATE)
     run = tmp_path / "run"
-    rc, _, err = quiet(train.main, ["--model", str(tiny.model), "--dataset", str(tiny.pairs), "--chat-template",
-                                    str(template), "--eval-fraction", "0.25", "--max-steps", "1", "--lr", "1e-2",
-                                    "--batch-size", "4", "--output-dir", str(run)])
+    rc, _, err = quiet(train.main, ["--model", str(tiny.model), "--dataset", str(tiny.pairs),
+                                    "--chat-template", str(template), "--eval-fraction", "0.25",
+                                    "--max-steps", "1", "--lr", "1e-2", "--batch-size", "4",
+                                    "--output-dir", str(run)])
     assert rc == 0, err
     rc, _, err = run_eval(capsys, "--adapter", run, "--out", tmp_path / "with.json")
     assert rc == 0, err
@@ -497,16 +514,19 @@ def test_run_trained_with_a_chat_template_file_that_is_gone(tiny, tmp_path, caps
 # ---------------------------------------------------------------- 4-bit QLoRA base
 
 def test_qlora_run_evaluates_on_its_4bit_base(demo_run, tmp_path, capsys):
-    """A QLoRA run (nf4 base, on the CPU here) is evaluated on a 4-bit base too, read from run_config.json; the
-    adapter changes the scores. Hidden size 64: bitsandbytes' CPU inference path needs in_features >= 64."""
+    """A QLoRA run (nf4 base, on the CPU here) is evaluated on a 4-bit base too, read from run_config.json;
+    the adapter changes the scores. Hidden size 64: bitsandbytes' CPU inference path needs
+    in_features >= 64."""
     run = tmp_path / "qlora"
-    rc, _, err = quiet(train.main, ["--model", str(demo_run.model), "--dataset", str(demo_run.dataset), "--split", "test",
-                                    "--eval-fraction", "0.25", "--max-steps", "6", "--batch-size", "8", "--lr", "2e-3",
-                                    "--load-in-4bit", "--max-length", "64", "--max-prompt-length", "32",
+    rc, _, err = quiet(train.main, ["--model", str(demo_run.model), "--dataset", str(demo_run.dataset),
+                                    "--split", "test", "--eval-fraction", "0.25", "--max-steps", "6",
+                                    "--batch-size", "8", "--lr", "2e-3", "--load-in-4bit",
+                                    "--max-length", "64", "--max-prompt-length", "32",
                                     "--output-dir", str(run)])
     assert rc == 0, err
     rc, _, err = run_eval(capsys, "--adapter", run)
     assert rc == 0, err
     report = json.loads((run / "eval.json").read_text())
     assert report["settings"]["load_in_4bit"] is True and report["pairs"] == 32
-    assert report["kl/chosen"] > 0 and report["policy"]["rewards/margins"] != report["base"]["rewards/margins"]
+    assert report["kl/chosen"] > 0
+    assert report["policy"]["rewards/margins"] != report["base"]["rewards/margins"]

@@ -25,7 +25,8 @@ def test_readme_test_command_is_what_ci_runs():
 
 
 def test_readme_quick_start_runs_the_demo_then_evaluates_it():
-    assert "    pip install -r requirements.txt && python train.py && python eval.py --adapter runs/demo" in README
+    command = "    pip install -r requirements.txt && python train.py && python eval.py --adapter runs/demo"
+    assert command in README
     assert train.parse_args([]).output_dir == "runs/demo"
 
 
@@ -35,8 +36,12 @@ def test_every_train_flag_is_documented_and_every_documented_flag_exists(capsys)
     spec = importlib.util.spec_from_file_location("bench_step", ROOT / "bench" / "step.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    known = train_flags | help_flags(evaluate.parse_args, capsys) | help_flags(bench.main, capsys) | {"--help", "--index-url"}
-    assert set(re.findall(r"--[a-z][a-z0-9-]+", README)) - known == set(), "README flags the code does not have"
+    known = (train_flags
+             | help_flags(evaluate.parse_args, capsys)
+             | help_flags(bench.main, capsys)
+             | {"--help", "--index-url"})
+    assert set(re.findall(r"--[a-z][a-z0-9-]+", README)) - known == set(), \
+        "README flags the code does not have"
 
 
 def test_readme_conversational_command_trains(tmp_path, capsys):

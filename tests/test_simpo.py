@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.testing import assert_close
 
 import simpo
@@ -54,7 +53,7 @@ def test_simpo_loss_matches_float64_reference(beta, gamma):
     rejected = torch.tensor([-0.8, -1.1, -2.2, -3.0])
     losses, _, _ = simpo.simpo_loss(chosen, rejected, beta=beta, gamma=gamma)
     expected = [math.log1p(math.exp(-(beta * c - beta * r - gamma)))
-                for c, r in zip(chosen.double().tolist(), rejected.double().tolist())]
+                for c, r in zip(chosen.double().tolist(), rejected.double().tolist(), strict=True)]
     assert_close(losses.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-6)
 
 
@@ -70,10 +69,13 @@ def test_hinge_is_relu_one_minus_z():
 def test_label_smoothing_formula(eps):
     chosen, rejected = torch.tensor([-0.5, -1.0, -2.0]), torch.tensor([-1.5, -1.0, -0.5])
     losses, _, _ = simpo.simpo_loss(chosen, rejected, beta=2.0, gamma=0.5, label_smoothing=eps)
+
+    def log_sig(x):
+        return -math.log1p(math.exp(-x))
+
     expected = []
-    for c, r in zip(chosen.tolist(), rejected.tolist()):
+    for c, r in zip(chosen.tolist(), rejected.tolist(), strict=True):
         z = 2.0 * c - 2.0 * r - 0.5
-        log_sig = lambda x: -math.log1p(math.exp(-x))
         expected.append(-(1 - eps) * log_sig(z) - eps * log_sig(-z))
     assert_close(losses, torch.tensor(expected))
 
@@ -100,8 +102,10 @@ def test_larger_beta_sharpens_loss():
     gamma = 0.5
     good = (torch.tensor([-1.0]), torch.tensor([-2.0]))  # chosen > rejected + gamma/beta for beta >= 1
     bad = (torch.tensor([-2.0]), torch.tensor([-1.0]))   # chosen < rejected
-    assert simpo.simpo_loss(*good, beta=4.0, gamma=gamma)[0] < simpo.simpo_loss(*good, beta=2.0, gamma=gamma)[0]
-    assert simpo.simpo_loss(*bad, beta=4.0, gamma=gamma)[0] > simpo.simpo_loss(*bad, beta=2.0, gamma=gamma)[0]
+    assert (simpo.simpo_loss(*good, beta=4.0, gamma=gamma)[0]
+            < simpo.simpo_loss(*good, beta=2.0, gamma=gamma)[0])
+    assert (simpo.simpo_loss(*bad, beta=4.0, gamma=gamma)[0]
+            > simpo.simpo_loss(*bad, beta=2.0, gamma=gamma)[0])
 
 
 def test_rewards_are_beta_times_logps_and_detached():
@@ -220,7 +224,7 @@ def _dense_vs_chunked(chunk_size, average, bias=False, softcap=None, T=9):
         results.append((out.detach(), torch.autograd.grad((out * upstream).sum(), params)))
     (ref, ref_grads), (got, got_grads) = results
     assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    for gg, rg in zip(got_grads, ref_grads):
+    for gg, rg in zip(got_grads, ref_grads, strict=True):
         assert_close(gg, rg, rtol=1e-5, atol=1e-5)
 
 
@@ -242,7 +246,8 @@ def test_chunked_with_logit_softcap(softcap):
 
 
 def test_chunked_saves_no_vocab_sized_tensor():
-    B, T, H, V, chunk_size = 2, 64, 8, 5000, 16  # H < chunk_size: the saved lm_head weight stays under the bound
+    # H < chunk_size: the saved lm_head weight stays under the bound
+    B, T, H, V, chunk_size = 2, 64, 8, 5000, 16
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
     weight = torch.randn(V, H, generator=g, requires_grad=True)

@@ -24,11 +24,12 @@ import modeling
 import train
 
 REPO = Path(__file__).resolve().parent.parent
+# one-line message builders, kept side by side as lambdas (hence the noqa)
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
 A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
 S = lambda text: {"role": "system", "content": text}  # noqa: E731
-METRIC_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-               "logps/rejected", "grad_norm", "lr", "tokens_per_s"}
+METRIC_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+               "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens_per_s"}
 
 
 # ---------------------------------------------------------------- fixtures and helpers
@@ -77,7 +78,8 @@ def run(argv, capsys):
 
 
 def small_args(model, dataset, out, *extra):
-    return ["--model", model, "--dataset", dataset, "--output-dir", out, "--max-length", 32, "--max-prompt-length", 16,
+    return ["--model", model, "--dataset", dataset, "--output-dir", out,
+            "--max-length", 32, "--max-prompt-length", 16,
             "--batch-size", 4, "--micro-batch-size", 2, "--lora-r", 4, "--lora-alpha", 8, *extra]
 
 
@@ -96,7 +98,8 @@ def adapter(out):
 def assert_adapters_close(a, b, atol):
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def adapters_differ(a, b, atol):
@@ -130,8 +133,9 @@ def test_standard_format_end_to_end(model_dir, tmp_path, capsys):
     assert code == 0, err
     assert "8 training pairs, 0 held-out, 0 skipped" in stdout
 
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "chat_template.jinja", "run_config.json", "metrics.jsonl", "curves.png", "training_state.pt"):
+    for name in ("adapter_config.json", "adapter_model.safetensors",
+                 "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "run_config.json", "metrics.jsonl", "curves.png", "training_state.pt"):
         assert (out / name).is_file(), name
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -145,8 +149,10 @@ def test_standard_format_end_to_end(model_dir, tmp_path, capsys):
         assert METRIC_KEYS <= row.keys()
         assert all(math.isfinite(row[k]) for k in METRIC_KEYS)
         assert 0 <= row["rewards/accuracies"] <= 1 and row["tokens_per_s"] > 0
-        assert row["rewards/chosen"] == pytest.approx(3 * row["logps/chosen"], rel=1e-5)  # β = 3 is applied
-        assert row["rewards/margins"] == pytest.approx(row["rewards/chosen"] - row["rewards/rejected"], abs=1e-5)
+        # β = 3 is applied
+        assert row["rewards/chosen"] == pytest.approx(3 * row["logps/chosen"], rel=1e-5)
+        assert row["rewards/margins"] == pytest.approx(row["rewards/chosen"] - row["rewards/rejected"],
+                                                       abs=1e-5)
     # the logged learning rate is the schedule's: 2 steps, warm-up ceil(0.1·2) = 1 step
     assert [row["lr"] for row in rows] == pytest.approx([train.lr_at(s, 2, 1, 1e-3) for s in range(2)])
 
@@ -178,7 +184,8 @@ def ultrafeedback_rows():
         rows.append({"prompt": pair["prompt"], "prompt_id": f"id{i}",
                      "chosen": [U(pair["prompt"]), A(pair["chosen"])],
                      "rejected": [U(pair["prompt"]), A(pair["rejected"])],
-                     "messages": [U(pair["prompt"]), A(pair["chosen"])], "score_chosen": 8.0, "score_rejected": 3.0})
+                     "messages": [U(pair["prompt"]), A(pair["chosen"])],
+                     "score_chosen": 8.0, "score_rejected": 3.0})
     return rows
 
 
@@ -189,10 +196,12 @@ def trl_rows():
 
 
 def no_prompt_rows():
-    """No prompt column: the conversations carry the prompt turns (here with a system turn, and multi-turn)."""
+    """No prompt column: the conversations carry the prompt turns (here with a system turn, and
+    multi-turn)."""
     rows = []
     for i, p in enumerate(standard_rows(8, seed=3)):
-        turns = [S("tiger maple"), U(p["prompt"])] if i % 2 else [U("whisper: stone"), A("stone"), U(p["prompt"])]
+        turns = ([S("tiger maple"), U(p["prompt"])] if i % 2
+                 else [U("whisper: stone"), A("stone"), U(p["prompt"])])
         rows.append({"chosen": turns + [A(p["chosen"])], "rejected": turns + [A(p["rejected"])]})
     return rows
 
@@ -218,26 +227,30 @@ def expected_conversations(row):
     return row["chosen"][:-1], row["chosen"][-1], row["rejected"][-1]
 
 
-@pytest.mark.parametrize("layout", ["ultrafeedback.parquet", "ultrafeedback.json", "trl.jsonl", "no-prompt.jsonl"])
+@pytest.mark.parametrize("layout", ["ultrafeedback.parquet", "ultrafeedback.json",
+                                    "trl.jsonl", "no-prompt.jsonl"])
 def test_conversational_layout_matches_chat_template(layout, tokenizer, tmp_path):
     dataset, rows = write_layout(layout, tmp_path)
     pairs = data.read_pairs(dataset, "train")
     assert len(pairs) == len(rows)
-    for (prompt, chosen, rejected, conversational, _), row in zip(pairs, rows):
+    for (prompt, chosen, rejected, conversational, _), row in zip(pairs, rows, strict=True):
         assert conversational
         assert (prompt, chosen, rejected) == expected_conversations(row)
 
-    examples, held_out, skipped = data.load_examples(tokenizer, dataset, "train", max_length=128, max_prompt_length=96)
+    examples, held_out, skipped = data.load_examples(tokenizer, dataset, "train",
+                                                     max_length=128, max_prompt_length=96)
     assert (len(examples), held_out, skipped) == (len(rows), [], 0)
     bos = tokenizer.bos_token_id
-    for example, row in zip(examples, rows):
+    for example, row in zip(examples, rows, strict=True):
         prompt, chosen, rejected = expected_conversations(row)
         # prompt ids + response ids are exactly the template applied to the whole conversation, tokenized
         assert example["prompt"] + example["chosen"] == template_ids(tokenizer, prompt + [chosen])
         assert example["prompt"] + example["rejected"] == template_ids(tokenizer, prompt + [rejected])
-        # the prompt is the template with its generation prompt ("<|assistant|>"): the response starts after it
+        # the prompt is the template with its generation prompt ("<|assistant|>"):
+        # the response starts after it
         assert example["prompt"] == template_ids(tokenizer, prompt, add_generation_prompt=True)
-        assert example["chosen"][-1] == example["rejected"][-1] == tokenizer.eos_token_id  # responses end on EOS
+        # responses end on EOS
+        assert example["chosen"][-1] == example["rejected"][-1] == tokenizer.eos_token_id
         sequence = example["prompt"] + example["chosen"]
         assert sequence[0] == bos and sequence.count(bos) == 1  # exactly one BOS: no double BOS
 
@@ -252,7 +265,8 @@ def test_conversational_layout_matches_chat_template(layout, tokenizer, tmp_path
             assert batch["labels"][row, p:p + r].tolist() == example[side]
             assert (batch["labels"][row, p + r:] == data.IGNORE_INDEX).all()  # nor is padding
             assert (batch["input_ids"][row, p + r:] == tokenizer.pad_token_id).all()
-            assert batch["attention_mask"][row].tolist() == [1] * (p + r) + [0] * (batch["input_ids"].shape[1] - p - r)
+            assert (batch["attention_mask"][row].tolist()
+                    == [1] * (p + r) + [0] * (batch["input_ids"].shape[1] - p - r))
 
 
 @pytest.mark.parametrize("layout", ["ultrafeedback.parquet", "trl.jsonl"])
@@ -273,15 +287,17 @@ def test_standard_layout_tokenization(tokenizer, model_without_template, tmp_pat
     rows = standard_rows(4)
     # with a chat template, the standard layout is templated as a one-turn conversation
     examples, _, _ = data.load_examples(tokenizer, dataset, "train", max_length=64, max_prompt_length=48)
-    for example, row in zip(examples, rows):
-        assert example["prompt"] + example["chosen"] == template_ids(tokenizer, [U(row["prompt"]), A(row["chosen"])])
+    for example, row in zip(examples, rows, strict=True):
+        assert (example["prompt"] + example["chosen"]
+                == template_ids(tokenizer, [U(row["prompt"]), A(row["chosen"])]))
     # without one, plain text: the tokenizer's BOS, the prompt, then the response and EOS
     plain = modeling.load_tokenizer(model_without_template)
     examples, _, _ = data.load_examples(plain, dataset, "train", max_length=64, max_prompt_length=48)
-    for example, row in zip(examples, rows):
+    for example, row in zip(examples, rows, strict=True):
         assert example["prompt"] == plain(row["prompt"])["input_ids"]
         assert example["prompt"][0] == plain.bos_token_id and example["prompt"].count(plain.bos_token_id) == 1
-        assert example["chosen"] == plain(row["chosen"], add_special_tokens=False)["input_ids"] + [plain.eos_token_id]
+        assert (example["chosen"]
+                == plain(row["chosen"], add_special_tokens=False)["input_ids"] + [plain.eos_token_id])
 
 
 # ---------------------------------------------------------------- 3. 4-bit QLoRA on CPU
@@ -301,7 +317,8 @@ def test_qlora_4bit(model_dir, tmp_path, capsys):
 
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
     out = tmp_path / "run"
-    code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 2, "--load-in-4bit", "--lr", 1e-3), capsys)
+    code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 2, "--load-in-4bit", "--lr", 1e-3),
+                       capsys)
     assert code == 0, err
     assert json.loads((out / "run_config.json").read_text())["load_in_4bit"] is True
     assert (out / "adapter_config.json").is_file()
@@ -319,7 +336,8 @@ def test_gradient_accumulation_equivalence(model_dir, tmp_path, capsys):
     def one_step(name, micro, lr=1e-3):
         out = tmp_path / name
         code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 1, "--batch-size", 8,
-                                      "--micro-batch-size", micro, "--lora-dropout", 0, "--lr", lr, "--seed", 7), capsys)
+                                      "--micro-batch-size", micro, "--lora-dropout", 0, "--lr", lr,
+                                      "--seed", 7), capsys)
         assert code == 0, err
         return adapter(out), train_rows(out)[0]
 
@@ -339,16 +357,20 @@ def test_gradient_accumulation_equivalence(model_dir, tmp_path, capsys):
 
 def test_prompt_keeps_its_end_and_response_is_cut(tokenizer):
     words = demo.WORDS[:12]
-    prompt, chosen, rejected = [U("shout: " + " ".join(words))], A(" ".join(w.upper() for w in words[:6])), A("apple")
+    prompt = [U("shout: " + " ".join(words))]
+    chosen, rejected = A(" ".join(w.upper() for w in words[:6])), A("apple")
     full = data.tokenize_pair(tokenizer, prompt, chosen, rejected, max_length=1000, max_prompt_length=1000)
     assert full["prompt"] == template_ids(tokenizer, prompt, add_generation_prompt=True)
     assert len(full["prompt"]) == 12 + 5  # <bos> <user> shout: 12 words <end> <assistant>
     assert len(full["chosen"]) == 6 + 1 and len(full["rejected"]) == 1 + 1  # + EOS
 
-    # a pair that fits in max_length keeps its whole prompt, whatever max_prompt_length says (as the official repo)
-    assert data.tokenize_pair(tokenizer, prompt, chosen, rejected, max_length=1000, max_prompt_length=5) == full
+    # a pair that fits in max_length keeps its whole prompt, whatever max_prompt_length says
+    # (as the official repo)
+    assert data.tokenize_pair(tokenizer, prompt, chosen, rejected,
+                              max_length=1000, max_prompt_length=5) == full
     cut = data.tokenize_pair(tokenizer, prompt, chosen, rejected, max_length=20, max_prompt_length=5)
-    assert cut["prompt"] == full["prompt"][:1] + full["prompt"][-4:]  # left truncation: BOS and the end survive
+    # left truncation: BOS and the end survive
+    assert cut["prompt"] == full["prompt"][:1] + full["prompt"][-4:]
     assert tokenizer.convert_ids_to_tokens(cut["prompt"])[-1] == "<|assistant|>"
     assert cut["chosen"] == full["chosen"] and cut["rejected"] == full["rejected"]
 
@@ -368,7 +390,8 @@ def test_prompt_keeps_its_end_and_response_is_cut(tokenizer):
     # nothing left of the responses: skipped
     assert data.tokenize_pair(tokenizer, prompt, chosen, rejected, max_length=8, max_prompt_length=8) is None
     # a short prompt still fits under the same limits
-    assert data.tokenize_pair(tokenizer, [U("apple")], chosen, rejected, max_length=8, max_prompt_length=8) is not None
+    assert data.tokenize_pair(tokenizer, [U("apple")], chosen, rejected,
+                              max_length=8, max_prompt_length=8) is not None
 
 
 def long_and_short_rows():
@@ -381,7 +404,8 @@ def long_and_short_rows():
 
 def test_skipped_pairs_are_counted(tokenizer, model_dir, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", long_and_short_rows())
-    examples, _, skipped = data.load_examples(tokenizer, dataset, "train", max_length=12, max_prompt_length=12)
+    examples, _, skipped = data.load_examples(tokenizer, dataset, "train",
+                                              max_length=12, max_prompt_length=12)
     assert (len(examples), skipped) == (5, 3)
     assert all(len(e["prompt"]) + len(e["chosen"]) <= 12 and e["chosen"] and e["rejected"] for e in examples)
 
@@ -412,8 +436,8 @@ def test_resume_after_crash_matches_uninterrupted_run(model_dir, tmp_path, capsy
 
     def full_run(name):
         out = tmp_path / name
-        code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 4, "--save-every", 2, "--lr", 1e-3,
-                                      "--lora-dropout", 0.1), capsys)
+        code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 4, "--save-every", 2,
+                                      "--lr", 1e-3, "--lora-dropout", 0.1), capsys)
         assert code == 0, err
         return out
 
@@ -426,7 +450,8 @@ def test_resume_after_crash_matches_uninterrupted_run(model_dir, tmp_path, capsy
 
     a = full_run("a")
     assert not (a / "checkpoint-4").exists()  # the final save is not also a checkpoint
-    assert [row["lr"] for row in train_rows(a)] == pytest.approx([train.lr_at(s, 4, 1, 1e-3) for s in range(4)])
+    assert ([row["lr"] for row in train_rows(a)]
+            == pytest.approx([train.lr_at(s, 4, 1, 1e-3) for s in range(4)]))
 
     b = full_run("b")
     crash_after_checkpoint_2(b)
@@ -434,7 +459,8 @@ def test_resume_after_crash_matches_uninterrupted_run(model_dir, tmp_path, capsy
     assert code == 0, err
     assert_adapters_close(adapter(a), adapter(b), atol=1e-7)
     assert [row["step"] for row in metrics(b)] == [1, 2, 3, 4]  # what the crash left past step 2 is replaced
-    assert [row["loss"] for row in train_rows(b)] == pytest.approx([row["loss"] for row in train_rows(a)], abs=1e-6)
+    assert ([row["loss"] for row in train_rows(b)]
+            == pytest.approx([row["loss"] for row in train_rows(a)], abs=1e-6))
     assert json.loads((b / "run_config.json").read_text())["max_steps"] == 4
 
     # control: the same resume with another RNG state in the checkpoint (dropout masks differ) ends elsewhere,
@@ -467,11 +493,13 @@ BAD_DATA = {  # file name -> (content, substrings the error line must contain)
     "number.jsonl": (_jsonl(GOOD, {**GOOD, "chosen": 5}), ["row 2", "'chosen'", "not a string (int)"]),
     "null.jsonl": (_jsonl(GOOD, {**GOOD, "rejected": None}), ["row 2", "'rejected'"]),
     "empty-file.jsonl": ("", ["no rows"]),
-    "malformed.jsonl": (_jsonl(GOOD, GOOD) + '{"prompt": "x", "chosen": \n' + _jsonl(GOOD), ["row 3", "malformed JSON"]),
+    "malformed.jsonl": (_jsonl(GOOD, GOOD) + '{"prompt": "x", "chosen": \n' + _jsonl(GOOD),
+                        ["row 3", "malformed JSON"]),
     "list.json": (json.dumps([GOOD, {**GOOD, "rejected": 3}]), ["row 2", "'rejected'", "not a string (int)"]),
     "conversation.jsonl": (_jsonl({"chosen": [U("apple"), A("APPLE")], "rejected": [U("apple"), A("")]}),
                            ["row 1", "'rejected[1].content'", "empty"]),
-    "not-assistant.jsonl": (_jsonl({"chosen": [U("apple"), U("APPLE")], "rejected": [U("apple"), A("apple")]}),
+    "not-assistant.jsonl": (_jsonl({"chosen": [U("apple"), U("APPLE")],
+                                    "rejected": [U("apple"), A("apple")]}),
                             ["row 1", "'chosen'", "assistant"]),
 }
 
@@ -519,18 +547,23 @@ def test_gamma_and_gamma_beta_ratio(tmp_path, capsys):
     code, _, err = run([*common, "--beta", 2, "--gamma", 1.0, "--gamma-beta-ratio", 0.25], capsys)
     assert code == 2
     assert "--gamma and --gamma-beta-ratio" in error_line(err)
+
+    def gamma(*flags):
+        return train.parse_args([str(a) for a in [*common, *flags]]).gamma
+
     # consistent values are accepted; either alone sets γ
-    assert train.parse_args([str(a) for a in [*common, "--beta", 2, "--gamma", 1.0, "--gamma-beta-ratio", 0.5]]).gamma == 1.0
-    assert train.parse_args([str(a) for a in [*common, "--beta", 4, "--gamma-beta-ratio", 0.3]]).gamma == pytest.approx(1.2)
-    assert train.parse_args([str(a) for a in common]).gamma == 0.5
+    assert gamma("--beta", 2, "--gamma", 1.0, "--gamma-beta-ratio", 0.5) == 1.0
+    assert gamma("--beta", 4, "--gamma-beta-ratio", 0.3) == pytest.approx(1.2)
+    assert gamma() == 0.5
 
 
 @pytest.mark.parametrize("flags", [["--micro-batch-size", 0], ["--micro-batch-size", 0, "--batch-size", 0],
                                    ["--batch-size", 2, "--micro-batch-size", 4], ["--max-prompt-length", 0],
                                    ["--max-steps", 0], ["--beta", 0], ["--gamma", -1],
                                    ["--chat-template", "no-such-template.jinja"], ["--max-grad-norm", 0],
-                                   ["--warmup-ratio", 1.5], ["--lora-dropout", 1.5], ["--max-prompt-length", 64],
-                                   ["--lora-alpha", 0], ["--eval-every", -1], ["--lora-target", "q_proj,lm_head"]])
+                                   ["--warmup-ratio", 1.5], ["--lora-dropout", 1.5],
+                                   ["--max-prompt-length", 64], ["--lora-alpha", 0], ["--eval-every", -1],
+                                   ["--lora-target", "q_proj,lm_head"]])
 def test_bad_numbers_and_flags_are_usage_errors(flags, model_dir, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
     out = tmp_path / "run"
@@ -552,8 +585,8 @@ def test_conversational_data_needs_a_chat_template(model_dir, model_without_temp
     # --chat-template (a file) supplies one; the run's saved tokenizer keeps it
     template = tmp_path / "template.jinja"
     template.write_text(demo.CHAT_TEMPLATE)
-    code, _, err = run(small_args(model_without_template, dataset, out, "--max-steps", 1, "--chat-template", template),
-                       capsys)
+    code, _, err = run(small_args(model_without_template, dataset, out, "--max-steps", 1,
+                                  "--chat-template", template), capsys)
     assert code == 0, err
     assert modeling.load_tokenizer(str(out)).chat_template == demo.CHAT_TEMPLATE
 
@@ -567,7 +600,8 @@ def test_non_empty_output_dir_is_refused_and_untouched(model_dir, tmp_path, caps
     assert code == 2
     line = error_line(err)
     assert str(out) in line and "--overwrite" in line
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "precious"
 
     # an empty folder is fine
     empty = tmp_path / "empty"
@@ -585,11 +619,13 @@ def test_overwrite_with_bad_dataset_deletes_nothing(model_dir, tmp_path, capsys)
     code, _, err = run(small_args(model_dir, bad, out, "--max-steps", 1, "--overwrite"), capsys)
     assert code == 2
     assert "row 2" in error_line(err)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "precious"
 
     # nor does a model that cannot be set up (here: LoRA on a module the model does not have)
     good = write_jsonl(tmp_path / "good.jsonl", standard_rows(8))
-    code, _, err = run(small_args(model_dir, good, out, "--max-steps", 1, "--overwrite", "--lora-target", "q_projx"), capsys)
+    code, _, err = run(small_args(model_dir, good, out, "--max-steps", 1, "--overwrite",
+                                  "--lora-target", "q_projx"), capsys)
     assert code == 2 and "q_projx" in error_line(err)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
@@ -604,15 +640,16 @@ def test_overwrite_with_bad_dataset_deletes_nothing(model_dir, tmp_path, capsys)
 def test_gamma_beta_ratio_is_stored_and_used(model_dir, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
     out = tmp_path / "run"
-    code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 1, "--batch-size", 1, "--micro-batch-size", 1,
+    code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 1,
+                                  "--batch-size", 1, "--micro-batch-size", 1,
                                   "--beta", 4, "--gamma-beta-ratio", 0.5), capsys)
     assert code == 0, err
     config = json.loads((out / "run_config.json").read_text())
     assert (config["beta"], config["gamma"], config["gamma_beta_ratio"]) == (4.0, 2.0, 0.5)
     (row,) = metrics(out)  # one pair: loss = -log σ(margin - γ), with γ = 2
     assert row["rewards/chosen"] == pytest.approx(4 * row["logps/chosen"], rel=1e-5)
-    assert row["loss"] == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(row["rewards/margins"] - 2.0)).item(),
-                                        rel=1e-5)
+    loss = -torch.nn.functional.logsigmoid(torch.tensor(row["rewards/margins"] - 2.0)).item()
+    assert row["loss"] == pytest.approx(loss, rel=1e-5)
 
 
 def test_length_normalization_and_sft_weight(model_dir, tmp_path, capsys):
@@ -620,7 +657,8 @@ def test_length_normalization_and_sft_weight(model_dir, tmp_path, capsys):
 
     def first_step(name, *extra):
         out = tmp_path / name
-        code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 1, "--lora-dropout", 0, *extra), capsys)
+        code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 1, "--lora-dropout", 0, *extra),
+                           capsys)
         assert code == 0, err
         (row,) = metrics(out)
         assert all(math.isfinite(row[k]) for k in METRIC_KEYS)
@@ -633,14 +671,15 @@ def test_length_normalization_and_sft_weight(model_dir, tmp_path, capsys):
     assert summed["logps/chosen"] < 2 * plain["logps/chosen"] < 0
     sft, config = first_step("sft", "--sft-weight", 0.5)
     assert config["sft_weight"] == 0.5
-    # same model, same batch at step 1: the SimPO loss is unchanged and the SFT term, logged on its own, is the
-    # chosen responses' average NLL; the update differs (0.5 × its gradient is added)
+    # same model, same batch at step 1: the SimPO loss is unchanged and the SFT term, logged on its own,
+    # is the chosen responses' average NLL; the update differs (0.5 × its gradient is added)
     assert sft["logps/chosen"] == pytest.approx(plain["logps/chosen"], rel=1e-6)
     assert sft["loss"] == pytest.approx(plain["loss"], rel=1e-6) and "sft_loss" not in plain
     assert sft["sft_loss"] == pytest.approx(-plain["logps/chosen"], rel=1e-6)
     assert sft["grad_norm"] != pytest.approx(plain["grad_norm"], rel=1e-3)
     both, _ = first_step("both", "--no-length-normalization", "--sft-weight", 0.5)
-    assert both["sft_loss"] == pytest.approx(sft["sft_loss"], rel=1e-5)  # per token, whatever the reward's normalisation
+    # per token, whatever the reward's normalisation
+    assert both["sft_loss"] == pytest.approx(sft["sft_loss"], rel=1e-5)
 
 
 # ---------------------------------------------------------------- 9. learning-rate schedule
@@ -658,14 +697,15 @@ def test_lr_schedule():
     # no warm-up: the first step is at the peak
     assert [train.lr_at(s, 3, 0, 1.0) for s in range(3)] == pytest.approx([1.0, 0.75, 0.25])
     # the default --warmup-ratio 0.1 over 20 steps: 2 warm-up steps
-    assert [train.lr_at(s, 20, math.ceil(0.1 * 20), 1.0) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert ([train.lr_at(s, 20, math.ceil(0.1 * 20), 1.0) for s in range(3)]
+            == pytest.approx([1 / 3, 2 / 3, 1.0]))
 
 
 # ---------------------------------------------------------------- --help
 
 def test_help_lists_the_flag_groups(tmp_path):
-    result = subprocess.run([sys.executable, "train.py", "--help", "--output-dir", str(tmp_path / "run")], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "train.py", "--help", "--output-dir", str(tmp_path / "run")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     for group in ("model:", "data:", "SimPO objective:", "optimisation:", "output:"):
         assert group in result.stdout
@@ -707,7 +747,8 @@ def test_consistent_gamma_and_ratio_with_rounding():
 
 
 def test_demo_accepts_gamma_beta_ratio(tmp_path):
-    args = train.parse_args(["--gamma-beta-ratio", "0.25", "--beta", "4", "--output-dir", str(tmp_path / "demo")])
+    args = train.parse_args(["--gamma-beta-ratio", "0.25", "--beta", "4",
+                             "--output-dir", str(tmp_path / "demo")])
     assert args.gamma == pytest.approx(1.0)
 
 
@@ -726,35 +767,39 @@ def test_missing_model_folder(tmp_path, capsys):
     assert code == 2 and str(model) in error_line(err)
 
 
-# ---------------------------------------------------------------- gradient checkpointing, periodic eval, report-to
+# ----------------------------------------------------------- gradient checkpointing, periodic eval, report-to
 
 def test_gradient_checkpointing_recomputes_and_changes_nothing(model_dir, tmp_path):
-    """With checkpointing each decoder layer runs forward twice per step (again in backward), and the update is
-    the same as without it. The model must be in train mode for that: transformers skips it in eval mode."""
+    """With checkpointing each decoder layer runs forward twice per step (again in backward), and the update
+    is the same as without it. The model must be in train mode for that: transformers skips it in eval
+    mode."""
     torch.manual_seed(0)
     pairs = data.collate([{"prompt": [2, 5, 7], "chosen": [40, 41, 3], "rejected": [9, 10, 3]}], pad_id=0)
     grads = {}
     for checkpointing in (False, True):
         flag = "--gradient-checkpointing" if checkpointing else "--no-gradient-checkpointing"
-        args = train.parse_args([str(a) for a in small_args(model_dir, "d.jsonl", tmp_path, "--lora-dropout", 0, flag)])
+        args = train.parse_args([str(a) for a in small_args(model_dir, "d.jsonl", tmp_path,
+                                                            "--lora-dropout", 0, flag)])
         args.load_in_4bit = False
         torch.manual_seed(0)
         model = modeling.prepare_model(args, "cpu", torch.float32)
         calls = []
-        # q_proj: the first op inside the checkpointed layer, so recomputed even when torch stops the replay early
-        model.get_decoder().layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+        # q_proj: the first op inside the checkpointed layer,
+        # so recomputed even when torch stops the replay early
+        q_proj = model.get_decoder().layers[0].self_attn.q_proj
+        q_proj.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         chosen, rejected = modeling.policy_logps(model, pairs).chunk(2)
         (rejected - chosen).sum().backward()
         assert model.training and len(calls) == (2 if checkpointing else 1)
         grads[checkpointing] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-    for without, with_checkpointing in zip(grads[False], grads[True]):
+    for without, with_checkpointing in zip(grads[False], grads[True], strict=True):
         torch.testing.assert_close(with_checkpointing, without)
 
 
 def test_eval_every_logs_held_out_metrics(model_dir, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(12))
-    code, out, err = run(small_args(model_dir, dataset, tmp_path / "run", "--eval-fraction", 0.25, "--max-steps", 3,
-                                    "--eval-every", 1), capsys)
+    code, out, err = run(small_args(model_dir, dataset, tmp_path / "run", "--eval-fraction", 0.25,
+                                    "--max-steps", 3, "--eval-every", 1), capsys)
     assert code == 0, err
     eval_steps = [row["step"] for row in metrics(tmp_path / "run") if "eval/rewards/accuracies" in row]
     assert eval_steps == [0, 1, 2, 3]  # before training, every step, and at the end
@@ -769,19 +814,21 @@ def test_report_to_a_missing_package_is_refused_before_any_work(model_dir, tmp_p
     assert not (tmp_path / "run").exists()
 
 
-# ---------------------------------------------------------------- tokenization at the prompt/response boundary
+# ----------------------------------------------------------- tokenization at the prompt/response boundary
 
 def test_a_token_across_the_prompt_response_boundary_goes_to_the_response():
     """BPE/SentencePiece tokenizers can merge the end of the templated prompt with the start of the response:
     the pair is tokenized as the model reads it, and the merged token is scored as response."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
-    bpe = Tokenizer(models.BPE(vocab={"<s>": 0, "</s>": 1, "a": 2, "b": 3, "x": 4, "ab": 5}, merges=[("a", "b")]))
+    bpe = Tokenizer(models.BPE(vocab={"<s>": 0, "</s>": 1, "a": 2, "b": 3, "x": 4, "ab": 5},
+                               merges=[("a", "b")]))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
-    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'user' %}a"
-                         "{% else %}</s>{% endif %}{% endfor %}")
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
+                         "{% if m['role'] == 'user' %}a{% else %}</s>{% endif %}{% endfor %}")
     example = data.tokenize_pair(tok, [U("x")], A("bx"), A("x"), max_length=64, max_prompt_length=32)
-    assert example == {"prompt": [0, 4], "chosen": [5, 4, 1], "rejected": [2, 4, 1]}  # "ab" merged; prompt shared
+    # "ab" merged; prompt shared
+    assert example == {"prompt": [0, 4], "chosen": [5, 4, 1], "rejected": [2, 4, 1]}
     for side, text in (("chosen", "<s>xabx</s>"), ("rejected", "<s>xax</s>")):
         assert example["prompt"] + example[side] == tok(text, add_special_tokens=False)["input_ids"]
 
@@ -790,11 +837,13 @@ def test_a_chat_template_error_names_the_row(model_dir, tmp_path, capsys):
     """Gemma-2's template, for one, refuses system turns: one line naming the row, not a Jinja traceback."""
     model = tmp_path / "model"
     shutil.copytree(model_dir, model)
-    template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}" \
-               "{% endif %}{% endfor %}" + demo.CHAT_TEMPLATE
+    template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                "{{ raise_exception('System role not supported') }}{% endif %}{% endfor %}"
+                + demo.CHAT_TEMPLATE)
     (model / "chat_template.jinja").write_text(template)
     rows = [{"chosen": [U("shout: apple"), A("APPLE")], "rejected": [U("shout: apple"), A("apple")]},
-            {"chosen": [S("be loud"), U("shout: river"), A("RIVER")], "rejected": [S("be loud"), U("shout: river"), A("river")]}]
+            {"chosen": [S("be loud"), U("shout: river"), A("RIVER")],
+             "rejected": [S("be loud"), U("shout: river"), A("river")]}]
     dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
     code, _, err = run(small_args(model, dataset, tmp_path / "run"), capsys)
     assert code == 2 and "row 2" in error_line(err) and "System role not supported" in error_line(err)

@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="with --generate")
     p.add_argument("--top-p", type=float, default=1.0, help="with --generate")
     p.add_argument("--seed", type=int, default=0, help="which prompts --generate samples, and how")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the Python code a hub model ships with (only for a model you trust)")
     p.add_argument("--out", help="write every number here as JSON (default: <adapter>/eval.json)")
     p.add_argument("--samples", help="generated samples, JSONL (default: <adapter>/samples.jsonl)")
     args = p.parse_args(argv)
@@ -83,11 +85,13 @@ def load_policy_and_base(args, device, dtype):
     if not (adapter / "adapter_config.json").is_file():  # full fine-tuning: two models
         if not (adapter / "config.json").is_file():
             raise UsageError(f"--adapter {adapter}: neither a LoRA adapter nor a model folder")
-        policy = modeling.load_model(str(adapter), args.load_in_4bit, dtype, device).eval()
-        reference = modeling.load_model(args.ref_model or args.model, args.load_in_4bit, dtype, device).eval()
+        trust = args.trust_remote_code
+        policy = modeling.load_model(str(adapter), args.load_in_4bit, dtype, device, trust).eval()
+        reference = modeling.load_model(args.ref_model or args.model, args.load_in_4bit, dtype, device,
+                                        trust).eval()
         return policy, lambda: contextlib.nullcontext(reference)
     from peft import PeftModel
-    base = modeling.load_model(args.model, args.load_in_4bit, dtype, device)
+    base = modeling.load_model(args.model, args.load_in_4bit, dtype, device, args.trust_remote_code)
     try:
         policy = PeftModel.from_pretrained(base, str(adapter)).eval()
     except (RuntimeError, ValueError, KeyError) as error:
@@ -191,9 +195,10 @@ def evaluate(args):
     args.load_in_4bit = cuda if args.load_in_4bit is None else args.load_in_4bit
     adapter = Path(args.adapter)
     if (adapter / "tokenizer_config.json").is_file():  # saved by train.py, chat template included
-        tokenizer = modeling.load_tokenizer(str(adapter))
+        tokenizer = modeling.load_tokenizer(str(adapter), trust_remote_code=args.trust_remote_code)
     else:
-        tokenizer = modeling.load_tokenizer(args.ref_model or args.model, args.run.get("chat_template"))
+        tokenizer = modeling.load_tokenizer(args.ref_model or args.model, args.run.get("chat_template"),
+                                            args.trust_remote_code)
     # A whole split, or else the slice of the training split that the run held out, cut as train.py cut it.
     whole_split = args.split or args.run.get("eval_split")
     fraction = 0.0 if whole_split else args.run.get("eval_fraction", 0.0)

@@ -43,12 +43,22 @@ def check_beta_gamma(beta, gamma):
         raise UsageError(f"--{error}") from None
 
 
-def load_tokenizer(name, chat_template=None):
+def refused_remote_code(name, error):
+    """A model that ships its own Python code is loaded only with --trust-remote-code."""
+    if "trust_remote_code" not in str(error):
+        return error
+    return UsageError(f"--model {name} ships its own Python code, which runs only with --trust-remote-code "
+                      f"(pass it only for a model whose source you trust)")
+
+
+def load_tokenizer(name, chat_template=None, trust_remote_code=False):
     from transformers import AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as error:  # no such folder, or a hub id that cannot be reached
         raise UsageError(f"--model {name}: {str(error).strip().splitlines()[0]}") from None
+    except ValueError as error:
+        raise refused_remote_code(name, error) from None
     if chat_template and "{{" not in chat_template and "{%" not in chat_template:  # not a template: a file
         if not Path(chat_template).is_file():
             raise UsageError(f"--chat-template {chat_template}: neither a file nor a Jinja template")
@@ -59,14 +69,19 @@ def load_tokenizer(name, chat_template=None):
     return tokenizer
 
 
-def load_model(name, load_in_4bit=False, dtype=torch.float32, device="cpu"):
-    """The model as `from_pretrained` gives it: a local folder or a hub id, optionally in 4-bit (nf4)."""
+def load_model(name, load_in_4bit=False, dtype=torch.float32, device="cpu", trust_remote_code=False):
+    """The model as `from_pretrained` gives it: a local folder or a hub id, optionally in 4-bit (nf4).
+    Code shipped with a model (`auto_map` in its config) runs only with `trust_remote_code=True`."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=dtype) if load_in_4bit else None
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, quantization_config=quantization,
-                                                 device_map={"": device})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, quantization_config=quantization,
+                                                     device_map={"": device},
+                                                     trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        raise refused_remote_code(name, error) from None
     for key in ("logit_scale", "logits_scaling"):  # Cohere, Granite: logits = lm_head(h) scaled; not handled
         if getattr(model.config, key, None) not in (None, 1, 1.0):
             raise UsageError(f"--model {name} scales its logits by config.{key}, which simpo does not apply")
@@ -105,7 +120,8 @@ def prepare_model(args, device, dtype):
     mode."""
     # Full fine-tuning keeps float32 master weights (bf16 AdamW updates underflow); LoRA keeps the base in
     # bf16.
-    model = load_model(args.model, args.load_in_4bit, torch.float32 if args.full else dtype, device)
+    model = load_model(args.model, args.load_in_4bit, torch.float32 if args.full else dtype, device,
+                       getattr(args, "trust_remote_code", False))
     model = model if args.full else add_lora(model, args)
     if args.gradient_checkpointing:  # non-reentrant, as torch recommends; newer transformers renamed it
         enable = getattr(model, "activation_checkpointing_enable", None)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import data
 import modeling
 import simpo
@@ -47,6 +48,8 @@ def parse_args(argv=None):
                    help="recompute activations in backward: much less memory, ~30%% slower "
                         "(default: on with CUDA)")
     g.add_argument("--chat-template", help="a Jinja chat template (text or file) for tokenizers without one")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="run the Python code a hub model ships with (only for a model you trust)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset",
                    help=".jsonl/.json/.parquet/.csv file, folder or hub id (see data.py for layouts)")
@@ -79,26 +82,37 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=42, help="data order, LoRA init, --eval-fraction split")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", help="default runs/<timestamp>")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: off)")
+    g.add_argument("--save-every-minutes", type=float, default=30.0,
+                   help="checkpoint every this many minutes of wall-clock time (0: off)")
+    g.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="keep only the newest N checkpoint-<step> folders (the final save is kept too)")
     g.add_argument("--eval-every", type=int, default=0,
                    help="held-out evaluation every N steps (always at start and end)")
     g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in --output-dir (a folder with a run_config.json)")
+    g.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip a step whose loss or gradient is not finite instead of stopping the run; "
+                        "its pairs are then not learned from and the schedule moves on without them")
     g.add_argument("--report-to", choices=["tensorboard", "wandb"],
                    help="also log there (needs that package)")
     args = p.parse_args(argv)
     if args.resume:  # the saved run's settings, overridden by whatever is on this command line
-        saved = Path(args.resume) / "run_config.json"
-        if not saved.is_file():
+        config_file = Path(args.resume) / "run_config.json"
+        if not config_file.is_file():
             raise UsageError(f"--resume {args.resume}: no run_config.json there")
-        saved = json.loads(saved.read_text())
+        if not checkpoints.saved_steps(args.resume):
+            raise UsageError(f"--resume {args.resume}: no checkpoint there (the run stopped before its "
+                             f"first one): start it again with --overwrite")
+        saved = json.loads(config_file.read_text())
         if args.gamma is not None or args.gamma_beta_ratio is not None:  # γ given again replaces the saved
             saved.update(gamma=None, gamma_beta_ratio=None)
         elif saved.get("gamma_beta_ratio") is not None:  # recompute γ from the ratio, in case β changes
             saved["gamma"] = None
         p.set_defaults(**saved)
         args = p.parse_args(argv)
-        args.output_dir, args.overwrite = args.resume, False
+        args.output_dir, args.overwrite, args.run_config = args.resume, False, saved
     elif args.model is None and args.dataset is None:  # the offline demo
         import demo
         p.set_defaults(**demo.TRAINING, demo=True)
@@ -108,13 +122,13 @@ def parse_args(argv=None):
 
 def check_args(args):
     modeling.require_positive(args, "batch_size", "micro_batch_size", "epochs", "max_steps", "max_length",
-                              "max_prompt_length",
-                     "lora_r", "lora_alpha")
+                              "max_prompt_length", "lora_r", "lora_alpha", "keep_checkpoints")
     if args.max_prompt_length > args.max_length:
         raise UsageError(f"--max-prompt-length {args.max_prompt_length} exceeds "
                          f"--max-length {args.max_length}")
-    if args.max_grad_norm <= 0 or args.save_every < 0 or args.eval_every < 0:
-        raise UsageError("--max-grad-norm must be > 0, --save-every and --eval-every >= 0")
+    if args.max_grad_norm <= 0 or min(args.save_every, args.save_every_minutes, args.eval_every) < 0:
+        raise UsageError("--max-grad-norm must be > 0, --save-every, --save-every-minutes and "
+                         "--eval-every >= 0")
     if not 0 <= args.warmup_ratio < 1 or not 0 <= args.lora_dropout < 1:
         raise UsageError("--warmup-ratio and --lora-dropout must be in [0, 1)")
     if (args.model is None) != (args.dataset is None) and not getattr(args, "demo", False):
@@ -140,7 +154,14 @@ def check_args(args):
         args.load_in_4bit = cuda and not args.full
     if args.gradient_checkpointing is None:  # on by default on a GPU, where memory is what runs out
         args.gradient_checkpointing = cuda
-    args.output_dir = args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S")
+    for name in ("model", "dataset"):  # run_config.json must still find local paths from another folder
+        if getattr(args, name) and Path(getattr(args, name)).exists():
+            setattr(args, name, str(Path(getattr(args, name)).resolve()))
+    if args.resume:
+        conflicts = checkpoints.resume_conflicts(args.run_config, vars(args))
+        if conflicts:
+            raise UsageError(f"--resume {args.resume}: {'; '.join(conflicts)}: these change what the "
+                             f"finished steps meant; start a new run instead")
     return args
 
 
@@ -261,25 +282,69 @@ def accumulate_gradients(model, pairs, args, pad_id):
     return torch.cat(logs, dim=1), tokens
 
 
-def train(args):
+def prepare_output_dir(args, inputs):
+    """Check the output folder before any work, so a refused run changes nothing on disk."""
+    if args.output_dir is None:
+        return
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out} is a file")
-    if not args.resume and out.is_dir() and any(out.iterdir()) and not args.overwrite:
+    if args.resume or not out.is_dir() or not any(out.iterdir()):
+        return
+    if not args.overwrite:
         raise UsageError(f"--output-dir {out} is not empty: pass --overwrite to replace it, "
                          f"or --resume {out}")
+    if not (out / "run_config.json").is_file():  # never empty a folder train.py did not make (., ~, ...)
+        raise UsageError(f"--output-dir {out} holds no earlier run (no run_config.json): --overwrite only "
+                         f"replaces a run folder; pick an empty or new --output-dir")
+    for path in inputs:  # --overwrite deletes the whole folder: it must not hold what this run reads
+        if path and Path(path).exists() and Path(path).resolve().is_relative_to(out.resolve()):
+            raise UsageError(f"--output-dir {out} holds {path}, an input of this run: --overwrite would "
+                             f"delete it; pick another --output-dir")
+
+
+def make_output_dir(args):
+    """The run folder, created only now. The default name is unique even for runs started in the same
+    second: mkdir without exist_ok either creates the folder or fails, so two runs never share one."""
+    if args.output_dir is not None:
+        out = Path(args.output_dir)
+        if args.overwrite and not args.resume:  # checked in prepare_output_dir: a run folder, no inputs
+            shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    stamp = time.strftime("runs/%Y%m%d-%H%M%S")
+    for suffix in ["", *(f"-{n}" for n in range(2, 1000))]:
+        try:
+            Path(stamp + suffix).mkdir(parents=True)
+            args.output_dir = stamp + suffix
+            return Path(args.output_dir)
+        except FileExistsError:
+            continue
+    raise UsageError(f"cannot create a new folder {stamp}-N: pass --output-dir")
+
+
+def out_of_memory(pairs, args):
+    memory = ""
+    if torch.cuda.is_available():
+        memory = (f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated, "
+                  f"{torch.cuda.memory_reserved() / 2**30:.1f} GiB reserved; ")
+    longest = max(len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in pairs)
+    return checkpoints.StopRequested(
+        f"out of memory ({memory}longest sequence {longest} tokens, --micro-batch-size "
+        f"{args.micro_batch_size}): lower --micro-batch-size or --max-length, or turn on --load-in-4bit "
+        f"and --gradient-checkpointing; the last checkpoint is intact", 1)
+
+
+def train(args):
     # bf16 is slow on CPUs
     device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     if getattr(args, "demo", False):  # built next to the run, not in it: eval.py loads it as the base model
         import demo
-        args.model = demo.build_tiny_model(out.parent / "demo-model")
-    for name in ("model", "dataset"):  # run_config.json must still find local paths from another folder
-        value = getattr(args, name)
-        if Path(value).exists():
-            setattr(args, name, str(Path(value).resolve()))
-    tokenizer = modeling.load_tokenizer(args.model, args.chat_template)
+        args.model = str(Path(demo.build_tiny_model(Path(args.output_dir).parent / "demo-model")).resolve())
+    prepare_output_dir(args, [args.model, args.dataset])
+    tokenizer = modeling.load_tokenizer(args.model, args.chat_template, args.trust_remote_code)
     train_set, eval_set, skipped = data.load_examples(tokenizer, args.dataset, args.split, args.eval_split,
                                                       args.eval_fraction, args.seed, args.max_length,
                                                       args.max_prompt_length)
@@ -287,21 +352,32 @@ def train(args):
           f"{skipped} skipped (response truncated to nothing)")
     if not train_set:
         raise data.DataError(f"{args.dataset}: no training pairs left after holding out and truncation")
+    args.data_fingerprint = checkpoints.data_fingerprint(train_set)
+    if args.resume and checkpoints.resume_conflicts(args.run_config, vars(args)):
+        raise UsageError(f"--resume {args.resume}: the training pairs are not those the run trained on "
+                         f"(the dataset or its tokenization changed); start a new run instead")
     model = modeling.prepare_model(args, device, dtype)
-    if args.overwrite and not args.resume:  # only now: a run that fails on its input or model deletes nothing
-        shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite")}
-    (out / "run_config.json").write_text(json.dumps(config, indent=2))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    start = restore(model, optimizer, out) if args.resume else 0
+    start = 0
+    if args.resume:
+        folder = max(checkpoints.saved_steps(args.resume).items())[1]  # the highest step
+        start = checkpoints.restore(model, optimizer, folder)
+        print(f"resuming from {folder} (step {start})")
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     warmup_steps = math.ceil(args.warmup_ratio * total_steps)
-    if start >= total_steps:
-        print(f"{out} finished all {total_steps} steps already")
-        return out
+    if start >= total_steps:  # nothing to train: the run folder stays exactly as it was
+        print(f"{args.output_dir} finished all {total_steps} steps already")
+        return Path(args.output_dir)
+    out = make_output_dir(args)
+    if args.resume:
+        changed = {k: v for k, v in vars(args).items()
+                   if k in args.run_config and args.run_config[k] != v and k != "output_dir"}
+        print("continuing with " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items())
+              if changed else "continuing with the run's settings")
+    config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "run_config")}
+    (out / "run_config.json").write_text(json.dumps(config, indent=2))
     logger = Logger(out, args.report_to, config, start)
     pad_id = tokenizer.pad_token_id
     if eval_set and start == 0:
@@ -309,43 +385,63 @@ def train(args):
         logger.log(0, before)
         print(f"held-out reward accuracy before training: {before['eval/rewards/accuracies']:.3f}")
 
+    saver = checkpoints.Checkpointer(model, tokenizer, optimizer, out, args.save_every,
+                                     args.save_every_minutes, args.keep_checkpoints)
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="training")
-    for step in bar:
-        # the order follows from (seed, epoch): resuming needs only `step`
-        epoch, index = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed + epoch))
-        pairs = [train_set[i] for i in order[index * args.batch_size:(index + 1) * args.batch_size]]
-        lr = lr_at(step, total_steps, warmup_steps, args.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        started = time.time()
-        (losses, sft_losses, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards), tokens = \
-            accumulate_gradients(model, pairs, args, pad_id)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    with saver:
+        for step in bar:
+            # the order follows from (seed, epoch): resuming needs only `step`
+            epoch, index = divmod(step, steps_per_epoch)
+            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed + epoch))
+            indices = order[index * args.batch_size:(index + 1) * args.batch_size].tolist()
+            pairs = [train_set[i] for i in indices]
+            lr = lr_at(step, total_steps, warmup_steps, args.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            started = time.time()
+            try:
+                stats, tokens = accumulate_gradients(model, pairs, args, pad_id)
+            except torch.cuda.OutOfMemoryError:
+                raise out_of_memory(pairs, args) from None
+            losses, sft_losses, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards = stats
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            # Read from the device once per step, not per micro-batch: each read waits for the GPU to catch
+            # up. It comes before optimizer.step(), so that a non-finite step never reaches the weights.
+            loss, sft_loss, grad_norm, tokens = torch.stack([losses.mean(), sft_losses.mean(),
+                                                             grad_norm.float(), tokens.float()]).tolist()
+            if not all(map(math.isfinite, (loss, sft_loss, grad_norm))):
+                optimizer.zero_grad(set_to_none=True)
+                where = f"step {step + 1}: non-finite loss {loss} or gradient norm {grad_norm} " \
+                        f"(training pairs {indices}, 0-based, in --split order after holding out)"
+                if not args.skip_nonfinite:
+                    raise checkpoints.StopRequested(f"{where}; the weights were not updated, the last "
+                                                    f"checkpoint is intact (or pass --skip-nonfinite)", 3)
+                tqdm.write(f"skipped {where}")
+                logger.log(step + 1, {"skipped": "non-finite", "lr": lr})
+                saver.after_step(step + 1, total_steps)
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        # Read from the device once per step, not per micro-batch: each read waits for the GPU to catch up.
-        loss, sft_loss, grad_norm, tokens = torch.stack([losses.mean(), sft_losses.mean(), grad_norm.float(),
-                                                         tokens.float()]).tolist()
-        metrics = simpo.preference_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)
-        metrics.update(loss=loss, grad_norm=grad_norm, lr=lr, tokens_per_s=tokens / (time.time() - started))
-        if args.sft_weight:
-            metrics["sft_loss"] = sft_loss
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total_steps and eval_set:
-            metrics.update(evaluate(model, eval_set, args, pad_id))
-        logger.log(step + 1, metrics)
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}",
-                        tok_s=f"{metrics['tokens_per_s']:.0f}")
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total_steps:
-            save(model, tokenizer, out / f"checkpoint-{step + 1}", step + 1, optimizer)
+            metrics = simpo.preference_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)
+            metrics.update(loss=loss, grad_norm=grad_norm, lr=lr,
+                           tokens_per_s=tokens / (time.time() - started))
+            if args.sft_weight:
+                metrics["sft_loss"] = sft_loss
+            if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total_steps and eval_set:
+                metrics.update(evaluate(model, eval_set, args, pad_id))
+            logger.log(step + 1, metrics)
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}",
+                            tok_s=f"{metrics['tokens_per_s']:.0f}")
+            saver.after_step(step + 1, total_steps)  # every N steps or minutes, and on SIGTERM / Ctrl-C
 
-    if eval_set:
-        after = evaluate(model, eval_set, args, pad_id)
-        logger.log(total_steps, after)
-        print(f"held-out reward accuracy after training: {after['eval/rewards/accuracies']:.3f} "
-              f"(margin {after['eval/rewards/margins']:.2f}, loss {after['eval/loss']:.3f})")
-    save(model, tokenizer, out, total_steps, optimizer)
+        if eval_set:
+            after = evaluate(model, eval_set, args, pad_id)
+            logger.log(total_steps, after)
+            print(f"held-out reward accuracy after training: {after['eval/rewards/accuracies']:.3f} "
+                  f"(margin {after['eval/rewards/margins']:.2f}, loss {after['eval/loss']:.3f})")
+        final_state = checkpoints.training_state(model, optimizer, total_steps)
+        checkpoints.save_final(model, tokenizer, out, final_state)
     plot_curves(out)
     print(f"saved to {out}")
     return out
@@ -357,6 +453,12 @@ def main(argv=None):
     except (data.DataError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except checkpoints.StopRequested as stop:
+        print(f"\n{'stopped' if stop.exit_code > 128 else 'error'}: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before training began (loading data or the model): nothing to save
+        print("\ninterrupted before training began: nothing was saved", file=sys.stderr)
+        return 130
     return 0
 
 

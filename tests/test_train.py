@@ -444,6 +444,7 @@ def test_resume_after_crash_matches_uninterrupted_run(model_dir, tmp_path, capsy
     def crash_after_checkpoint_2(out):
         assert (out / "checkpoint-2" / "training_state.pt").is_file()
         assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
+        (out / "checkpoint.json").unlink()  # what marks the final save complete
         (out / "training_state.pt").unlink()
         (out / "adapter_model.safetensors").unlink()
         shutil.rmtree(out / "checkpoint-4", ignore_errors=True)
@@ -613,13 +614,14 @@ def test_non_empty_output_dir_is_refused_and_untouched(model_dir, tmp_path, caps
 def test_overwrite_with_bad_dataset_deletes_nothing(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
+    (out / "run_config.json").write_text("{}")  # an earlier run: --overwrite may replace it, but only later
     (out / "keep.txt").write_text("precious")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(BAD_DATA["missing.jsonl"][0])
     code, _, err = run(small_args(model_dir, bad, out, "--max-steps", 1, "--overwrite"), capsys)
     assert code == 2
     assert "row 2" in error_line(err)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "run_config.json"]
     assert (out / "keep.txt").read_text() == "precious"
 
     # nor does a model that cannot be set up (here: LoRA on a module the model does not have)
@@ -627,7 +629,7 @@ def test_overwrite_with_bad_dataset_deletes_nothing(model_dir, tmp_path, capsys)
     code, _, err = run(small_args(model_dir, good, out, "--max-steps", 1, "--overwrite",
                                   "--lora-target", "q_projx"), capsys)
     assert code == 2 and "q_projx" in error_line(err)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "run_config.json"]
 
     # with good data, --overwrite does replace the folder
     code, _, err = run(small_args(model_dir, good, out, "--max-steps", 1, "--overwrite"), capsys)

@@ -1,0 +1,168 @@
+"""Checkpoints a long run can trust: written whole or not at all, loaded without running any code, and
+resumed only into the run they came from. train.py's loop calls `Checkpointer.after_step` once per step.
+
+A run folder holds the final save at its top (adapter or model, tokenizer, training_state.pt) and the
+newest `--keep-checkpoints` folders `checkpoint-<step>/` of the same form. `--resume` continues from
+whichever of them has the highest step.
+"""
+import hashlib
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modeling import UsageError
+
+# Settings that change what the finished steps meant: a resume may not change them. Every other setting
+# (--max-steps, --epochs, --lr schedule, --eval-every, --save-every, --report-to, ...) only changes what
+# comes next, and is allowed.
+FIXED_BY_THE_RUN = ("model", "full", "load_in_4bit", "lora_r", "lora_alpha", "lora_target", "chat_template",
+                    "dataset", "split", "eval_split", "eval_fraction", "max_length", "max_prompt_length",
+                    "data_fingerprint", "beta", "gamma", "sft_weight", "no_length_normalization",
+                    "batch_size", "seed")
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # exactly this: a "checkpoint-2-backup" folder is not one
+
+
+def data_fingerprint(examples):
+    """sha256 of every token id of every pair, in order: a resume must see the very same training data."""
+    digest = hashlib.sha256()
+    for i in range(len(examples)):
+        for key in ("prompt", "chosen", "rejected"):
+            ids = np.asarray(examples[i][key], dtype=np.int64)
+            digest.update(len(ids).to_bytes(8, "little") + ids.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def resume_conflicts(saved, current):
+    """The settings of `current` that differ from the run's `saved` ones and may not change on resume."""
+    def same(key):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, float) or isinstance(b, float):
+            return a is not None and b is not None and abs(a - b) <= 1e-9 * max(1.0, abs(a))
+        return a == b
+    return [f"--{key.replace('_', '-')} {current.get(key)} (the run used {saved.get(key)})"
+            for key in FIXED_BY_THE_RUN if key in current and key in saved and not same(key)]
+
+
+def saved_steps(run_dir):
+    """{step: folder} of every complete save in `run_dir`: the final one and each checkpoint-<step>."""
+    found = {}
+    for folder in [Path(run_dir), *Path(run_dir).glob("checkpoint-*")]:
+        marker = folder / "checkpoint.json"  # written last: its presence means the save is complete
+        if (folder == Path(run_dir) or CHECKPOINT.fullmatch(folder.name)) and marker.is_file():
+            found[json.loads(marker.read_text())["step"]] = folder
+    return found
+
+
+def training_state(model, optimizer, step):
+    """Everything `--resume` needs to continue exactly: tensors, numbers and strings only."""
+    return {"step": step, "optimizer": optimizer.state_dict(),
+            "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+
+
+def write(model, tokenizer, folder, state):
+    """Adapter (or model) in the usual format, the tokenizer, and the training state, into `folder`."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    torch.save(state, Path(folder) / "training_state.pt")
+    (Path(folder) / "checkpoint.json").write_text(json.dumps({"step": state["step"]}))
+
+
+def save_final(model, tokenizer, run_dir, state):
+    """The final save goes to the run folder itself, where eval.py and PeftModel look for it. Its marker is
+    removed first, so a crash halfway leaves a folder that --resume does not trust (it takes the newest
+    checkpoint instead)."""
+    (Path(run_dir) / "checkpoint.json").unlink(missing_ok=True)
+    write(model, tokenizer, run_dir, state)
+
+
+def restore(model, optimizer, folder):
+    """Load a save written by `write` into model and optimizer; returns its step. `weights_only=True`: a
+    state file that holds anything but tensors and plain values (a planted pickle) is refused, never run."""
+    try:
+        state = torch.load(Path(folder) / "training_state.pt", weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"--resume: {folder}/training_state.pt cannot be loaded safely, refusing it: "
+                         f"{reason[:200]}") from None
+    # strict=False: frozen weights are not in the state
+    if model.load_state_dict(state["trainable"], strict=False).unexpected_keys:
+        raise UsageError(f"--resume {folder}: the checkpoint does not fit this model "
+                         f"(other --lora-target or --full?)")
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
+
+class StopRequested(Exception):
+    """The run stopped early on purpose (signal, divergence, out of memory): message and exit code."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Checkpointer:
+    """Saves every `save_every` steps, every `save_minutes` minutes, and when SIGTERM (preemption) or
+    SIGINT (Ctrl-C) arrives: the signal only sets a flag, the current optimizer step finishes, then a
+    checkpoint is written and the run stops. Use as a context manager around the loop."""
+
+    def __init__(self, model, tokenizer, optimizer, run_dir, save_every=0, save_minutes=0.0, keep=2):
+        self.model, self.tokenizer, self.optimizer, self.run_dir = model, tokenizer, optimizer, Path(run_dir)
+        self.save_every, self.save_seconds, self.keep = save_every, 60 * save_minutes, keep
+        self.signal, self.last_save = None, time.monotonic()
+        for leftover in self.run_dir.glob(".tmp-checkpoint-*"):  # what a crash while saving left behind
+            shutil.rmtree(leftover)
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *_):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _request_stop(self, signum, _frame):
+        if self.signal is None:  # a second Ctrl-C changes nothing: the checkpoint is still written whole
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint",
+                  file=sys.stderr, flush=True)
+        self.signal = signum
+
+    def after_step(self, step, last_step):
+        """Call after each optimizer step (1-based `step`); raises StopRequested after a signal."""
+        due = (self.save_every and step % self.save_every == 0) or \
+            (self.save_seconds and time.monotonic() - self.last_save >= self.save_seconds)
+        if (due and step < last_step) or self.signal is not None:
+            self.save(step)
+        if self.signal is not None:
+            name = signal.Signals(self.signal).name
+            raise StopRequested(f"stopped by {name} after step {step}, checkpoint saved; resume with: "
+                                f"python train.py --resume {self.run_dir}", 128 + self.signal)
+
+    def save(self, step):
+        """checkpoint-<step>/, written to a temporary folder and renamed into place, so a crash while
+        saving leaves the previous checkpoints as they were; then only the newest `keep` are kept."""
+        final, temporary = self.run_dir / f"checkpoint-{step}", self.run_dir / f".tmp-checkpoint-{step}"
+        shutil.rmtree(temporary, ignore_errors=True)
+        write(self.model, self.tokenizer, temporary, training_state(self.model, self.optimizer, step))
+        if final.exists():  # the same step saved again after a resume
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        self.last_save = time.monotonic()
+        checkpoints = sorted((s, f) for s, f in saved_steps(self.run_dir).items() if f != self.run_dir)
+        for _, old in checkpoints[:-self.keep]:
+            shutil.rmtree(old)

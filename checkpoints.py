@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import parallel
 from modeling import UsageError
 
 # Settings that change what the finished steps meant: a resume may not change them. Every other setting
@@ -28,7 +29,7 @@ from modeling import UsageError
 FIXED_BY_THE_RUN = ("model", "full", "load_in_4bit", "lora_r", "lora_alpha", "lora_target", "chat_template",
                     "dataset", "split", "eval_split", "eval_fraction", "max_length", "max_prompt_length",
                     "data_fingerprint", "beta", "gamma", "sft_weight", "no_length_normalization",
-                    "batch_size", "seed")
+                    "batch_size", "seed", "world_size")
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # exactly this: a "checkpoint-2-backup" folder is not one
 
 
@@ -64,11 +65,12 @@ def saved_steps(run_dir):
 
 
 def training_state(model, optimizer, step):
-    """Everything `--resume` needs to continue exactly: tensors, numbers and strings only."""
-    return {"step": step, "optimizer": optimizer.state_dict(),
-            "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    """Everything `--resume` needs to continue exactly: tensors, numbers and strings only. The RNG states
+    of every process (dropout masks are drawn per process): all processes must call this together."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    return {"step": step, "optimizer": optimizer.state_dict(), "rng": parallel.objects(rng),
+            "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}}
 
 
 def write(model, tokenizer, folder, state):
@@ -101,10 +103,11 @@ def restore(model, optimizer, folder):
         raise UsageError(f"--resume {folder}: the checkpoint does not fit this model "
                          f"(other --lora-target or --full?)")
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    rng = state["rng"][parallel.rank()]  # this process's own (a resume keeps the world size)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     return state["step"]
 
 
@@ -143,22 +146,28 @@ class Checkpointer:
         self.signal = signum
 
     def after_step(self, step, last_step):
-        """Call after each optimizer step (1-based `step`); raises StopRequested after a signal."""
+        """Call after each optimizer step (1-based `step`), in every process; raises StopRequested after
+        a signal."""
         due = (self.save_every and step % self.save_every == 0) or \
             (self.save_seconds and time.monotonic() - self.last_save >= self.save_seconds)
-        if (due and step < last_step) or self.signal is not None:
+        # Processes see the clock and the signal at slightly different moments: all act on the first.
+        due, signum = parallel.agree(int(bool(due) and step < last_step), self.signal or 0)
+        if due or signum:
             self.save(step)
-        if self.signal is not None:
-            name = signal.Signals(self.signal).name
-            raise StopRequested(f"stopped by {name} after step {step}, checkpoint saved; resume with: "
-                                f"python train.py --resume {self.run_dir}", 128 + self.signal)
+        if signum:
+            raise StopRequested(f"stopped by {signal.Signals(signum).name} after step {step}, checkpoint "
+                                f"saved; resume with: python train.py --resume {self.run_dir}", 128 + signum)
 
     def save(self, step):
         """checkpoint-<step>/, written to a temporary folder and renamed into place, so a crash while
         saving leaves the previous checkpoints as they were; then only the newest `keep` are kept."""
+        state = training_state(self.model, self.optimizer, step)  # in every process; one writes
+        self.last_save = time.monotonic()
+        if parallel.rank() != 0:
+            return
         final, temporary = self.run_dir / f"checkpoint-{step}", self.run_dir / f".tmp-checkpoint-{step}"
         shutil.rmtree(temporary, ignore_errors=True)
-        write(self.model, self.tokenizer, temporary, training_state(self.model, self.optimizer, step))
+        write(self.model, self.tokenizer, temporary, state)
         if final.exists():  # the same step saved again after a resume
             shutil.rmtree(final)
         os.replace(temporary, final)
@@ -166,3 +175,44 @@ class Checkpointer:
         checkpoints = sorted((s, f) for s, f in saved_steps(self.run_dir).items() if f != self.run_dir)
         for _, old in checkpoints[:-self.keep]:
             shutil.rmtree(old)
+
+
+def prepare_output_dir(args, inputs):
+    """Check the output folder before any work, so a refused run changes nothing on disk."""
+    if args.output_dir is None:
+        return
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out} is a file")
+    if args.resume or not out.is_dir() or not any(out.iterdir()):
+        return
+    if not args.overwrite:
+        raise UsageError(f"--output-dir {out} is not empty: pass --overwrite to replace it, "
+                         f"or --resume {out}")
+    if not (out / "run_config.json").is_file():  # never empty a folder train.py did not make (., ~, ...)
+        raise UsageError(f"--output-dir {out} holds no earlier run (no run_config.json): --overwrite only "
+                         f"replaces a run folder; pick an empty or new --output-dir")
+    for path in inputs:  # --overwrite deletes the whole folder: it must not hold what this run reads
+        if path and Path(path).exists() and Path(path).resolve().is_relative_to(out.resolve()):
+            raise UsageError(f"--output-dir {out} holds {path}, an input of this run: --overwrite would "
+                             f"delete it; pick another --output-dir")
+
+
+def make_output_dir(args):
+    """The run folder, created only now. The default name is unique even for runs started in the same
+    second: mkdir without exist_ok either creates the folder or fails, so two runs never share one."""
+    if args.output_dir is not None:
+        out = Path(args.output_dir)
+        if args.overwrite and not args.resume:  # checked in prepare_output_dir: a run folder, no inputs
+            shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    stamp = time.strftime("runs/%Y%m%d-%H%M%S")
+    for suffix in ["", *(f"-{n}" for n in range(2, 1000))]:
+        try:
+            Path(stamp + suffix).mkdir(parents=True)
+            args.output_dir = stamp + suffix
+            return Path(args.output_dir)
+        except FileExistsError:
+            continue
+    raise UsageError(f"cannot create a new folder {stamp}-N: pass --output-dir")

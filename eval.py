@@ -6,6 +6,7 @@
 
 With a LoRA run the base model is the same model with its adapter switched off: no second copy in memory.
 For a full fine-tuning run (`--adapter` is then the trained model folder) `--ref-model` names the base.
+eval.py runs in one process on one device, also for runs trained on several GPUs with torchrun.
 """
 import argparse
 import contextlib

@@ -10,12 +10,12 @@ forward runs chosen and rejected responses together, [chosen..., rejected...], a
 tokens from the final hidden states (simpo.chunked_sequence_logps), never building full logits.
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,6 +26,7 @@ from tqdm import tqdm
 import checkpoints
 import data
 import modeling
+import parallel
 import simpo
 from modeling import UsageError
 
@@ -140,6 +141,10 @@ def check_args(args):
         args.gamma = 0.5 if args.gamma_beta_ratio is None else args.gamma_beta_ratio * args.beta
     if args.micro_batch_size > args.batch_size:
         raise UsageError("--micro-batch-size cannot exceed --batch-size")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    if args.batch_size % processes:
+        raise UsageError(f"--batch-size {args.batch_size} pairs per step cannot be split evenly over "
+                         f"{processes} processes: make it a multiple of {processes}")
     if args.report_to and importlib.util.find_spec(args.report_to) is None:
         raise UsageError(f"--report-to {args.report_to} needs that package: pip install {args.report_to}")
     if args.eval_split and args.eval_fraction:
@@ -174,57 +179,30 @@ def lr_at(step, total_steps, warmup_steps, peak_lr):
 
 
 def evaluate(model, examples, args, pad_id):
+    """Held-out metrics; with several processes each scores a slice and the slices are gathered."""
     model.eval()  # no dropout
-    logps = modeling.pair_logps(model, examples, pad_id, args.micro_batch_size,
-                                not args.no_length_normalization, "evaluating")
-    metrics = modeling.reward_metrics(*logps, args.beta, args.gamma)
+    mine = [examples[i] for i in parallel.share(range(len(examples)))]
+    logps = torch.zeros(2, 0)
+    if mine:
+        logps = torch.stack(modeling.pair_logps(model, mine, pad_id, args.micro_batch_size,
+                                                not args.no_length_normalization, "evaluating"))
+    device = next(model.parameters()).device
+    metrics = modeling.reward_metrics(*parallel.gather(logps.to(device)).cpu(), args.beta, args.gamma)
     model.train()
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
-def save(model, tokenizer, folder, step, optimizer):
-    """Adapter (or model) in the usual format, plus everything `--resume` needs to continue exactly."""
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(),
-                "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-               Path(folder) / "training_state.tmp")
-    # a crash mid-write leaves the old one
-    os.replace(Path(folder) / "training_state.tmp", Path(folder) / "training_state.pt")
-
-
-def restore(model, optimizer, run_dir):
-    """Load the latest checkpoint of `run_dir` (the final save counts too); returns its step."""
-    checkpoints = sorted(Path(run_dir).glob("checkpoint-*/training_state.pt"),
-                         key=lambda f: int(f.parent.name.removeprefix("checkpoint-")))
-    final = Path(run_dir) / "training_state.pt"
-    if not final.is_file() and not checkpoints:
-        return 0
-    state = torch.load(final if final.is_file() else checkpoints[-1], weights_only=False)
-    # strict=False: frozen weights are absent
-    if model.load_state_dict(state["trainable"], strict=False).unexpected_keys:
-        raise UsageError(f"--resume {run_dir}: the checkpoint does not fit this model "
-                         f"(other --lora-target or --full?)")
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"]
-
-
 class Logger:
-    """metrics.jsonl, plus tensorboard or wandb when asked for."""
+    """metrics.jsonl, plus tensorboard or wandb when asked for; silent in all processes but the first."""
 
-    def __init__(self, out, report_to, config, start_step):
-        self.path = out / "metrics.jsonl"
+    def __init__(self, out, report_to, config, start_step, active=True):
+        self.path, self.active, self.writer, self.wandb = out / "metrics.jsonl", active, None, None
+        if not active:
+            return
         old = self.path.read_text().splitlines() if self.path.exists() else []
         # drop what a crash left past the checkpoint
         kept = [line for line in old if json.loads(line)["step"] <= start_step]
         self.path.write_text("".join(line + "\n" for line in kept))
-        self.writer = self.wandb = None
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(out / "tensorboard"))
@@ -233,6 +211,8 @@ class Logger:
             self.wandb = wandb.init(project="simpo", config=config, dir=str(out))
 
     def log(self, step, metrics):
+        if not self.active:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.writer:
@@ -260,67 +240,42 @@ def plot_curves(out):
     plt.close(fig)
 
 
-def accumulate_gradients(model, pairs, args, pad_id):
-    """Forward and backward over one optimizer step's pairs, `--micro-batch-size` at a time.
+class PairScorer(torch.nn.Module):
+    """modeling.policy_logps as a module: DistributedDataParallel wraps the call whose backward it syncs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, average=True):
+        return modeling.policy_logps(self.model, batch, average)
+
+
+def accumulate_gradients(scorer, pairs, args, pad_id, weight=None):
+    """Forward and backward over one optimizer step's pairs, `--micro-batch-size` at a time; each pair's
+    loss counts `weight` times (default 1/len(pairs): the step's loss is the mean over its pairs).
     Returns the detached per-pair (SimPO losses, SFT losses, chosen logps, rejected logps, chosen rewards,
     rejected rewards) as one (6, pairs) tensor and the step's token count, both left on the device."""
-    device, average, logs, tokens = next(model.parameters()).device, not args.no_length_normalization, [], 0
+    device, average, logs, tokens = next(scorer.parameters()).device, not args.no_length_normalization, [], 0
+    weight = 1 / len(pairs) if weight is None else weight
     for i in range(0, len(pairs), args.micro_batch_size):
         batch = {k: v.to(device) for k, v in data.collate(pairs[i:i + args.micro_batch_size], pad_id).items()}
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            chosen_logps, rejected_logps = modeling.policy_logps(model, batch, average).chunk(2)
-        losses, chosen_rewards, rejected_rewards = simpo.simpo_loss(chosen_logps, rejected_logps,
-                                                                    args.beta, args.gamma)
-        n_chosen = (batch["labels"][: len(chosen_logps), 1:] != data.IGNORE_INDEX).sum(-1).clamp(min=1)
-        sft_losses = -(chosen_logps if average else chosen_logps / n_chosen)  # NLL per chosen token
-        # Sum over the micro-batch, divided by the pairs in the whole step: the step's loss is the mean
-        # over all its pairs however they are split, so 1×8 and 4×2 give the same update.
-        ((losses + args.sft_weight * sft_losses).sum() / len(pairs)).backward()
+        # Several processes all-reduce their gradients once per step, in the last micro-batch's backward.
+        last = i + args.micro_batch_size >= len(pairs)
+        with contextlib.nullcontext() if last or not hasattr(scorer, "no_sync") else scorer.no_sync():
+            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+                chosen_logps, rejected_logps = scorer(batch, average).chunk(2)
+            losses, chosen_rewards, rejected_rewards = simpo.simpo_loss(chosen_logps, rejected_logps,
+                                                                        args.beta, args.gamma)
+            n_chosen = (batch["labels"][: len(chosen_logps), 1:] != data.IGNORE_INDEX).sum(-1).clamp(min=1)
+            sft_losses = -(chosen_logps if average else chosen_logps / n_chosen)  # NLL per chosen token
+            # Summed, times 1/(pairs in the whole step): the update is the mean over the step's pairs
+            # however they are split, so 1×8 and 4×2 (and 2 processes × 4) give the same update.
+            ((losses + args.sft_weight * sft_losses).sum() * weight).backward()
         logs.append(torch.stack([losses.detach(), sft_losses.detach(), chosen_logps.detach(),
                                  rejected_logps.detach(), chosen_rewards, rejected_rewards]))
         tokens += batch["attention_mask"].sum()
     return torch.cat(logs, dim=1), tokens
-
-
-def prepare_output_dir(args, inputs):
-    """Check the output folder before any work, so a refused run changes nothing on disk."""
-    if args.output_dir is None:
-        return
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output-dir {out} is a file")
-    if args.resume or not out.is_dir() or not any(out.iterdir()):
-        return
-    if not args.overwrite:
-        raise UsageError(f"--output-dir {out} is not empty: pass --overwrite to replace it, "
-                         f"or --resume {out}")
-    if not (out / "run_config.json").is_file():  # never empty a folder train.py did not make (., ~, ...)
-        raise UsageError(f"--output-dir {out} holds no earlier run (no run_config.json): --overwrite only "
-                         f"replaces a run folder; pick an empty or new --output-dir")
-    for path in inputs:  # --overwrite deletes the whole folder: it must not hold what this run reads
-        if path and Path(path).exists() and Path(path).resolve().is_relative_to(out.resolve()):
-            raise UsageError(f"--output-dir {out} holds {path}, an input of this run: --overwrite would "
-                             f"delete it; pick another --output-dir")
-
-
-def make_output_dir(args):
-    """The run folder, created only now. The default name is unique even for runs started in the same
-    second: mkdir without exist_ok either creates the folder or fails, so two runs never share one."""
-    if args.output_dir is not None:
-        out = Path(args.output_dir)
-        if args.overwrite and not args.resume:  # checked in prepare_output_dir: a run folder, no inputs
-            shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
-        return out
-    stamp = time.strftime("runs/%Y%m%d-%H%M%S")
-    for suffix in ["", *(f"-{n}" for n in range(2, 1000))]:
-        try:
-            Path(stamp + suffix).mkdir(parents=True)
-            args.output_dir = stamp + suffix
-            return Path(args.output_dir)
-        except FileExistsError:
-            continue
-    raise UsageError(f"cannot create a new folder {stamp}-N: pass --output-dir")
 
 
 def out_of_memory(pairs, args):
@@ -336,14 +291,21 @@ def out_of_memory(pairs, args):
 
 
 def train(args):
-    # bf16 is slow on CPUs
-    device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    rank, args.world_size, device = parallel.setup()
+    main_process = rank == 0
+    if not main_process:  # one voice: the other processes' progress would repeat it (errors still show)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open for the whole run)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 is slow on CPUs
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     if getattr(args, "demo", False):  # built next to the run, not in it: eval.py loads it as the base model
         import demo
-        args.model = str(Path(demo.build_tiny_model(Path(args.output_dir).parent / "demo-model")).resolve())
-    prepare_output_dir(args, [args.model, args.dataset])
+        if main_process:
+            demo.build_tiny_model(Path(args.output_dir).parent / "demo-model")
+        parallel.barrier()
+        args.model = str((Path(args.output_dir).parent / "demo-model").resolve())
+    checkpoints.prepare_output_dir(args, [args.model, args.dataset])
+    parallel.barrier()  # every process has checked the folder before the first one writes to it
     tokenizer = modeling.load_tokenizer(args.model, args.chat_template, args.trust_remote_code)
     train_set, eval_set, skipped = data.load_examples(tokenizer, args.dataset, args.split, args.eval_split,
                                                       args.eval_fraction, args.seed, args.max_length,
@@ -353,9 +315,10 @@ def train(args):
     if not train_set:
         raise data.DataError(f"{args.dataset}: no training pairs left after holding out and truncation")
     args.data_fingerprint = checkpoints.data_fingerprint(train_set)
-    if args.resume and checkpoints.resume_conflicts(args.run_config, vars(args)):
-        raise UsageError(f"--resume {args.resume}: the training pairs are not those the run trained on "
-                         f"(the dataset or its tokenization changed); start a new run instead")
+    conflicts = checkpoints.resume_conflicts(args.run_config, vars(args)) if args.resume else []
+    if conflicts:
+        raise UsageError(f"--resume {args.resume}: {'; '.join(conflicts)}: the run trained on other "
+                         f"pairs or in another setting; start a new run instead")
     model = modeling.prepare_model(args, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -370,24 +333,31 @@ def train(args):
     if start >= total_steps:  # nothing to train: the run folder stays exactly as it was
         print(f"{args.output_dir} finished all {total_steps} steps already")
         return Path(args.output_dir)
-    out = make_output_dir(args)
+    out = Path(parallel.from_rank_0(str(checkpoints.make_output_dir(args)) if main_process else None))
+    args.output_dir = str(out)
     if args.resume:
         changed = {k: v for k, v in vars(args).items()
                    if k in args.run_config and args.run_config[k] != v and k != "output_dir"}
         print("continuing with " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items())
               if changed else "continuing with the run's settings")
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "run_config")}
-    (out / "run_config.json").write_text(json.dumps(config, indent=2))
-    logger = Logger(out, args.report_to, config, start)
+    if main_process:  # one writer for everything in the run folder
+        (out / "run_config.json").write_text(json.dumps(config, indent=2))
+    logger = Logger(out, args.report_to, config, start, active=main_process)
     pad_id = tokenizer.pad_token_id
     if eval_set and start == 0:
         before = evaluate(model, eval_set, args, pad_id)
         logger.log(0, before)
         print(f"held-out reward accuracy before training: {before['eval/rewards/accuracies']:.3f}")
 
+    scorer = PairScorer(model)
+    if args.world_size > 1:  # the trainable weights' gradients are all-reduced in the last backward
+        scorer = torch.nn.parallel.DistributedDataParallel(
+            scorer, device_ids=[torch.device(device).index] if device != "cpu" else None)
     saver = checkpoints.Checkpointer(model, tokenizer, optimizer, out, args.save_every,
                                      args.save_every_minutes, args.keep_checkpoints)
-    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="training")
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="training",
+               disable=not main_process)
     with saver:
         for step in bar:
             # the order follows from (seed, epoch): resuming needs only `step`
@@ -395,20 +365,26 @@ def train(args):
             order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed + epoch))
             indices = order[index * args.batch_size:(index + 1) * args.batch_size].tolist()
             pairs = [train_set[i] for i in indices]
+            # This process's slice of the step. The update is the mean over all the step's pairs: each
+            # process weighs its pairs by world/pairs, DDP averages over the world. A process whose slice
+            # of a short last step is empty still joins the all-reduce, with a pair that weighs nothing.
+            mine = parallel.share(pairs)
+            weight = args.world_size / len(pairs) if mine else 0.0
             lr = lr_at(step, total_steps, warmup_steps, args.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             started = time.time()
             try:
-                stats, tokens = accumulate_gradients(model, pairs, args, pad_id)
+                stats, tokens = accumulate_gradients(scorer, mine or pairs[:1], args, pad_id, weight)
             except torch.cuda.OutOfMemoryError:
-                raise out_of_memory(pairs, args) from None
+                raise out_of_memory(mine, args) from None
+            stats = parallel.gather(stats[:, :len(mine)])  # (6, pairs of the whole step), in step order
             losses, sft_losses, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards = stats
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             # Read from the device once per step, not per micro-batch: each read waits for the GPU to catch
             # up. It comes before optimizer.step(), so that a non-finite step never reaches the weights.
-            loss, sft_loss, grad_norm, tokens = torch.stack([losses.mean(), sft_losses.mean(),
-                                                             grad_norm.float(), tokens.float()]).tolist()
+            loss, sft_loss, grad_norm, tokens = torch.stack([
+                losses.mean(), sft_losses.mean(), grad_norm.float(), parallel.total(tokens.float())]).tolist()
             if not all(map(math.isfinite, (loss, sft_loss, grad_norm))):
                 optimizer.zero_grad(set_to_none=True)
                 where = f"step {step + 1}: non-finite loss {loss} or gradient norm {grad_norm} " \
@@ -440,9 +416,10 @@ def train(args):
             logger.log(total_steps, after)
             print(f"held-out reward accuracy after training: {after['eval/rewards/accuracies']:.3f} "
                   f"(margin {after['eval/rewards/margins']:.2f}, loss {after['eval/loss']:.3f})")
-        final_state = checkpoints.training_state(model, optimizer, total_steps)
-        checkpoints.save_final(model, tokenizer, out, final_state)
-    plot_curves(out)
+        final_state = checkpoints.training_state(model, optimizer, total_steps)  # every process's RNG
+        if main_process:
+            checkpoints.save_final(model, tokenizer, out, final_state)
+            plot_curves(out)
     print(f"saved to {out}")
     return out
 

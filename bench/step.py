@@ -43,7 +43,8 @@ def simpo_step_times(folder, pair, args, device, dtype):
     times = []
     for _ in range(args.steps + 1):
         started = time.perf_counter()
-        train.accumulate_gradients(model, [pair], run, pad_id=0)  # exactly train.py's forward and backward
+        # exactly train.py's forward and backward
+        train.accumulate_gradients(train.PairScorer(model), [pair], run, pad_id=0)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -36,9 +36,12 @@ def test_every_train_flag_is_documented_and_every_documented_flag_exists(capsys)
     spec = importlib.util.spec_from_file_location("bench_step", ROOT / "bench" / "step.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    from torch.distributed.run import get_args_parser  # torchrun's own flags, for "More GPUs"
+    torchrun_flags = {flag for action in get_args_parser()._actions for flag in action.option_strings}
     known = (train_flags
              | help_flags(evaluate.parse_args, capsys)
              | help_flags(bench.main, capsys)
+             | torchrun_flags
              | {"--help", "--index-url"})
     assert set(re.findall(r"--[a-z][a-z0-9-]+", README)) - known == set(), \
         "README flags the code does not have"

@@ -1,0 +1,94 @@
+"""Data parallelism for processes started by torchrun: each process holds the whole model (4-bit where
+asked) on its own GPU, trains on its share of every optimizer step's pairs, and DistributedDataParallel
+averages the gradients once per step. A plain `python train.py` is a world of one: nothing here acts.
+
+    torchrun --nproc_per_node 4 train.py --model ... --dataset ...
+"""
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def setup():
+    """(rank, world size, device) from torchrun's environment; joins the process group when there are
+    several processes: nccl on GPUs, gloo on CPUs."""
+    world, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if world > 1 and not dist.is_initialized():
+        if device != "cpu":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device != "cpu" else "gloo")
+    return rank(), world, device
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def share(pairs):
+    """This process's contiguous slice of a step's pairs: the slices of ranks 0, 1, ... in order are the
+    whole step in order, so the gathered per-pair numbers are those of a single process."""
+    bounds = [len(pairs) * r // world_size() for r in range(world_size() + 1)]
+    return pairs[bounds[rank()]:bounds[rank() + 1]]
+
+
+def gather(values):
+    """(k, n_rank) tensors of every process -> one (k, n_0 + n_1 + ...) tensor, in rank order, everywhere."""
+    if world_size() == 1:
+        return values
+    sizes = [torch.zeros(1, dtype=torch.long, device=values.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([values.shape[-1]], device=values.device))
+    width = max(int(size) for size in sizes)
+    parts = [torch.empty(*values.shape[:-1], width, dtype=values.dtype, device=values.device)
+             for _ in sizes]
+    dist.all_gather(parts, F.pad(values, (0, width - values.shape[-1])).contiguous())
+    return torch.cat([part[..., :int(size)] for part, size in zip(parts, sizes, strict=True)], dim=-1)
+
+
+def total(value):
+    """The sum of a tensor over all processes."""
+    if world_size() > 1:
+        dist.all_reduce(value)
+    return value
+
+
+def agree(*flags):
+    """The largest of each integer flag over all processes, so that all take the same decision."""
+    if world_size() == 1:
+        return flags
+    values = torch.tensor(flags, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return tuple(values.tolist())
+
+
+def objects(value):
+    """[value of rank 0, value of rank 1, ...] on every process (small Python objects: RNG states)."""
+    if world_size() == 1:
+        return [value]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def from_rank_0(value):
+    if world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
+def barrier():
+    if world_size() > 1:
+        dist.barrier()
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()

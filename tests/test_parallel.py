@@ -1,0 +1,104 @@
+"""torchrun data parallelism on the CPU (gloo): 2 processes give the numbers and the adapter of 1."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import adapter, assert_adapters_close, metrics, standard_rows, train_rows, write_jsonl
+
+import checkpoints
+import demo
+import train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny model, 18 pairs (15 to train: each epoch ends on a step of 3 pairs, split 1 + 2), and the
+    single-process run every test compares with. Dropout is off: its masks are drawn per process."""
+    folder = tmp_path_factory.mktemp("parallel")
+    model = demo.build_tiny_model(folder / "model", hidden_size=32)
+    dataset = write_jsonl(folder / "pairs.jsonl", standard_rows(18))
+    args = ["--model", model, "--dataset", dataset, "--max-length", 32, "--max-prompt-length", 16,
+            "--batch-size", 4, "--micro-batch-size", 1, "--lora-r", 4, "--lora-alpha", 8, "--lora-dropout", 0,
+            "--lr", 1e-3, "--epochs", 3, "--eval-fraction", 0.2, "--eval-every", 4]
+    args = [str(a) for a in args]
+    assert train.main(args + ["--output-dir", str(folder / "single")]) == 0
+    return args, folder / "single"
+
+
+def torchrun(args, **popen):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", *args]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **popen)
+
+
+def assert_same_run(single, parallel):
+    """Every logged number (but speed) and the final adapter equal, step by step."""
+    one, two = metrics(single), metrics(parallel)
+    assert [row["step"] for row in two] == [row["step"] for row in one]  # one line per step, no repeats
+    for a, b in zip(one, two, strict=True):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"tokens_per_s", "step"}:
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+    assert_adapters_close(adapter(single), adapter(parallel), atol=1e-6)
+
+
+def test_two_processes_train_exactly_as_one(setup, tmp_path):
+    args, single = setup
+    out = tmp_path / "run"
+    process = torchrun(args + ["--output-dir", str(out), "--save-every", "2"])
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert_same_run(single, out)
+    assert json.loads((out / "run_config.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == ["checkpoint-10", "checkpoint-8"]
+    assert sorted(checkpoints.saved_steps(out)) == [8, 10, 12]
+    tokens = [row["tokens_per_s"] for row in train_rows(out)]
+    assert all(t > 0 for t in tokens)
+
+
+def test_a_batch_that_cannot_be_split_is_refused(setup, tmp_path):
+    args, _ = setup
+    out = tmp_path / "run"
+    process = torchrun(args + ["--output-dir", str(out), "--batch-size", "3"])
+    _, err = process.communicate(timeout=300)
+    assert process.returncode != 0
+    errors = {line for line in err.splitlines() if line.startswith("error: ")}
+    assert errors == {"error: --batch-size 3 pairs per step cannot be split evenly over 2 processes: make "
+                      "it a multiple of 2"}, err
+    assert "exitcode  : 2" in err
+    assert not out.exists()
+
+
+def test_interrupt_and_resume_under_torchrun(setup, tmp_path):
+    args, single = setup
+    out = tmp_path / "run"
+    process = torchrun(args + ["--output-dir", str(out)])
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if (out / "metrics.jsonl").is_file() and len(train_rows(out)) >= 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # torchrun passes it on to both processes
+    _, err = process.communicate(timeout=120)
+    stopped = {line for line in err.splitlines() if line.startswith("stopped: ")}
+    assert len(stopped) == 1 and f"python train.py --resume {out}" in stopped.pop(), err
+    assert "Traceback (most recent call last):\n  File \"" + str(REPO) not in err  # no traceback of ours
+    step = max(checkpoints.saved_steps(out))
+    assert 2 <= step < 12
+    process = torchrun(["--resume", str(out)])
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert_same_run(single, out)
+    # a resume must keep the world size: the run's RNG states are one per process
+    assert checkpoints.resume_conflicts({"world_size": 2}, {"world_size": 1})
+    state = torch.load(out / "training_state.pt", weights_only=True)
+    assert len(state["rng"]) == 2

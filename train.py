@@ -280,6 +280,8 @@ def train(args):
         if Path(value).exists():
             setattr(args, name, str(Path(value).resolve()))
     tokenizer = modeling.load_tokenizer(args.model, args.chat_template)
+    if args.chat_template:  # kept as text, not a file name: --resume and eval.py then need no file, anywhere
+        args.chat_template = tokenizer.chat_template
     train_set, eval_set, skipped = data.load_examples(tokenizer, args.dataset, args.split, args.eval_split,
                                                       args.eval_fraction, args.seed, args.max_length,
                                                       args.max_prompt_length)

@@ -591,6 +591,27 @@ def test_conversational_data_needs_a_chat_template(model_dir, model_without_temp
     assert modeling.load_tokenizer(str(out)).chat_template == demo.CHAT_TEMPLATE
 
 
+def test_relative_chat_template_file_survives_resume_from_elsewhere(model_without_template, tmp_path, capsys,
+                                                                    monkeypatch):
+    """--chat-template template.jinja, relative to where the run started: --resume from another folder (the
+    file gone by then) continues with the same template, as the model and dataset paths do."""
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    (start / "template.jinja").write_text(demo.CHAT_TEMPLATE)
+    monkeypatch.chdir(start)
+    code, _, err = run(small_args(model_without_template, dataset, "run", "--max-steps", 1,
+                                  "--chat-template", "template.jinja"), capsys)
+    assert code == 0, err
+    (start / "template.jinja").unlink()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = run(["--resume", start / "run", "--max-steps", 2], capsys)
+    assert code == 0, err
+    assert [row["step"] for row in train_rows(start / "run")] == [1, 2]
+    assert modeling.load_tokenizer(str(start / "run")).chat_template == demo.CHAT_TEMPLATE
+
+
 def test_non_empty_output_dir_is_refused_and_untouched(model_dir, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
     out = tmp_path / "run"

@@ -69,7 +69,9 @@ def parse_args(argv=None):
     # LoRA trains ~0.5% of the weights from zero, so it wants a larger rate than the published full
     # fine-tuning rates (3e-7 to 1e-6); 5e-6 to 2e-5 is the usual range for LoRA preference tuning.
     g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-    g.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up, then cosine decay to 0")
+    g.add_argument("--warmup-ratio", type=float, default=0.1,
+                   help="linear warm-up over this fraction of the steps (rounded down), its last step at "
+                        "the peak; then cosine decay to 0")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     g.add_argument("--epochs", type=int, default=1, help="passes over the training pairs")
     g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
@@ -145,10 +147,13 @@ def check_args(args):
 
 
 def lr_at(step, total_steps, warmup_steps, peak_lr):
-    """Learning rate of optimizer step `step` (0-based)."""
-    if step < warmup_steps:  # linear warm-up to the peak at step `warmup_steps`: early rewards are noisy
-        return peak_lr * (step + 1) / (warmup_steps + 1)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    """Learning rate of optimizer step `step` (0-based): `warmup_steps` steps rise linearly to the peak, the
+    last of them at it (with no warm-up the first step is at the peak, so a 1-step run trains at the peak);
+    the steps after the peak follow a cosine towards 0."""
+    if step < warmup_steps:  # warm-up, step k at (k + 1)/warmup_steps of the peak: early rewards are noisy
+        return peak_lr * (step + 1) / warmup_steps
+    peak_step = max(warmup_steps - 1, 0)
+    progress = (step - peak_step) / (total_steps - peak_step)  # 0 at the peak, 1 one step past the end
     return peak_lr * 0.5 * (1 + math.cos(math.pi * progress))  # cosine decay towards 0
 
 
@@ -300,7 +305,8 @@ def train(args):
     start = restore(model, optimizer, out) if args.resume else 0
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
-    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+    # rounded down, with slack for float error (0.29 × 100 is 28.999…): a 1-step run has no warm-up
+    warmup_steps = int(args.warmup_ratio * total_steps + 1e-9)
     if start >= total_steps:
         print(f"{out} finished all {total_steps} steps already")
         return out

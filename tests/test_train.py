@@ -708,18 +708,31 @@ def test_length_normalization_and_sft_weight(model_dir, tmp_path, capsys):
 def test_lr_schedule():
     peak = 2.0
     lrs = [train.lr_at(step, 10, 4, peak) for step in range(10)]
-    assert lrs[:4] == pytest.approx([0.4, 0.8, 1.2, 1.6])  # linear warm-up, the peak comes at step 4
-    expected = [peak * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]  # cosine over the remaining 6
-    assert lrs[4:] == pytest.approx(expected)
-    assert lrs[4:] == sorted(lrs[4:], reverse=True)
-    assert lrs[-1] == pytest.approx(peak * 0.5 * (1 - math.cos(math.pi / 6)))  # ≈ 0.067 peak: near 0, not 0
+    assert lrs[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])  # linear warm-up, its 4th and last step at the peak
+    # cosine from the peak (step 3) over the 7 steps after it
+    assert lrs[3:] == pytest.approx([peak * 0.5 * (1 + math.cos(math.pi * k / 7)) for k in range(7)])
+    assert lrs[3:] == sorted(lrs[3:], reverse=True)
+    assert lrs[-1] == pytest.approx(peak * 0.5 * (1 - math.cos(math.pi / 7)))  # ≈ 0.05 peak: near 0, not 0
     assert lrs[-1] < 0.1 * peak
     assert train.lr_at(10, 10, 4, peak) == pytest.approx(0.0, abs=1e-12)  # it would reach 0 one step later
-    # no warm-up: the first step is at the peak
-    assert [train.lr_at(s, 3, 0, 1.0) for s in range(3)] == pytest.approx([1.0, 0.75, 0.25])
-    # the default --warmup-ratio 0.1 over 20 steps: 2 warm-up steps
-    assert ([train.lr_at(s, 20, math.ceil(0.1 * 20), 1.0) for s in range(3)]
-            == pytest.approx([1 / 3, 2 / 3, 1.0]))
+    # no warm-up: the first step is at the peak; a single warm-up step is the same thing
+    for warmup_steps in (0, 1):
+        assert [train.lr_at(s, 3, warmup_steps, 1.0) for s in range(3)] == pytest.approx([1.0, 0.75, 0.25])
+    assert train.lr_at(0, 1, 0, 1.0) == 1.0  # a 1-step run trains at the peak
+
+
+@pytest.mark.parametrize("steps, warmup_ratio, warmup_steps", [(1, 0.1, 0), (3, 0.5, 1), (100, 0.29, 29)])
+def test_warmup_steps_are_rounded_down(steps, warmup_ratio, warmup_steps, model_dir, tmp_path, capsys):
+    """A run logs the lr of lr_at with ⌊warmup_ratio × steps⌋ warm-up steps: --max-steps 1 trains at the
+    peak, not half of it; 0.29 × 100 (28.999… in floats) still gives 29."""
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
+    code, _, err = run(small_args(model_dir, dataset, tmp_path / "run", "--max-steps", steps, "--lr", 1e-3,
+                                  "--warmup-ratio", warmup_ratio, "--batch-size", 1, "--micro-batch-size", 1),
+                       capsys)
+    assert code == 0, err
+    expected = [train.lr_at(s, steps, warmup_steps, 1e-3) for s in range(steps)]
+    assert [row["lr"] for row in train_rows(tmp_path / "run")] == pytest.approx(expected, rel=1e-12)
+    assert max(expected) == expected[max(warmup_steps - 1, 0)] == pytest.approx(1e-3)
 
 
 # ---------------------------------------------------------------- --help

@@ -46,7 +46,9 @@ def parse_args(argv=None):
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in backward: much less memory, ~30%% slower "
                         "(default: on with CUDA)")
-    g.add_argument("--chat-template", help="a Jinja chat template (text or file) for tokenizers without one")
+    g.add_argument("--chat-template",
+                   help="a Jinja chat template for tokenizers without one: text, or a file (the run keeps "
+                        "its text)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset",
                    help=".jsonl/.json/.parquet/.csv file, folder or hub id (see data.py for layouts)")
@@ -62,13 +64,13 @@ def parse_args(argv=None):
     g.add_argument("--gamma-beta-ratio", type=float,
                    help="γ/β, as the published configs give it (instead of --gamma)")
     g.add_argument("--sft-weight", type=float, default=0.0,
-                   help="add this × the chosen responses' NLL (average per token)")
+                   help="add this (>= 0) × the chosen responses' NLL (average per token)")
     g.add_argument("--no-length-normalization", action="store_true",
                    help="reward from the summed log-prob (ablation)")
     g = p.add_argument_group("optimisation")
     # LoRA trains ~0.5% of the weights from zero, so it wants a larger rate than the published full
     # fine-tuning rates (3e-7 to 1e-6); 5e-6 to 2e-5 is the usual range for LoRA preference tuning.
-    g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (> 0)")
     g.add_argument("--warmup-ratio", type=float, default=0.1,
                    help="linear warm-up over this fraction of the steps (rounded down), its last step at "
                         "the peak; then cosine decay to 0")
@@ -109,6 +111,11 @@ def parse_args(argv=None):
 
 
 def check_args(args):
+    for name, value in vars(args).items():  # a NaN passes every `<` check below, and turns the weights to NaN
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, not {value}")
+    if args.lr <= 0 or args.sft_weight < 0:  # AdamW would refuse a negative lr only after the model loads
+        raise UsageError(f"--lr must be > 0 and --sft-weight >= 0 (got {args.lr:g} and {args.sft_weight:g})")
     modeling.require_positive(args, "batch_size", "micro_batch_size", "epochs", "max_steps", "max_length",
                               "max_prompt_length",
                      "lora_r", "lora_alpha")

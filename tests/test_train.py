@@ -563,7 +563,10 @@ def test_gamma_and_gamma_beta_ratio(tmp_path, capsys):
                                    ["--chat-template", "no-such-template.jinja"], ["--max-grad-norm", 0],
                                    ["--warmup-ratio", 1.5], ["--lora-dropout", 1.5],
                                    ["--max-prompt-length", 64], ["--lora-alpha", 0], ["--eval-every", -1],
-                                   ["--lora-target", "q_proj,lm_head"]])
+                                   ["--lora-target", "q_proj,lm_head"], ["--lr", -1e-3], ["--lr", 0],
+                                   ["--sft-weight", -5], ["--lr", "nan"], ["--sft-weight", "inf"],
+                                   ["--beta", "nan"], ["--gamma-beta-ratio", "nan"],
+                                   ["--max-grad-norm", "nan"]])
 def test_bad_numbers_and_flags_are_usage_errors(flags, model_dir, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
     out = tmp_path / "run"

@@ -50,7 +50,9 @@ def resume_conflicts(saved, current):
         if isinstance(a, float) or isinstance(b, float):
             return a is not None and b is not None and abs(a - b) <= 1e-9 * max(1.0, abs(a))
         return a == b
-    return [f"--{key.replace('_', '-')} {current.get(key)} (the run used {saved.get(key)})"
+    names = {"data_fingerprint": "training pairs with fingerprint", "world_size": "number of processes"}
+    return [f"{names.get(key, '--' + key.replace('_', '-'))} {current.get(key)} "
+            f"(the run used {saved.get(key)})"
             for key in FIXED_BY_THE_RUN if key in current and key in saved and not same(key)]
 
 

@@ -153,10 +153,12 @@ def kl_to_base(policy, base_model, examples, pad_id, batch_size, chunk_size):
 def generate(policy, base_model, tokenizer, examples, args):
     """Sample `args.generate` held-out prompts from policy and base with the same seed; lengths up to EOS and
     a sequence-level KL estimate on the policy's own samples: mean of Σ_t log π(y_t) − log π_base(y_t)."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, GenerationMixin
     device, samples = next(policy.parameters()).device, []
-    # The model's stop tokens (Gemma-2 ends a turn with <end_of_turn>, not its EOS), but a fresh sampling
-    # config: the model's top_k, repetition penalty etc. would sample from something other than π.
+    # Samples from π itself. transformers 5 fills every field a GenerationConfig leaves unset from the
+    # model's generation_config.json (repetition_penalty, no_repeat_ngram_size, min_new_tokens, ...), so
+    # this config becomes the models' own and the library's neutral defaults fill the rest (top_k's is 50,
+    # hence 0). Only the model's stop tokens are kept (Gemma-2 ends a turn with <end_of_turn>, not its EOS).
     stop = policy.generation_config.eos_token_id or tokenizer.eos_token_id
     stop = {tokenizer.eos_token_id, *(stop if isinstance(stop, list) else [stop])}
     sampling = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
@@ -169,6 +171,9 @@ def generate(policy, base_model, tokenizer, examples, args):
         sample = {"prompt": tokenizer.decode(examples[i]["prompt"])}
         for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
             with context as model:
+                for module in model.modules():  # the transformers model, also inside a peft wrapper
+                    if isinstance(module, GenerationMixin):  # for good: nothing else samples from it
+                        module.generation_config = sampling
                 torch.manual_seed(args.seed + i)  # the same seed for both models
                 ids = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                                      generation_config=sampling)

@@ -48,7 +48,9 @@ def parse_args(argv=None):
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in backward: much less memory, ~30%% slower "
                         "(default: on with CUDA)")
-    g.add_argument("--chat-template", help="a Jinja chat template (text or file) for tokenizers without one")
+    g.add_argument("--chat-template",
+                   help="a Jinja chat template for tokenizers without one: text, or a file (the run keeps "
+                        "its text)")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="run the Python code a hub model ships with (only for a model you trust)")
     g = p.add_argument_group("data")
@@ -66,14 +68,16 @@ def parse_args(argv=None):
     g.add_argument("--gamma-beta-ratio", type=float,
                    help="γ/β, as the published configs give it (instead of --gamma)")
     g.add_argument("--sft-weight", type=float, default=0.0,
-                   help="add this × the chosen responses' NLL (average per token)")
+                   help="add this (>= 0) × the chosen responses' NLL (average per token)")
     g.add_argument("--no-length-normalization", action="store_true",
                    help="reward from the summed log-prob (ablation)")
     g = p.add_argument_group("optimisation")
     # LoRA trains ~0.5% of the weights from zero, so it wants a larger rate than the published full
     # fine-tuning rates (3e-7 to 1e-6); 5e-6 to 2e-5 is the usual range for LoRA preference tuning.
-    g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-    g.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warm-up, then cosine decay to 0")
+    g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (> 0)")
+    g.add_argument("--warmup-ratio", type=float, default=0.1,
+                   help="linear warm-up over this fraction of the steps (rounded down), its last step at "
+                        "the peak; then cosine decay to 0")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     g.add_argument("--epochs", type=int, default=1, help="passes over the training pairs")
     g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
@@ -122,6 +126,11 @@ def parse_args(argv=None):
 
 
 def check_args(args):
+    for name, value in vars(args).items():  # a NaN passes every `<` check below, and turns the weights to NaN
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, not {value}")
+    if args.lr <= 0 or args.sft_weight < 0:  # AdamW would refuse a negative lr only after the model loads
+        raise UsageError(f"--lr must be > 0 and --sft-weight >= 0 (got {args.lr:g} and {args.sft_weight:g})")
     modeling.require_positive(args, "batch_size", "micro_batch_size", "epochs", "max_steps", "max_length",
                               "max_prompt_length", "lora_r", "lora_alpha", "keep_checkpoints")
     if args.max_prompt_length > args.max_length:
@@ -162,6 +171,8 @@ def check_args(args):
     for name in ("model", "dataset"):  # run_config.json must still find local paths from another folder
         if getattr(args, name) and Path(getattr(args, name)).exists():
             setattr(args, name, str(Path(getattr(args, name)).resolve()))
+    if args.chat_template and "{" not in args.chat_template and Path(args.chat_template).is_file():
+        args.chat_template = Path(args.chat_template).read_text()  # the run keeps the text: no file needed
     if args.resume:
         conflicts = checkpoints.resume_conflicts(args.run_config, vars(args))
         if conflicts:
@@ -171,10 +182,13 @@ def check_args(args):
 
 
 def lr_at(step, total_steps, warmup_steps, peak_lr):
-    """Learning rate of optimizer step `step` (0-based)."""
-    if step < warmup_steps:  # linear warm-up to the peak at step `warmup_steps`: early rewards are noisy
-        return peak_lr * (step + 1) / (warmup_steps + 1)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    """Learning rate of optimizer step `step` (0-based): `warmup_steps` steps rise linearly to the peak, the
+    last of them at it (with no warm-up the first step is at the peak, so a 1-step run trains at the peak);
+    the steps after the peak follow a cosine towards 0."""
+    if step < warmup_steps:  # warm-up, step k at (k + 1)/warmup_steps of the peak: early rewards are noisy
+        return peak_lr * (step + 1) / warmup_steps
+    peak_step = max(warmup_steps - 1, 0)
+    progress = (step - peak_step) / (total_steps - peak_step)  # 0 at the peak, 1 one step past the end
     return peak_lr * 0.5 * (1 + math.cos(math.pi * progress))  # cosine decay towards 0
 
 
@@ -329,7 +343,8 @@ def train(args):
         print(f"resuming from {folder} (step {start})")
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
-    warmup_steps = math.ceil(args.warmup_ratio * total_steps)
+    # rounded down, with slack for float error (0.29 × 100 is 28.999…): a 1-step run has no warm-up
+    warmup_steps = int(args.warmup_ratio * total_steps + 1e-9)
     if start >= total_steps:  # nothing to train: the run folder stays exactly as it was
         print(f"{args.output_dir} finished all {total_steps} steps already")
         return Path(args.output_dir)

@@ -360,6 +360,48 @@ def test_generate_writes_samples_and_sequence_kl(demo_run, reference, tmp_path, 
     assert "mean sampled length" in stdout and "per sampled sequence" in stdout
 
 
+def sample_by_hand(model, prompt, seed, max_new_tokens, stop):
+    """Plain multinomial sampling from the model's softmax, one full forward per token, no processors."""
+    torch.manual_seed(seed)
+    ids = list(prompt)
+    for _ in range(max_new_tokens):
+        probs = full_logits(model, ids)[-1].float().exp()
+        ids.append(torch.multinomial(probs, 1).item())
+        if ids[-1] in stop:
+            break
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM", "plain"])  # LoRA from peft's two classes, or none
+def test_generate_ignores_the_models_generation_config(tiny, tmp_path, task_type):
+    """transformers 5 fills a GenerationConfig's unset fields from the model's generation_config.json; a
+    model whose file turns on every kind of logits processor must still be sampled from π alone: the same
+    ids as a hand-written multinomial loop with the same seed, cut at the model's own stop tokens."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.model)
+    stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|user|>")]  # a second stop token
+    model = modeling.load_model(str(tiny.model))
+    model.generation_config = GenerationConfig(
+        eos_token_id=stop, do_sample=True, temperature=0.3, top_k=3, top_p=0.5, min_p=0.2, typical_p=0.5,
+        repetition_penalty=5.0, no_repeat_ngram_size=1, min_new_tokens=4, bad_words_ids=[[20], [21]],
+        suppress_tokens=[22, 23], exponential_decay_length_penalty=(2, 1.5))
+    model.save_pretrained(tmp_path / "model")  # the fields above, in generation_config.json
+    model = modeling.load_model(str(tmp_path / "model")).eval()
+    assert model.generation_config.repetition_penalty == 5.0 and model.generation_config.eos_token_id == stop
+    if task_type != "plain":  # B = 0: the LoRA model's logits are the model's
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type=task_type))
+    _, examples, _ = data.load_examples(tokenizer, tiny.pairs, "train", None, 0.5, 0, 64, 32)
+    args = SimpleNamespace(generate=6, seed=2, temperature=1.0, top_p=1.0, max_new_tokens=16)
+    _, samples = eval.generate(model, lambda: contextlib.nullcontext(model), tokenizer, examples, args)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))
+    for i, sample in zip(order[:args.generate].tolist(), samples, strict=True):
+        expected = sample_by_hand(model, examples[i]["prompt"], args.seed + i, args.max_new_tokens, stop)
+        assert sample["policy_ids"] == sample["base_ids"] == expected
+    assert {s["policy_ids"][-1] for s in samples} >= set(stop)  # both stop tokens met (seed chosen so)
+
+
 # ---------------------------------------------------------------- 6. bad input
 
 def test_missing_adapter_folder(tmp_path, capsys):

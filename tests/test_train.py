@@ -470,7 +470,7 @@ def test_resume_after_crash_matches_uninterrupted_run(model_dir, tmp_path, capsy
     crash_after_checkpoint_2(c)
     state_file = c / "checkpoint-2" / "training_state.pt"
     state = torch.load(state_file, weights_only=False)
-    state["rng"]["torch"] = torch.Generator().manual_seed(12345).get_state()
+    state["rng"][0]["torch"] = torch.Generator().manual_seed(12345).get_state()
     torch.save(state, state_file)
     code, _, err = run(["--resume", c], capsys)
     assert code == 0, err
@@ -564,7 +564,10 @@ def test_gamma_and_gamma_beta_ratio(tmp_path, capsys):
                                    ["--chat-template", "no-such-template.jinja"], ["--max-grad-norm", 0],
                                    ["--warmup-ratio", 1.5], ["--lora-dropout", 1.5],
                                    ["--max-prompt-length", 64], ["--lora-alpha", 0], ["--eval-every", -1],
-                                   ["--lora-target", "q_proj,lm_head"]])
+                                   ["--lora-target", "q_proj,lm_head"], ["--lr", -1e-3], ["--lr", 0],
+                                   ["--sft-weight", -5], ["--lr", "nan"], ["--sft-weight", "inf"],
+                                   ["--beta", "nan"], ["--gamma-beta-ratio", "nan"],
+                                   ["--max-grad-norm", "nan"]])
 def test_bad_numbers_and_flags_are_usage_errors(flags, model_dir, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
     out = tmp_path / "run"
@@ -590,6 +593,27 @@ def test_conversational_data_needs_a_chat_template(model_dir, model_without_temp
                                   "--chat-template", template), capsys)
     assert code == 0, err
     assert modeling.load_tokenizer(str(out)).chat_template == demo.CHAT_TEMPLATE
+
+
+def test_relative_chat_template_file_survives_resume_from_elsewhere(model_without_template, tmp_path, capsys,
+                                                                    monkeypatch):
+    """--chat-template template.jinja, relative to where the run started: --resume from another folder (the
+    file gone by then) continues with the same template, as the model and dataset paths do."""
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    (start / "template.jinja").write_text(demo.CHAT_TEMPLATE)
+    monkeypatch.chdir(start)
+    code, _, err = run(small_args(model_without_template, dataset, "run", "--max-steps", 1,
+                                  "--chat-template", "template.jinja"), capsys)
+    assert code == 0, err
+    (start / "template.jinja").unlink()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = run(["--resume", start / "run", "--max-steps", 2], capsys)
+    assert code == 0, err
+    assert [row["step"] for row in train_rows(start / "run")] == [1, 2]
+    assert modeling.load_tokenizer(str(start / "run")).chat_template == demo.CHAT_TEMPLATE
 
 
 def test_non_empty_output_dir_is_refused_and_untouched(model_dir, tmp_path, capsys):
@@ -689,18 +713,31 @@ def test_length_normalization_and_sft_weight(model_dir, tmp_path, capsys):
 def test_lr_schedule():
     peak = 2.0
     lrs = [train.lr_at(step, 10, 4, peak) for step in range(10)]
-    assert lrs[:4] == pytest.approx([0.4, 0.8, 1.2, 1.6])  # linear warm-up, the peak comes at step 4
-    expected = [peak * 0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]  # cosine over the remaining 6
-    assert lrs[4:] == pytest.approx(expected)
-    assert lrs[4:] == sorted(lrs[4:], reverse=True)
-    assert lrs[-1] == pytest.approx(peak * 0.5 * (1 - math.cos(math.pi / 6)))  # ≈ 0.067 peak: near 0, not 0
+    assert lrs[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])  # linear warm-up, its 4th and last step at the peak
+    # cosine from the peak (step 3) over the 7 steps after it
+    assert lrs[3:] == pytest.approx([peak * 0.5 * (1 + math.cos(math.pi * k / 7)) for k in range(7)])
+    assert lrs[3:] == sorted(lrs[3:], reverse=True)
+    assert lrs[-1] == pytest.approx(peak * 0.5 * (1 - math.cos(math.pi / 7)))  # ≈ 0.05 peak: near 0, not 0
     assert lrs[-1] < 0.1 * peak
     assert train.lr_at(10, 10, 4, peak) == pytest.approx(0.0, abs=1e-12)  # it would reach 0 one step later
-    # no warm-up: the first step is at the peak
-    assert [train.lr_at(s, 3, 0, 1.0) for s in range(3)] == pytest.approx([1.0, 0.75, 0.25])
-    # the default --warmup-ratio 0.1 over 20 steps: 2 warm-up steps
-    assert ([train.lr_at(s, 20, math.ceil(0.1 * 20), 1.0) for s in range(3)]
-            == pytest.approx([1 / 3, 2 / 3, 1.0]))
+    # no warm-up: the first step is at the peak; a single warm-up step is the same thing
+    for warmup_steps in (0, 1):
+        assert [train.lr_at(s, 3, warmup_steps, 1.0) for s in range(3)] == pytest.approx([1.0, 0.75, 0.25])
+    assert train.lr_at(0, 1, 0, 1.0) == 1.0  # a 1-step run trains at the peak
+
+
+@pytest.mark.parametrize("steps, warmup_ratio, warmup_steps", [(1, 0.1, 0), (3, 0.5, 1), (100, 0.29, 29)])
+def test_warmup_steps_are_rounded_down(steps, warmup_ratio, warmup_steps, model_dir, tmp_path, capsys):
+    """A run logs the lr of lr_at with ⌊warmup_ratio × steps⌋ warm-up steps: --max-steps 1 trains at the
+    peak, not half of it; 0.29 × 100 (28.999… in floats) still gives 29."""
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
+    code, _, err = run(small_args(model_dir, dataset, tmp_path / "run", "--max-steps", steps, "--lr", 1e-3,
+                                  "--warmup-ratio", warmup_ratio, "--batch-size", 1, "--micro-batch-size", 1),
+                       capsys)
+    assert code == 0, err
+    expected = [train.lr_at(s, steps, warmup_steps, 1e-3) for s in range(steps)]
+    assert [row["lr"] for row in train_rows(tmp_path / "run")] == pytest.approx(expected, rel=1e-12)
+    assert max(expected) == expected[max(warmup_steps - 1, 0)] == pytest.approx(1e-3)
 
 
 # ---------------------------------------------------------------- --help

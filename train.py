@@ -280,11 +280,10 @@ def train(args):
         if Path(value).exists():
             setattr(args, name, str(Path(value).resolve()))
     tokenizer = modeling.load_tokenizer(args.model, args.chat_template)
-    train_set, eval_set, skipped = data.load_examples(tokenizer, args.dataset, args.split, args.eval_split,
+    train_set, eval_set, summary = data.load_examples(tokenizer, args.dataset, args.split, args.eval_split,
                                                       args.eval_fraction, args.seed, args.max_length,
                                                       args.max_prompt_length)
-    print(f"{len(train_set)} training pairs, {len(eval_set)} held-out, "
-          f"{skipped} skipped (response truncated to nothing)")
+    print(summary)  # pairs kept and left out (and why), token lengths, where the tokenized data is cached
     if not train_set:
         raise data.DataError(f"{args.dataset}: no training pairs left after holding out and truncation")
     model = modeling.prepare_model(args, device, dtype)

@@ -251,6 +251,8 @@ def _token_ids(tokenizer, pairs, end):
 
 
 def _shared_length(a, b):
+    if len(a) == len(b) and a == b:  # the usual case, compared in C
+        return len(a)
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1

@@ -308,7 +308,7 @@ def tokenize_batch(batch, indices, tokenizer, source, end, max_length, max_promp
             prompt, responses = _truncate(prompt, untruncated, tokenizer.bos_token_id, max_length,
                                           max_prompt_length)
             status = KEPT if all(responses) else EMPTIED
-            truncated = list(map(len, responses)) != list(map(len, untruncated))
+            truncated = status == KEPT and list(map(len, responses)) != list(map(len, untruncated))
             prompt, responses = (prompt, responses) if status == KEPT else ([], [[], []])
         for name, value in zip(out, (prompt, *responses, status, truncated), strict=True):
             out[name].append(value)

@@ -8,14 +8,16 @@ Two layouts are read, detected row by row:
                   HuggingFaceH4/ultrafeedback_binarized and princeton-nlp/llama3-ultrafeedback-armorm.
 Every problem is a DataError whose message names the file, row and field.
 """
+import csv
 import json
 import random
+import time
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from jinja2 import TemplateError
-from tqdm import tqdm
 
 IGNORE_INDEX = -100  # label of positions that are not scored (prompt, padding)
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -47,7 +49,8 @@ def load_rows(dataset, split):
         raise DataError(f"{dataset}: unsupported file type {path.suffix!r} (use {', '.join(FILE_TYPES)})")
     try:
         if path.is_file():  # a single file serves as whatever split is asked for
-            return load_dataset(FILE_TYPES[suffix], data_files={split: str(path)}, split=split)
+            return load_dataset(FILE_TYPES[suffix], data_files={split: str(path)}, split=split,
+                                **(_csv_as_text(path) if suffix == ".csv" else {}))
         return load_dataset(dataset, split=split)
     except Exception as error:
         if suffix in (".json", ".jsonl"):  # find the exact row that arrow choked on
@@ -58,6 +61,15 @@ def load_rows(dataset, split):
                 raise DataError(f"{dataset}: no rows") from None
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(f"{dataset}: cannot load split {split!r}: {reason}") from None
+
+
+def _csv_as_text(path):
+    """CSV cells as the text they are: pandas would turn an answer "42" into 42 and "007" into 7, and "NA"
+    or "None" into a missing value."""
+    from datasets import Features, Value
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    return {"features": Features({name: Value("string") for name in header}), "keep_default_na": False}
 
 
 def _json_rows(path):
@@ -121,97 +133,341 @@ def to_pair(row, where):
 
 
 def read_pairs(dataset, split):
+    """Every row of a split as a Pair (checked, in file order); tests and tools use it, training does not."""
+    rows = _checked_rows(dataset, split)
+    return [to_pair(row, f"{dataset}: row {i + 1}") for i, row in enumerate(rows)]
+
+
+def _checked_rows(dataset, split):
     rows = load_rows(dataset, split)
     if "chosen" not in rows.column_names or "rejected" not in rows.column_names:
         raise DataError(f"{dataset}: unknown column layout {rows.column_names}: expected 'prompt', 'chosen', "
                         f"'rejected' strings, or 'chosen'/'rejected' message lists")
     if len(rows) == 0:
         raise DataError(f"{dataset}: split {split!r} has no rows")
-    return [to_pair(row, f"{dataset}: row {i + 1}") for i, row in enumerate(rows)]
+    return rows
 
 
-def _prompt_and_response_text(tokenizer, prompt, response):
-    if tokenizer.chat_template is None:  # plain text: only for the standard layout (checked by the caller)
-        return prompt[-1]["content"], response["content"]
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(prompt + [response], tokenize=False)
-    if not full_text.startswith(prompt_text):  # templates that rewrite earlier turns: fall back to the raw response
-        return prompt_text, response["content"]
-    return prompt_text, full_text[len(prompt_text):]
+# ---------------------------------------------------------------- chat template and tokens
+
+class EndOfTurn(NamedTuple):
+    """What a chat template writes after an assistant message's content."""
+    terminator: str | None  # the special token that ends the turn (Llama-3 <|eot_id|>, Gemma-2 <end_of_turn>)
+    suffix: str             # all of it (Gemma-2: "<end_of_turn>\n"); "" if the template could not say
+
+
+def end_of_turn(tokenizer):
+    """Read from the template itself, not from a table of model names: template a conversation whose reply
+    is a sentinel and look at what follows it. The terminator is the first special token there."""
+    if tokenizer.chat_template is None:  # plain text: EOS ends each response
+        return EndOfTurn(None, "")
+    sentinel = "SimpoSentinelReply"
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": sentinel}]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except TemplateError:
+        return EndOfTurn(None, "")
+    if sentinel not in text:
+        return EndOfTurn(None, "")
+    suffix = text[text.rindex(sentinel) + len(sentinel):]
+    specials = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    found = sorted((suffix.index(token), -len(token), token) for token in specials | {tokenizer.eos_token}
+                   if token and token in suffix)
+    return EndOfTurn(found[0][2] if found else None, suffix)
+
+
+def _render(tokenizer, conversations, pairs, **options):
+    """The template applied to many conversations in one call; on an error, find the row that causes it."""
+    try:
+        return tokenizer.apply_chat_template(conversations, tokenize=False, **options)
+    except TemplateError as error:  # e.g. Gemma-2's template refuses a system turn
+        for conversation, pair in zip(conversations, pairs, strict=True):
+            try:
+                tokenizer.apply_chat_template(conversation, tokenize=False, **options)
+            except TemplateError as row_error:
+                raise DataError(f"{pair.where}: the chat template fails on this row: {row_error}") from None
+        raise DataError(f"{pairs[0].where}: the chat template fails: {error}") from None
+
+
+def _up_to_end_of_turn(text, prompt_text, response, end):
+    """The templated conversation cut right after the response's terminator (what follows, e.g. Gemma-2's
+    "\\n", is never generated: scoring it would dilute the average log-prob). True if EOS must follow."""
+    if not text.startswith(prompt_text):  # a template that rewrites earlier turns: the raw response after
+        text = prompt_text + response["content"] + end.suffix  # the prompt, as the model would generate it
+    at = text.rfind(end.terminator, len(prompt_text)) if end.terminator else -1
+    if at < 0:  # no terminator: the policy still has to learn to stop, so EOS follows
+        return text.removesuffix(end.suffix) if end.suffix.strip() else text.rstrip(), True
+    return text[:at + len(end.terminator)], False
+
+
+def _first_response_token(encoded, i, text, boundary):
+    """Index of the token holding the response's first character: a token that spans the prompt/response
+    boundary (SentencePiece's "▁Hello") is part of the response, as the model reads it."""
+    for char in range(boundary, len(text)):
+        token = encoded.char_to_token(i, char)
+        if token is not None:
+            return token
+    return len(encoded["input_ids"][i])
+
+
+def _token_ids(tokenizer, pairs, end):
+    """(prompt, chosen, rejected) ids of each pair, not yet truncated, tokenized in batched calls.
+
+    With a chat template, each whole conversation is tokenized as the model reads it (no special tokens
+    added: the template writes BOS, and another is the double BOS of Llama-3), and the prompt ends where the
+    generation prompt ends. Without one (standard layout only), the prompt gets the tokenizer's BOS and each
+    response is tokenized on its own, as TRL does."""
+    eos = [tokenizer.eos_token_id]
+    if tokenizer.chat_template is None:
+        prompts = tokenizer([pair.prompt[-1]["content"] for pair in pairs])["input_ids"]
+        responses = tokenizer([pair.chosen["content"] for pair in pairs] + [pair.rejected["content"]
+                                                                            for pair in pairs],
+                              add_special_tokens=False)["input_ids"]
+        return [(prompt, chosen + eos, rejected + eos)
+                for prompt, chosen, rejected in zip(prompts, responses[:len(pairs)], responses[len(pairs):],
+                                                    strict=True)]
+    prompt_texts = _render(tokenizer, [pair.prompt for pair in pairs], pairs, add_generation_prompt=True)
+    sides = [(pair, prompt_text, getattr(pair, side)) for side in ("chosen", "rejected")
+             for pair, prompt_text in zip(pairs, prompt_texts, strict=True)]  # [chosen..., rejected...]
+    conversations = _render(tokenizer, [pair.prompt + [response] for pair, _, response in sides],
+                            [pair for pair, _, _ in sides])
+    texts, add_eos = zip(*(_up_to_end_of_turn(text, prompt_text, response, end)
+                           for text, (_, prompt_text, response) in zip(conversations, sides, strict=True)),
+                         strict=True)
+    encoded = tokenizer(list(texts), add_special_tokens=False)
+    ids = encoded["input_ids"]
+    if encoded.encodings is None:  # a Python tokenizer knows no characters: tokenize the prompts on their own
+        prompt_ids = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"] * 2
+        starts = [_shared_length(prompt, full) for prompt, full in zip(prompt_ids, ids, strict=True)]
+    else:
+        starts = [_first_response_token(encoded, i, text, len(prompt_text))
+                  for i, (text, (_, prompt_text, _)) in enumerate(zip(texts, sides, strict=True))]
+    result, n = [], len(pairs)
+    for i in range(n):
+        chosen, rejected = ids[i], ids[n + i]
+        cut = _shared_length(chosen[:starts[i]], rejected[:starts[n + i]])  # the prompt both sides share
+        result.append((chosen[:cut], chosen[cut:] + eos * add_eos[i], rejected[cut:] + eos * add_eos[n + i]))
+    return result
 
 
 def _shared_length(a, b):
+    if len(a) == len(b) and a == b:  # the usual case, compared in C
+        return len(a)
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
 
 
+def _truncate(prompt, responses, bos_id, max_length, max_prompt_length):
+    """Fit a pair into max_length: first the prompt loses its start (its end holds the question; BOS stays),
+    down to max_prompt_length, then the responses lose their end. A pair that fits keeps its whole prompt."""
+    if len(prompt) + max(map(len, responses)) <= max_length:
+        return prompt, responses
+    if len(prompt) > max_prompt_length:
+        bos = prompt[:1] if prompt[0] == bos_id else []
+        prompt = bos + prompt[len(prompt) - max_prompt_length + len(bos):]
+    return prompt, [ids[:max(0, max_length - len(prompt))] for ids in responses]
+
+
 def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_length):
-    """Token ids of one pair, truncated; None if a response would end up empty."""
-    prompt_text, chosen_text = _prompt_and_response_text(tokenizer, prompt, chosen)
-    rejected_text = _prompt_and_response_text(tokenizer, prompt, rejected)[1]
-    encode = lambda text, special=False: tokenizer(text, add_special_tokens=special)["input_ids"]  # noqa: E731
-    if tokenizer.chat_template is None:  # plain text: prompt (with the tokenizer's BOS) and response apart, as TRL
-        prompt_ids = encode(prompt_text, special=True)
-        fulls = [prompt_ids + encode(text) for text in (chosen_text, rejected_text)]
-    else:  # the template writes BOS itself: adding another is the double BOS the official repo warns of (Llama-3)
-        # Each conversation is tokenized in one piece, as the model reads it. Where a token spans the boundary
-        # (SentencePiece's "▁Hello", "\n" + text), it belongs to the response and the prompt ends before it.
-        prompt_ids, fulls = encode(prompt_text), [encode(prompt_text + text) for text in (chosen_text, rejected_text)]
-    cut = min(_shared_length(prompt_ids, full) for full in fulls)
-    prompt_ids, responses = prompt_ids[:cut], [full[cut:] for full in fulls]
-    # End on EOS so the policy learns to stop; cut after the last EOS what a template writes after it (e.g. "\n").
-    eos = tokenizer.eos_token_id
-    responses = [ids[:len(ids) - ids[::-1].index(eos)] if eos in ids else ids + [eos] for ids in responses]
-    if len(prompt_ids) + max(map(len, responses)) > max_length:
-        if len(prompt_ids) > max_prompt_length:  # first the prompt loses its start (its end holds the question)
-            bos = prompt_ids[:1] if prompt_ids[0] == tokenizer.bos_token_id else []  # BOS stays
-            prompt_ids = bos + prompt_ids[len(prompt_ids) - max_prompt_length + len(bos):]
-        responses = [ids[:max(0, max_length - len(prompt_ids))] for ids in responses]  # then the responses their end
+    """Token ids of one pair (message lists), truncated; None if a response would end up empty."""
+    pair = Pair(prompt, chosen, rejected, True, "pair")
+    [(prompt_ids, *responses)] = _token_ids(tokenizer, [pair], end_of_turn(tokenizer))
+    prompt_ids, responses = _truncate(prompt_ids, responses, tokenizer.bos_token_id, max_length,
+                                      max_prompt_length)
     if not all(responses):
         return None
     return {"prompt": prompt_ids, "chosen": responses[0], "rejected": responses[1]}
 
 
-def tokenize_pairs(pairs, tokenizer, max_length, max_prompt_length, source):
-    """Tokenize every pair once, up front. Returns (examples, number skipped for an empty response)."""
-    if tokenizer.chat_template is None and any(pair.conversational for pair in pairs):
-        raise DataError(f"{source}: conversational data needs a chat template, and this tokenizer has none "
-                        f"(pass --chat-template)")
-    examples = []
-    for pair in tqdm(pairs, desc=f"tokenizing {source}", leave=False):
-        try:
-            examples.append(tokenize_pair(tokenizer, pair.prompt, pair.chosen, pair.rejected, max_length, max_prompt_length))
-        except TemplateError as error:  # e.g. Gemma-2's template refuses a system turn
-            raise DataError(f"{pair.where}: the chat template fails on this row: {error}") from None
-    kept = [e for e in examples if e is not None]
-    return kept, len(examples) - len(kept)
+# ---------------------------------------------------------------- a whole split, batched and cached
+
+KEPT, IDENTICAL, EMPTIED = 0, 1, 2  # status of a row
+REASONS = {IDENTICAL: "identical", EMPTIED: "emptied"}
+
+
+def tokenize_batch(batch, indices, tokenizer, source, end, max_length, max_prompt_length):
+    """`datasets.map(batched=True)` function: rows in, token ids and a status per row out."""
+    pairs = [to_pair(dict(zip(batch, values, strict=True)), f"{source}: row {i + 1}")
+             for values, i in zip(zip(*batch.values(), strict=True), indices, strict=True)]
+    if tokenizer.chat_template is None:
+        for pair in pairs:
+            if pair.conversational:
+                raise DataError(f"{pair.where}: conversational data needs a chat template, and this "
+                                f"tokenizer has none (pass --chat-template)")
+    # chosen == rejected teaches nothing: its loss is the constant log σ(−γ), with no gradient at all
+    identical = [pair.chosen["content"] == pair.rejected["content"] for pair in pairs]
+    token_ids = iter(_token_ids(tokenizer, [p for p, same in zip(pairs, identical, strict=True) if not same],
+                                end))
+    out = {"prompt": [], "chosen": [], "rejected": [], "status": [], "truncated": []}
+    for same in identical:
+        prompt, responses, status, truncated = [], [[], []], IDENTICAL, False
+        if not same:
+            prompt, *untruncated = next(token_ids)
+            prompt, responses = _truncate(prompt, untruncated, tokenizer.bos_token_id, max_length,
+                                          max_prompt_length)
+            status = KEPT if all(responses) else EMPTIED
+            truncated = status == KEPT and list(map(len, responses)) != list(map(len, untruncated))
+            prompt, responses = (prompt, responses) if status == KEPT else ([], [[], []])
+        for name, value in zip(out, (prompt, *responses, status, truncated), strict=True):
+            out[name].append(value)
+    return out
+
+
+def _tokenizer_state(tokenizer):
+    """Everything that decides the token ids, as text: the tokenizer's files as loaded and the chat template.
+    (Hashing the tokenizer object itself, as `datasets` would, takes 10 s for Gemma-2.)"""
+    if not tokenizer.is_fast:
+        return repr((type(tokenizer).__name__, tokenizer.get_vocab(), tokenizer.init_kwargs))
+    backend = tokenizer.backend_tokenizer
+    backend.no_padding()  # state left by earlier padded calls; transformers sets it again on each call
+    backend.no_truncation()
+    return backend.to_str()
+
+
+def tokenize_split(tokenizer, dataset, split, max_length, max_prompt_length):
+    """Every row of one split, tokenized, as a `datasets.Dataset` with a status per row.
+
+    `datasets` keeps the result in its cache, next to the Arrow copy of the data (~/.cache/huggingface/
+    datasets, or $HF_DATASETS_CACHE), under a fingerprint of everything that decides it: the data, the
+    tokenizer, its chat template, the length limits and this file. The next run with the same inputs reads
+    it back instead of tokenizing again; a change in any of them tokenizes anew."""
+    from datasets import Features, List, Value
+    from datasets.fingerprint import Hasher
+
+    rows = _checked_rows(dataset, split)
+    end = end_of_turn(tokenizer)
+    fingerprint = Hasher.hash([rows._fingerprint, _tokenizer_state(tokenizer), tokenizer.chat_template,
+                               str(dataset), max_length, max_prompt_length, Path(__file__).read_text()])
+    ids = List(Value("int32"))  # 4 bytes per token id (Python ints in lists take 70)
+    features = Features({"prompt": ids, "chosen": ids, "rejected": ids, "status": Value("int8"),
+                         "truncated": Value("bool")})
+    started = time.time()
+    tokenized = rows.map(tokenize_batch, batched=True, with_indices=True, remove_columns=rows.column_names,
+                         features=features, new_fingerprint=fingerprint, desc=f"tokenizing {dataset}:{split}",
+                         fn_kwargs=dict(tokenizer=tokenizer, source=dataset, end=end, max_length=max_length,
+                                        max_prompt_length=max_prompt_length))
+    files = [f["filename"] for f in tokenized.cache_files]
+    from_cache = bool(files) and all(Path(f).stat().st_mtime < started for f in files)
+    return tokenized, files, from_cache
+
+
+class Examples:
+    """Tokenized pairs as numpy arrays over Arrow data (4 bytes per token id), in a given order.
+    `examples[i]` is {"prompt", "chosen", "rejected"}: lists of ids, built for that pair only."""
+
+    def __init__(self, columns, rows):
+        self.columns = columns  # name -> (ids of all rows end to end, where each row starts)
+        self.rows = rows        # positions of these pairs among those rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        row = self.rows[int(i)]  # int(): torch.randperm's 0-d tensors index too
+        return {name: ids[starts[row]:starts[row + 1]].tolist()
+                for name, (ids, starts) in self.columns.items()}
+
+
+def _columns(tokenized):
+    columns = {}
+    for name in ("prompt", "chosen", "rejected"):
+        array = tokenized.data.column(name).combine_chunks()
+        columns[name] = (array.values.to_numpy(), array.offsets.to_numpy())
+    return columns
+
+
+class Summary:
+    """What load_examples kept and left out, per part ("train", "held-out"), and the token lengths."""
+
+    def __init__(self, counts, lengths, cache_files, from_cache):
+        self.counts = counts  # part -> {"pairs": kept, "identical": n, "emptied": n, "truncated": n}
+        self.lengths = lengths  # "prompt" / "chosen" / "rejected" -> {"mean", "p50", "p95", "max"}
+        self.cache_files = cache_files  # where `datasets` keeps the tokenized rows
+        self.from_cache = from_cache  # True when nothing was tokenized this time
+
+    def skipped(self, part):
+        return self.counts[part]["identical"] + self.counts[part]["emptied"]
+
+    def as_dict(self):
+        return {"counts": self.counts, "lengths": self.lengths, "cache_files": self.cache_files,
+                "from_cache": self.from_cache}
+
+    def __str__(self):
+        total = {key: sum(part[key] for part in self.counts.values())
+                 for key in ("identical", "emptied", "truncated")}
+        lines = [f"{self.counts['train']['pairs']} training pairs, "
+                 f"{self.counts['held-out']['pairs']} held-out, "
+                 f"{total['emptied']} skipped (response truncated to nothing), "
+                 f"{total['identical']} left out (chosen and rejected identical), "
+                 f"{total['truncated']} truncated but kept"]
+        if self.lengths:
+            lines.append(f"  {'tokens':10}{'mean':>8}{'p50':>8}{'p95':>8}{'max':>8}")
+            for name, stats in self.lengths.items():
+                lines.append(f"  {name:10}{stats['mean']:>8.1f}" + "".join(f"{stats[k]:>8d}"
+                                                                         for k in ("p50", "p95", "max")))
+        where = ", ".join(self.cache_files) or "not cached (in-memory data)"
+        lines.append(f"  {'read from the cache' if self.from_cache else 'tokenized; cached'}: {where}")
+        return "\n".join(lines)
 
 
 def load_examples(tokenizer, dataset, split, eval_split=None, eval_fraction=0.0, seed=0, max_length=2048,
                   max_prompt_length=1800):
-    """Tokenized (train, held-out) examples and the count of skipped pairs, shared by train.py and eval.py."""
+    """Tokenized (train, held-out) examples and a Summary of them, shared by train.py and eval.py."""
     if eval_split and Path(dataset).is_file():
-        raise DataError(f"{dataset}: a single file has no separate {eval_split!r} split: use --eval-fraction, or a "
-                        f"folder with train and test files")
-    train = read_pairs(dataset, split)
-    held_out = read_pairs(dataset, eval_split) if eval_split else []
-    if not eval_split and eval_fraction > 0:  # a fixed, seeded slice of the training split
-        order = list(range(len(train)))
+        raise DataError(f"{dataset}: a single file has no separate {eval_split!r} split: "
+                        f"use --eval-fraction, or a folder with train and test files")
+    limits = (max_length, max_prompt_length)
+    tokenized, cache_files, from_cache = tokenize_split(tokenizer, dataset, split, *limits)
+    parts = {"train": (tokenized, np.arange(len(tokenized))), "held-out": (tokenized, np.arange(0))}
+    if eval_split:
+        held_out, files, cached = tokenize_split(tokenizer, dataset, eval_split, *limits)
+        parts["held-out"] = (held_out, np.arange(len(held_out)))
+        cache_files, from_cache = cache_files + files, from_cache and cached
+    elif eval_fraction > 0:  # a fixed, seeded slice of the training split
+        order = list(range(len(tokenized)))
         random.Random(seed).shuffle(order)
-        cut = max(1, int(len(train) * eval_fraction))
-        held_out, train = [train[i] for i in order[:cut]], [train[i] for i in order[cut:]]
-    train, skipped = tokenize_pairs(train, tokenizer, max_length, max_prompt_length, f"{dataset}:{split}")
-    held_out, skipped_eval = tokenize_pairs(held_out, tokenizer, max_length, max_prompt_length, f"{dataset}:held-out")
-    return train, held_out, skipped + skipped_eval
+        cut = max(1, int(len(tokenized) * eval_fraction))
+        parts = {"train": (tokenized, np.array(order[cut:])), "held-out": (tokenized, np.array(order[:cut]))}
+    examples, counts, lengths = {}, {}, {"prompt": [], "chosen": [], "rejected": []}
+    columns = {}
+    for part, (table, rows) in parts.items():
+        columns.setdefault(id(table), _columns(table))  # train and held-out may share one table
+        status = table.data.column("status").to_numpy()[rows]
+        truncated = table.data.column("truncated").to_numpy()[rows]
+        kept = rows[status == KEPT]
+        counts[part] = {"pairs": len(kept), "identical": int((status == IDENTICAL).sum()),
+                        "emptied": int((status == EMPTIED).sum()), "truncated": int(truncated.sum())}
+        examples[part] = Examples(columns[id(table)], kept)
+        for name, (_, starts) in columns[id(table)].items():
+            lengths[name].append(np.diff(starts)[kept])
+    lengths = {name: _distribution(np.concatenate(values)) for name, values in lengths.items()}
+    summary = Summary(counts, lengths if counts["train"]["pairs"] + counts["held-out"]["pairs"] else {},
+                      cache_files, from_cache)
+    return examples["train"], examples["held-out"], summary
+
+
+def _distribution(lengths):
+    if not len(lengths):
+        return {"mean": 0.0, "p50": 0, "p95": 0, "max": 0}
+    p50, p95 = np.percentile(lengths, [50, 95], method="nearest")
+    return {"mean": float(lengths.mean()), "p50": int(p50), "p95": int(p95), "max": int(lengths.max())}
 
 
 def collate(examples, pad_id):
     """Pairs -> one right-padded batch of 2·B sequences, ordered [chosen..., rejected...]."""
+    examples = [{k: v.tolist() if isinstance(v, np.ndarray) else list(v) for k, v in e.items()}
+                for e in examples]  # ids as numpy arrays or lists
     sequences = [e["prompt"] + e[side] for side in ("chosen", "rejected") for e in examples]
-    labels = [[IGNORE_INDEX] * len(e["prompt"]) + e[side] for side in ("chosen", "rejected") for e in examples]
+    labels = [[IGNORE_INDEX] * len(e["prompt"]) + e[side] for side in ("chosen", "rejected")
+              for e in examples]
     width = max(map(len, sequences))
-    pad = lambda rows, value: torch.tensor([row + [value] * (width - len(row)) for row in rows])
+
+    def pad(rows, value):
+        return torch.tensor([row + [value] * (width - len(row)) for row in rows])
+
     return {"input_ids": pad(sequences, pad_id), "attention_mask": pad([[1] * len(s) for s in sequences], 0),
             "labels": pad(labels, IGNORE_INDEX)}

@@ -195,32 +195,58 @@ def generate(policy, base_model, tokenizer, examples, args):
     return summary | {"kl/sequence": sum(s["log_ratio"] for s in samples) / len(samples)}, samples
 
 
+def pairs_to_score(args):
+    """Which pairs to score: (split, held-out fraction, what they are in words, whether the run trained on
+    them). By default the pairs the run held out, cut as train.py cut them, never its training pairs."""
+    run, dataset = args.run, args.dataset
+    same = run.get("dataset") is not None and \
+        str(Path(dataset).resolve()) == str(Path(run["dataset"]).resolve())
+    if args.split and Path(dataset).is_file():  # (as train.py refuses --eval-split)
+        raise UsageError(f"--split {args.split}: {dataset} is a single file, which has no splits: "
+                         f"eval.py scores the pairs the run held out of it, or all of a file the run did not "
+                         f"train on")
+    if args.split:
+        training = same and args.split == run.get("split", "train")
+        note = ": the run trained on them" if training else ""
+        return args.split, 0.0, f"split {args.split!r} of {dataset}{note}", training
+    if same and run.get("eval_split"):
+        return run["eval_split"], 0.0, f"split {run['eval_split']!r} of {dataset}, held out by the run", False
+    if same and run.get("eval_fraction"):
+        return (run.get("split", "train"), run["eval_fraction"], f"the pairs the run held out of {dataset} "
+                f"(--eval-fraction {run['eval_fraction']:g}, seed {run.get('seed', 0)})", False)
+    if same:
+        raise UsageError(f"the run held out no pairs of {dataset}: pass other data with --dataset "
+                         f"(and --split for a folder or hub dataset)")
+    if Path(dataset).is_file():
+        return "train", 0.0, f"all of {dataset}, not the run's training data", False
+    if not run.get("eval_split"):
+        raise UsageError(f"{dataset}: pass --split")
+    return run["eval_split"], 0.0, f"split {run['eval_split']!r} of {dataset}", False
+
+
 def evaluate(args):
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     args.load_in_4bit = cuda if args.load_in_4bit is None else args.load_in_4bit
     adapter = Path(args.adapter)
-    if (adapter / "tokenizer_config.json").is_file():  # saved by train.py, chat template included
-        tokenizer = modeling.load_tokenizer(str(adapter), trust_remote_code=args.trust_remote_code)
-    else:
-        tokenizer = modeling.load_tokenizer(args.ref_model or args.model, args.run.get("chat_template"),
-                                            args.trust_remote_code)
-    # A whole split, or else the slice of the training split that the run held out, cut as train.py cut it.
-    whole_split = args.split or args.run.get("eval_split")
-    fraction = 0.0 if whole_split else args.run.get("eval_fraction", 0.0)
-    if not whole_split and not fraction:
-        raise UsageError("the run held out no pairs: pass --split")
-    split = whole_split or args.run.get("split", "train")
-    train_part, held_out, skipped = data.load_examples(tokenizer, args.dataset, split, None, fraction,
+    # The base model's own tokenizer and the run's template, as train.py tokenized: not the copy saved with
+    # the run, which transformers may re-save differently (Mistral's Metaspace prepend_scheme).
+    tokenizer = modeling.load_tokenizer(args.ref_model or args.model, args.run.get("chat_template"),
+                                        args.trust_remote_code)
+    split, fraction, scored, training = pairs_to_score(args)
+    train_part, held_out, summary = data.load_examples(tokenizer, args.dataset, split, None, fraction,
                                                        args.run.get("seed", 0), args.max_length,
                                                        args.max_prompt_length)
+    part = "held-out" if fraction else "train"
     examples = held_out if fraction else train_part
     if not examples:
         raise data.DataError(f"{args.dataset}: no pairs to evaluate in split {split!r}")
     policy, base_model = load_policy_and_base(args, device, dtype)
     average = not args.run.get("no_length_normalization", False)
     settings = {k: v for k, v in vars(args).items() if k != "run"}
-    report = {"settings": settings, "pairs": len(examples), "skipped": skipped}
+    report = {"settings": settings, "pairs": len(examples), "scored": scored,
+              "includes_training_pairs": training,  # counts of the pairs evaluated only, not of training's:
+              "skipped": summary.skipped(part), "counts": summary.counts[part]}
     pad_id = tokenizer.pad_token_id
     for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
         with context as model:
@@ -242,8 +268,12 @@ def evaluate(args):
 
 
 def print_report(report, args):
-    which = f"split {args.split!r}" if args.split else "held-out pairs"
-    print(f"\n{report['pairs']} pairs from {args.dataset}, {which} (β={args.beta:g}, γ={args.gamma:g})")
+    print(f"\n{report['pairs']} pairs scored: {report['scored']} (β={args.beta:g}, γ={args.gamma:g})")
+    counts = report["counts"]
+    print(f"left out: {counts['identical']} with chosen == rejected, {counts['emptied']} truncated to "
+          f"nothing; {counts['truncated']} scored truncated")
+    if report["includes_training_pairs"]:
+        print("warning: these are training pairs, not held-out ones: the accuracy says little about new data")
     print(f"{'':34}{'policy':>10}{'base':>10}")
     rows = (("rewards/accuracies", "reward accuracy"), ("rewards/margins", "mean reward margin β·Δ"),
             ("rewards/beyond_gamma", "pairs beyond margin γ"), ("loss", "SimPO loss"))

@@ -321,11 +321,10 @@ def train(args):
     checkpoints.prepare_output_dir(args, [args.model, args.dataset])
     parallel.barrier()  # every process has checked the folder before the first one writes to it
     tokenizer = modeling.load_tokenizer(args.model, args.chat_template, args.trust_remote_code)
-    train_set, eval_set, skipped = data.load_examples(tokenizer, args.dataset, args.split, args.eval_split,
+    train_set, eval_set, summary = data.load_examples(tokenizer, args.dataset, args.split, args.eval_split,
                                                       args.eval_fraction, args.seed, args.max_length,
                                                       args.max_prompt_length)
-    print(f"{len(train_set)} training pairs, {len(eval_set)} held-out, "
-          f"{skipped} skipped (response truncated to nothing)")
+    print(summary)  # pairs kept and left out (and why), token lengths, where the tokenized data is cached
     if not train_set:
         raise data.DataError(f"{args.dataset}: no training pairs left after holding out and truncation")
     args.data_fingerprint = checkpoints.data_fingerprint(train_set)

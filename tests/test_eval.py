@@ -455,16 +455,17 @@ def test_no_run_config_takes_the_base_from_the_adapter_and_needs_dataset(demo_ru
 def test_full_finetuning_run(tiny, tmp_path, capsys):
     assert not (tiny.full / "adapter_config.json").exists() and (tiny.full / "config.json").is_file()
     out = tmp_path / "full.json"
-    rc, _, err = run_eval(capsys, "--adapter", tiny.full, "--ref-model", tiny.model, "--dataset", tiny.pairs,
-                          "--split", "train", "--out", out)
+    held_out = demo.DATA_DIR / "test.jsonl"  # pairs the run did not train on (it held none out of its own)
+    rc, _, err = run_eval(capsys, "--adapter", tiny.full, "--ref-model", tiny.model, "--dataset", held_out,
+                          "--out", out)
     assert rc == 0, err
     report = json.loads(out.read_text())
-    assert report["pairs"] == 24
+    assert report["pairs"] == 128
     assert report["kl/chosen"] > 0 and report["kl/rejected"] > 0
     assert report["policy"]["logps/chosen"] != report["base"]["logps/chosen"]
     # the reference defaults to the run's --model: the same numbers
     out2 = tmp_path / "full-default-ref.json"
-    rc, _, err = run_eval(capsys, "--adapter", tiny.full, "--split", "train", "--out", out2)
+    rc, _, err = run_eval(capsys, "--adapter", tiny.full, "--dataset", held_out, "--out", out2)
     assert rc == 0, err
     again = json.loads(out2.read_text())
     assert again["kl/chosen"] == report["kl/chosen"] and again["base"] == report["base"]
@@ -515,12 +516,12 @@ def test_full_model_without_run_config_takes_ref_model(tiny, tmp_path, capsys):
     shutil.copytree(tiny.full, model,
                     ignore=shutil.ignore_patterns("run_config.json", "metrics.jsonl", "*.png"))
     rc, _, err = run_eval(capsys, "--adapter", model, "--ref-model", tiny.model, "--dataset", tiny.pairs,
-                          "--split", "train", "--out", tmp_path / "r.json")
+                          "--out", tmp_path / "r.json")
     assert rc == 0, err
 
 
 def test_empty_dataset_message_says_so(demo_run, tiny, tmp_path, capsys):
-    rc, _, err = run_eval(capsys, "--adapter", demo_run.run, "--dataset", tiny.empty, "--split", "train",
+    rc, _, err = run_eval(capsys, "--adapter", demo_run.run, "--dataset", tiny.empty,
                           "--out", tmp_path / "r.json")
     assert_usage_error(rc, err, "no rows")
 

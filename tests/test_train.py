@@ -237,9 +237,9 @@ def test_conversational_layout_matches_chat_template(layout, tokenizer, tmp_path
         assert conversational
         assert (prompt, chosen, rejected) == expected_conversations(row)
 
-    examples, held_out, skipped = data.load_examples(tokenizer, dataset, "train",
+    examples, held_out, summary = data.load_examples(tokenizer, dataset, "train",
                                                      max_length=128, max_prompt_length=96)
-    assert (len(examples), held_out, skipped) == (len(rows), [], 0)
+    assert (len(examples), len(held_out), summary.skipped("train")) == (len(rows), 0, 0)
     bos = tokenizer.bos_token_id
     for example, row in zip(examples, rows, strict=True):
         prompt, chosen, rejected = expected_conversations(row)
@@ -404,9 +404,9 @@ def long_and_short_rows():
 
 def test_skipped_pairs_are_counted(tokenizer, model_dir, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", long_and_short_rows())
-    examples, _, skipped = data.load_examples(tokenizer, dataset, "train",
+    examples, _, summary = data.load_examples(tokenizer, dataset, "train",
                                               max_length=12, max_prompt_length=12)
-    assert (len(examples), skipped) == (5, 3)
+    assert (len(examples), summary.counts["train"]["emptied"]) == (5, 3)
     assert all(len(e["prompt"]) + len(e["chosen"]) <= 12 and e["chosen"] and e["rejected"] for e in examples)
 
     out = tmp_path / "run"

@@ -308,7 +308,7 @@ def train(args):
     rank, args.world_size, device = parallel.setup()
     main_process = rank == 0
     if not main_process:  # one voice: the other processes' progress would repeat it (errors still show)
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open for the whole run)
+        sys.stdout = open(os.devnull, "w")  # for the whole run: closed when the process ends
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 is slow on CPUs
     torch.manual_seed(args.seed)
     random.seed(args.seed)

@@ -5,7 +5,6 @@ A run folder holds the final save at its top (adapter or model, tokenizer, train
 newest `--keep-checkpoints` folders `checkpoint-<step>/` of the same form. `--resume` continues from
 whichever of them has the highest step.
 """
-import hashlib
 import json
 import os
 import pickle
@@ -17,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import parallel
@@ -31,16 +29,6 @@ FIXED_BY_THE_RUN = ("model", "full", "load_in_4bit", "lora_r", "lora_alpha", "lo
                     "data_fingerprint", "beta", "gamma", "sft_weight", "no_length_normalization",
                     "batch_size", "seed", "world_size")
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # exactly this: a "checkpoint-2-backup" folder is not one
-
-
-def data_fingerprint(examples):
-    """sha256 of every token id of every pair, in order: a resume must see the very same training data."""
-    digest = hashlib.sha256()
-    for i in range(len(examples)):
-        for key in ("prompt", "chosen", "rejected"):
-            ids = np.asarray(examples[i][key], dtype=np.int64)
-            digest.update(len(ids).to_bytes(8, "little") + ids.tobytes())
-    return digest.hexdigest()[:16]
 
 
 def resume_conflicts(saved, current):

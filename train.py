@@ -327,7 +327,7 @@ def train(args):
     print(summary)  # pairs kept and left out (and why), token lengths, where the tokenized data is cached
     if not train_set:
         raise data.DataError(f"{args.dataset}: no training pairs left after holding out and truncation")
-    args.data_fingerprint = checkpoints.data_fingerprint(train_set)
+    args.data_fingerprint = train_set.fingerprint()
     conflicts = checkpoints.resume_conflicts(args.run_config, vars(args)) if args.resume else []
     if conflicts:
         raise UsageError(f"--resume {args.resume}: {'; '.join(conflicts)}: the run trained on other "

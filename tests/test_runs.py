@@ -321,3 +321,25 @@ def test_model_code_runs_only_with_trust_remote_code(model_dir, tmp_path, capsys
     code, _, err = run(long_run(str(model), dataset, tmp_path / "run", "--max-steps", 1), capsys)
     assert code == 2 and "--trust-remote-code" in error_line(err)
     assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_the_data_fingerprint_sees_content_and_order_not_layout():
+    import numpy as np
+
+    import data
+
+    def examples(pairs, pad=0):  # the same pairs, stored with `pad` unrelated ids before them
+        columns = {}
+        for key in ("prompt", "chosen", "rejected"):
+            ids = [list(range(900, 900 + pad))] + [pair[key] for pair in pairs]
+            starts = np.cumsum([0] + [len(part) for part in ids])
+            columns[key] = (np.array(sum(ids, []), dtype=np.int32), starts)
+        return data.Examples(columns, np.arange(1, len(pairs) + 1))
+
+    pairs = [{"prompt": [1, 2], "chosen": [3], "rejected": [4, 5]},
+             {"prompt": [6], "chosen": [7], "rejected": [8]}]
+    same = examples(pairs).fingerprint()
+    assert examples(pairs, pad=3).fingerprint() == same
+    assert examples(pairs[::-1]).fingerprint() != same
+    changed = [dict(pairs[0], chosen=[3, 4], rejected=[5]), pairs[1]]  # same ids, other split
+    assert examples(changed).fingerprint() != same

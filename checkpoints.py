@@ -67,6 +67,14 @@ def write(model, tokenizer, folder, state):
     """Adapter (or model) in the usual format, the tokenizer, and the training state, into `folder`."""
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    # transformers 5 leaves `legacy` out of the saved tokenizer_config.json; reloaded without it, a
+    # SentencePiece tokenizer (Mistral, Llama-2) puts "▁" before text after a special token ("<s>[INST]"),
+    # so the copy would tokenize differently from the model's own tokenizer.
+    if getattr(tokenizer, "legacy", None) is not None:
+        config_file = Path(folder) / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        config_file.write_text(json.dumps({**config, "legacy": tokenizer.legacy}, indent=2,
+                                          ensure_ascii=False))
     torch.save(state, Path(folder) / "training_state.pt")
     (Path(folder) / "checkpoint.json").write_text(json.dumps({"step": state["step"]}))
 

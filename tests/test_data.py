@@ -115,6 +115,14 @@ def test_train_and_eval_run_with_each_real_tokenizer(name, tmp_path, capsys):
     report = json.loads((out / "eval.json").read_text())
     assert report["pairs"] + report["skipped"] == 2 and not report["includes_training_pairs"]
     assert all(np.isfinite(report["policy"][key]) for key in ("loss", "rewards/margins"))
+    trained = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())][-1]
+    assert report["policy"]["loss"] == pytest.approx(trained["eval/loss"], abs=1e-5)  # the same pairs
+    # the tokenizer saved with the run reads the real conversations as the model's own does
+    saved = modeling.load_tokenizer(str(out))
+    for row in rows[:20]:
+        conversation = [{"role": "user", "content": row["prompt"]},
+                        {"role": "assistant", "content": row["chosen"]}]
+        assert template_ids(saved, conversation) == template_ids(tokenizer, conversation)
 
 
 # ---------------------------------------------------------------- identical pairs, summary, storage

@@ -38,10 +38,11 @@ def resume_conflicts(saved, current):
         if isinstance(a, float) or isinstance(b, float):
             return a is not None and b is not None and abs(a - b) <= 1e-9 * max(1.0, abs(a))
         return a == b
-    names = {"data_fingerprint": "training pairs with fingerprint", "world_size": "number of processes"}
-    return [f"{names.get(key, '--' + key.replace('_', '-'))} {current.get(key)} "
-            f"(the run used {saved.get(key)})"
-            for key in FIXED_BY_THE_RUN if key in current and key in saved and not same(key)]
+    described = {"data_fingerprint": "training pairs with fingerprint {} (the run's: {})",
+                 "world_size": "{} processes where the run had {} (resume with as many)"}
+    return [described.get(key, f"--{key.replace('_', '-')} {{}} (the run used {{}})").format(
+        current.get(key), saved.get(key))
+        for key in FIXED_BY_THE_RUN if key in current and key in saved and not same(key)]
 
 
 def saved_steps(run_dir):
@@ -126,8 +127,8 @@ class Checkpointer:
         self.model, self.tokenizer, self.optimizer, self.run_dir = model, tokenizer, optimizer, Path(run_dir)
         self.save_every, self.save_seconds, self.keep = save_every, 60 * save_minutes, keep
         self.signal, self.last_save = None, time.monotonic()
-        for leftover in self.run_dir.glob(".tmp-checkpoint-*"):  # what a crash while saving left behind
-            shutil.rmtree(leftover)
+        for leftover in self.run_dir.glob(".tmp-checkpoint-*") if parallel.rank() == 0 else []:
+            shutil.rmtree(leftover)  # what a crash while saving left behind
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -138,7 +139,7 @@ class Checkpointer:
             signal.signal(s, handler)
 
     def _request_stop(self, signum, _frame):
-        if self.signal is None:  # a second Ctrl-C changes nothing: the checkpoint is still written whole
+        if self.signal is None and parallel.rank() == 0:  # a second Ctrl-C changes nothing
             print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint",
                   file=sys.stderr, flush=True)
         self.signal = signum
@@ -150,17 +151,22 @@ class Checkpointer:
             (self.save_seconds and time.monotonic() - self.last_save >= self.save_seconds)
         # Processes see the clock and the signal at slightly different moments: all act on the first.
         due, signum = parallel.agree(int(bool(due) and step < last_step), self.signal or 0)
+        self.signal = signum or None
+        if step == last_step:  # the final save comes next anyway
+            return
         if due or signum:
             self.save(step)
         if signum:
-            raise StopRequested(f"stopped by {signal.Signals(signum).name} after step {step}, checkpoint "
-                                f"saved; resume with: python train.py --resume {self.run_dir}", 128 + signum)
+            world = parallel.world_size()
+            launch = f"torchrun --nproc-per-node {world}" if world > 1 else "python"
+            raise StopRequested(f"{signal.Signals(signum).name} after step {step}: checkpoint saved; resume "
+                                f"with: {launch} train.py --resume {self.run_dir}", 128 + signum)
 
     def save(self, step):
         """checkpoint-<step>/, written to a temporary folder and renamed into place, so a crash while
         saving leaves the previous checkpoints as they were; then only the newest `keep` are kept."""
         state = training_state(self.model, self.optimizer, step)  # in every process; one writes
-        self.last_save = time.monotonic()
+        self.last_save = time.monotonic()  # the clock restarts when the checkpoint starts
         if parallel.rank() != 0:
             return
         final, temporary = self.run_dir / f"checkpoint-{step}", self.run_dir / f".tmp-checkpoint-{step}"
@@ -169,7 +175,6 @@ class Checkpointer:
         if final.exists():  # the same step saved again after a resume
             shutil.rmtree(final)
         os.replace(temporary, final)
-        self.last_save = time.monotonic()
         checkpoints = sorted((s, f) for s, f in saved_steps(self.run_dir).items() if f != self.run_dir)
         for _, old in checkpoints[:-self.keep]:
             shutil.rmtree(old)

@@ -339,8 +339,10 @@ def tokenize_split(tokenizer, dataset, split, max_length, max_prompt_length):
 
     rows = _checked_rows(dataset, split)
     end = end_of_turn(tokenizer)
+    # EOS and BOS too: EOS ends a response when the template writes no terminator, BOS survives truncation.
     fingerprint = Hasher.hash([rows._fingerprint, _tokenizer_state(tokenizer), tokenizer.chat_template,
-                               str(dataset), max_length, max_prompt_length, Path(__file__).read_text()])
+                               tokenizer.eos_token_id, tokenizer.bos_token_id, repr(end), str(dataset),
+                               max_length, max_prompt_length, Path(__file__).read_text()])
     ids = List(Value("int32"))  # 4 bytes per token id (Python ints in lists take 70)
     features = Features({"prompt": ids, "chosen": ids, "rejected": ids, "status": Value("int8"),
                          "truncated": Value("bool")})

@@ -85,7 +85,10 @@ def load_policy_and_base(args, device, dtype):
     adapter = Path(args.adapter)
     if not (adapter / "adapter_config.json").is_file():  # full fine-tuning: two models
         if not (adapter / "config.json").is_file():
-            raise UsageError(f"--adapter {adapter}: neither a LoRA adapter nor a model folder")
+            newest = sorted(adapter.glob("checkpoint-*/adapter_config.json"), key=lambda f: f.stat().st_mtime)
+            hint = f" (the run has no final save yet: evaluate {newest[-1].parent}, or finish it with " \
+                   f"train.py --resume {adapter})" if newest else ""
+            raise UsageError(f"--adapter {adapter}: neither a LoRA adapter nor a model folder{hint}")
         trust = args.trust_remote_code
         policy = modeling.load_model(str(adapter), args.load_in_4bit, dtype, device, trust).eval()
         reference = modeling.load_model(args.ref_model or args.model, args.load_in_4bit, dtype, device,

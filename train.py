@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -111,11 +112,12 @@ def parse_args(argv=None):
             raise UsageError(f"--resume {args.resume}: no checkpoint there (the run stopped before its "
                              f"first one): start it again with --overwrite")
         saved = json.loads(config_file.read_text())
+        defaults = dict(saved)  # `saved` stays as the run wrote it: resume_conflicts compares with it
         if args.gamma is not None or args.gamma_beta_ratio is not None:  # γ given again replaces the saved
-            saved.update(gamma=None, gamma_beta_ratio=None)
+            defaults.update(gamma=None, gamma_beta_ratio=None)
         elif saved.get("gamma_beta_ratio") is not None:  # recompute γ from the ratio, in case β changes
-            saved["gamma"] = None
-        p.set_defaults(**saved)
+            defaults["gamma"] = None
+        p.set_defaults(**defaults)
         args = p.parse_args(argv)
         args.output_dir, args.overwrite, args.run_config = args.resume, False, saved
     elif args.model is None and args.dataset is None:  # the offline demo
@@ -173,6 +175,8 @@ def check_args(args):
             setattr(args, name, str(Path(getattr(args, name)).resolve()))
     if args.chat_template and "{" not in args.chat_template and Path(args.chat_template).is_file():
         args.chat_template = Path(args.chat_template).read_text()  # the run keeps the text: no file needed
+    if args.lora_target != "all-linear":  # "q_proj, v_proj" and "q_proj,v_proj" are the same LoRA
+        args.lora_target = ",".join(name.strip() for name in args.lora_target.split(",") if name.strip())
     if args.resume:
         conflicts = checkpoints.resume_conflicts(args.run_config, vars(args))
         if conflicts:
@@ -297,7 +301,7 @@ def out_of_memory(pairs, args):
     if torch.cuda.is_available():
         memory = (f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated, "
                   f"{torch.cuda.memory_reserved() / 2**30:.1f} GiB reserved; ")
-    longest = max(len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in pairs)
+    longest = max((len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in pairs), default=0)
     return checkpoints.StopRequested(
         f"out of memory ({memory}longest sequence {longest} tokens, --micro-batch-size "
         f"{args.micro_batch_size}): lower --micro-batch-size or --max-length, or turn on --load-in-4bit "
@@ -309,6 +313,10 @@ def train(args):
     main_process = rank == 0
     if not main_process:  # one voice: the other processes' progress would repeat it (errors still show)
         sys.stdout = open(os.devnull, "w")  # for the whole run: closed when the process ends
+        import datasets
+        import transformers
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 is slow on CPUs
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -321,9 +329,13 @@ def train(args):
     checkpoints.prepare_output_dir(args, [args.model, args.dataset])
     parallel.barrier()  # every process has checked the folder before the first one writes to it
     tokenizer = modeling.load_tokenizer(args.model, args.chat_template, args.trust_remote_code)
+    if not main_process:  # the first process tokenizes, the others then read its cache
+        parallel.barrier()
     train_set, eval_set, summary = data.load_examples(tokenizer, args.dataset, args.split, args.eval_split,
                                                       args.eval_fraction, args.seed, args.max_length,
                                                       args.max_prompt_length)
+    if main_process:
+        parallel.barrier()
     print(summary)  # pairs kept and left out (and why), token lengths, where the tokenized data is cached
     if not train_set:
         raise data.DataError(f"{args.dataset}: no training pairs left after holding out and truncation")
@@ -335,7 +347,7 @@ def train(args):
     model = modeling.prepare_model(args, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    start = 0
+    start, folder = 0, None
     if args.resume:
         folder = max(checkpoints.saved_steps(args.resume).items())[1]  # the highest step
         start = checkpoints.restore(model, optimizer, folder)
@@ -344,9 +356,12 @@ def train(args):
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     # rounded down, with slack for float error (0.29 × 100 is 28.999…): a 1-step run has no warm-up
     warmup_steps = int(args.warmup_ratio * total_steps + 1e-9)
-    if start >= total_steps:  # nothing to train: the run folder stays exactly as it was
-        print(f"{args.output_dir} finished all {total_steps} steps already")
+    if start >= total_steps and folder == Path(args.output_dir):  # the final save is there already
+        print(f"{args.output_dir} finished all {total_steps} steps already")  # and the folder stays as it is
         return Path(args.output_dir)
+    if start > total_steps:
+        raise UsageError(f"--resume {args.resume}: its newest checkpoint is at step {start}, past the "
+                         f"{total_steps} steps asked for")
     out = Path(parallel.from_rank_0(str(checkpoints.make_output_dir(args)) if main_process else None))
     args.output_dir = str(out)
     if args.resume:
@@ -391,7 +406,8 @@ def train(args):
             try:
                 stats, tokens = accumulate_gradients(scorer, mine or pairs[:1], args, pad_id, weight)
             except torch.cuda.OutOfMemoryError:
-                raise out_of_memory(mine, args) from None
+                raise out_of_memory(mine or pairs[:1], args) from None
+            tokens = tokens * bool(mine)  # a stand-in pair's tokens do not count
             stats = parallel.gather(stats[:, :len(mine)])  # (6, pairs of the whole step), in step order
             losses, sft_losses, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards = stats
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -425,16 +441,21 @@ def train(args):
                             tok_s=f"{metrics['tokens_per_s']:.0f}")
             saver.after_step(step + 1, total_steps)  # every N steps or minutes, and on SIGTERM / Ctrl-C
 
-        if eval_set:
-            after = evaluate(model, eval_set, args, pad_id)
-            logger.log(total_steps, after)
-            print(f"held-out reward accuracy after training: {after['eval/rewards/accuracies']:.3f} "
-                  f"(margin {after['eval/rewards/margins']:.2f}, loss {after['eval/loss']:.3f})")
-        final_state = checkpoints.training_state(model, optimizer, total_steps)  # every process's RNG
-        if main_process:
-            checkpoints.save_final(model, tokenizer, out, final_state)
-            plot_curves(out)
+    final_state = checkpoints.training_state(model, optimizer, total_steps)  # every process's RNG
+    if main_process:  # the final save first: a signal in the final evaluation below loses nothing
+        checkpoints.save_final(model, tokenizer, out, final_state)
     print(f"saved to {out}")
+    if saver.signal:  # it came during the last step
+        raise checkpoints.StopRequested(f"{signal.Signals(saver.signal).name} during the last step: the "
+                                        f"final save is complete, the final evaluation skipped "
+                                        f"(python eval.py --adapter {out} gives it)", 128 + saver.signal)
+    if eval_set:
+        after = evaluate(model, eval_set, args, pad_id)
+        logger.log(total_steps, after)
+        print(f"held-out reward accuracy after training: {after['eval/rewards/accuracies']:.3f} "
+              f"(margin {after['eval/rewards/margins']:.2f}, loss {after['eval/loss']:.3f})")
+    if main_process:
+        plot_curves(out)
     return out
 
 
@@ -445,11 +466,14 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     except checkpoints.StopRequested as stop:
-        print(f"\n{'stopped' if stop.exit_code > 128 else 'error'}: {stop}", file=sys.stderr)
+        if stop.exit_code <= 128 or parallel.rank() == 0:  # a signal stops every process alike: say it once
+            print(f"\n{'stopped' if stop.exit_code > 128 else 'error'}: {stop}", file=sys.stderr)
         return stop.exit_code
-    except KeyboardInterrupt:  # Ctrl-C before training began (loading data or the model): nothing to save
-        print("\ninterrupted before training began: nothing was saved", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (loading, or the final evaluation)
+        print("\ninterrupted: the run folder keeps its last complete save", file=sys.stderr)
         return 130
+    finally:
+        parallel.cleanup()
     return 0
 
 

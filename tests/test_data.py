@@ -2,6 +2,7 @@
 on the tiny demo tokenizer: exact token ids, identical pairs, the datasets cache, CSV text, and which pairs
 eval.py scores. The real-tokenizer runs use a random Llama model of hidden size 8 with that vocabulary."""
 import json
+import random
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -150,7 +151,7 @@ def test_pairs_are_held_in_numpy_and_indexed_like_a_list(tiny_model, tmp_path):
     tokenizer = modeling.load_tokenizer(tiny_model)
     dataset = write_jsonl(tmp_path / "pairs.jsonl", demo.make_pairs([["apple", "river"], ["stone"],
                                                                      ["cloud", "tiger", "maple"]],
-                                                                    __import__("random").Random(0)))
+                                                                    random.Random(0)))
     examples, _, _ = data.load_examples(tokenizer, dataset, "train")
     for ids, starts in examples.columns.values():
         assert isinstance(ids, np.ndarray) and ids.dtype == np.int32 and len(starts) == 4
@@ -168,7 +169,7 @@ def test_second_load_reads_the_cache_and_any_change_misses_it(tiny_model, tmp_pa
     monkeypatch.setattr(data, "tokenize_batch", lambda *a, **k: calls.append(1) or tokenize_batch(*a, **k))
     tokenizer = modeling.load_tokenizer(tiny_model)
     dataset = write_jsonl(tmp_path / "pairs.jsonl", demo.make_pairs([["apple"], ["river", "stone"]],
-                                                                    __import__("random").Random(0)))
+                                                                    random.Random(0)))
 
     def load(tok=tokenizer, max_length=64):
         calls.clear()
@@ -184,7 +185,10 @@ def test_second_load_reads_the_cache_and_any_change_misses_it(tiny_model, tmp_pa
     other = modeling.load_tokenizer(tiny_model, demo.CHAT_TEMPLATE.replace("' <|end|> '", "' <|end|>'"))
     assert load(tok=other)[1:] == (False, 1)
     assert load(max_length=63)[1:] == (False, 1)
-    write_jsonl(Path(dataset), demo.make_pairs([["apple"], ["river"]], __import__("random").Random(0)))
+    other_eos = modeling.load_tokenizer(tiny_model)
+    other_eos.eos_token = "<|unk|>"  # what ends a response where no template says so
+    assert load(tok=other_eos)[1:] == (False, 1)
+    write_jsonl(Path(dataset), demo.make_pairs([["apple"], ["river"]], random.Random(0)))
     assert load()[1:] == (False, 1)
 
 
@@ -204,7 +208,7 @@ def test_csv_text_is_read_as_text(tiny_model, tmp_path):
 
 def test_eval_split_of_a_single_file_is_refused_and_the_report_names_the_pairs(tiny_model, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "pairs.jsonl",
-                          demo.make_pairs([[w] for w in demo.WORDS[:12]], __import__("random").Random(0)))
+                          demo.make_pairs([[w] for w in demo.WORDS[:12]], random.Random(0)))
     out = tmp_path / "run"
     code, _, err = quiet(train.main, ["--model", tiny_model, "--dataset", dataset, "--output-dir", out,
                                       "--eval-fraction", 0.25, "--max-steps", 1, "--batch-size", 4], capsys)
@@ -221,13 +225,13 @@ def test_eval_split_of_a_single_file_is_refused_and_the_report_names_the_pairs(t
 
 
 def test_eval_json_skipped_counts_only_the_pairs_evaluated(tiny_model, tmp_path, capsys):
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     rows = demo.make_pairs([[w] for w in demo.WORDS[:12]], rng)
     for row in rows[:6]:  # 6 prompts too long for --max-length 8: emptied wherever they land
         row["prompt"] = "shout: " + " ".join(demo.WORDS[:10])
     dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
     order = list(range(12))
-    __import__("random").Random(42).shuffle(order)  # train.py's seeded held-out slice (--seed 42)
+    random.Random(42).shuffle(order)  # train.py's seeded held-out slice (--seed 42)
     held_out_emptied = sum(i < 6 for i in order[:6])
     assert held_out_emptied not in (0, 6)  # some emptied pairs in each part: the check can fail
     out = tmp_path / "run"

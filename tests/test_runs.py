@@ -343,3 +343,53 @@ def test_the_data_fingerprint_sees_content_and_order_not_layout():
     assert examples(pairs[::-1]).fingerprint() != same
     changed = [dict(pairs[0], chosen=[3, 4], rejected=[5]), pairs[1]]  # same ids, other split
     assert examples(changed).fingerprint() != same
+
+
+def test_a_run_with_gamma_beta_ratio_resumes_and_keeps_its_gamma(model_dir, tmp_path, capsys):
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(16))
+    out = tmp_path / "run"
+    args = long_run(model_dir, dataset, out, "--max-steps", 2, "--beta", 10, "--gamma-beta-ratio", 0.3)
+    assert run(args, capsys)[0] == 0
+    code, _, err = run(["--resume", out, "--max-steps", 3], capsys)
+    assert code == 0, err
+    code, _, err = run(["--resume", out, "--max-steps", 4, "--gamma", 3], capsys)  # the same γ, as a number
+    assert code == 0, err
+    code, _, err = run(["--resume", out, "--max-steps", 5, "--gamma", 2], capsys)
+    assert code == 2 and "--gamma 2.0 (the run used 3.0)" in error_line(err)
+
+
+def signal_during(monkeypatch, function, signum, calls_before):
+    """Make `train.<function>` send this process `signum` on its call number `calls_before + 1`."""
+    real, calls = getattr(train, function), []
+
+    def with_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == calls_before + 1:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, function, with_signal)
+
+
+def test_a_signal_in_the_last_step_still_finishes_the_run(model_dir, tmp_path, capsys, monkeypatch):
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(16))
+    out = tmp_path / "run"
+    signal_during(monkeypatch, "accumulate_gradients", signal.SIGTERM, calls_before=3)  # in step 4 of 4
+    code, stdout, err = run(long_run(model_dir, dataset, out, "--max-steps", 4, "--eval-fraction", 0.25),
+                            capsys)
+    assert code == 128 + signal.SIGTERM
+    assert "SIGTERM during the last step: the final save is complete" in err and "Traceback" not in err
+    assert checkpoints.saved_steps(out) == {4: out} and (out / "adapter_model.safetensors").is_file()
+    monkeypatch.undo()
+    code, stdout, err = run(["--resume", out], capsys)
+    assert code == 0 and "finished all 4 steps already" in stdout, err
+
+
+def test_ctrl_c_in_the_final_evaluation_stops_the_run(model_dir, tmp_path, capsys, monkeypatch):
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(16))
+    out = tmp_path / "run"
+    signal_during(monkeypatch, "evaluate", signal.SIGINT, calls_before=1)  # the one after training
+    code, _, err = run(long_run(model_dir, dataset, out, "--max-steps", 2, "--eval-fraction", 0.25), capsys)
+    assert code == 130 and "interrupted: the run folder keeps its last complete save" in err
+    assert "Traceback" not in err
+    assert checkpoints.saved_steps(out) == {2: out}  # the final save came before the evaluation

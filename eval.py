@@ -70,12 +70,8 @@ def parse_args(argv=None):
     if args.dataset is None:
         raise UsageError(f"no run_config.json next to {adapter}: pass --dataset")
     modeling.check_beta_gamma(args.beta, args.gamma)
-    modeling.require_positive(args, "batch_size", "chunk_size", "max_new_tokens", "max_length",
-                              "max_prompt_length")
-    if args.max_prompt_length > args.max_length:
-        raise UsageError(f"--max-prompt-length {args.max_prompt_length} exceeds "
-                         f"--max-length {args.max_length}")
-    if args.generate < 0 or args.temperature <= 0 or not 0 < args.top_p <= 1:
+    modeling.require_positive(args, "batch_size", "chunk_size", "max_new_tokens")
+    if args.generate < 0 or not args.temperature > 0 or not 0 < args.top_p <= 1:  # NaN fails these too
         raise UsageError("--generate must be >= 0, --temperature > 0 and --top-p in (0, 1]")
     return args
 

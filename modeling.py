@@ -30,9 +30,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def require_positive(args, *flags):
-    for flag in flags:
+    """Whole-number flags that must be at least 1, and the two token limits, which must also nest."""
+    for flag in flags + ("max_length", "max_prompt_length"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.max_prompt_length > args.max_length:
+        raise UsageError(f"--max-prompt-length {args.max_prompt_length} exceeds "
+                         f"--max-length {args.max_length}")
 
 
 def check_beta_gamma(beta, gamma):

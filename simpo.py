@@ -98,9 +98,9 @@ def simpo_loss(chosen_logps, rejected_logps, beta=2.0, gamma=0.5, loss_type="sig
     label is flipped with probability ε (the conservative / noisy-label form).
     Returns (losses, chosen_rewards, rejected_rewards), each (B,); rewards are β·logps, detached.
     """
-    if beta <= 0:
+    if not beta > 0:  # "not >": NaN fails too
         raise ValueError(f"beta must be > 0, got {beta}")
-    if gamma < 0:
+    if not gamma >= 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")

@@ -133,11 +133,8 @@ def check_args(args):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number, not {value}")
     if args.lr <= 0 or args.sft_weight < 0:  # AdamW would refuse a negative lr only after the model loads
         raise UsageError(f"--lr must be > 0 and --sft-weight >= 0 (got {args.lr:g} and {args.sft_weight:g})")
-    modeling.require_positive(args, "batch_size", "micro_batch_size", "epochs", "max_steps", "max_length",
-                              "max_prompt_length", "lora_r", "lora_alpha", "keep_checkpoints")
-    if args.max_prompt_length > args.max_length:
-        raise UsageError(f"--max-prompt-length {args.max_prompt_length} exceeds "
-                         f"--max-length {args.max_length}")
+    modeling.require_positive(args, "batch_size", "micro_batch_size", "epochs", "max_steps", "lora_r",
+                              "lora_alpha", "keep_checkpoints")
     if args.max_grad_norm <= 0 or min(args.save_every, args.save_every_minutes, args.eval_every) < 0:
         raise UsageError("--max-grad-norm must be > 0, --save-every, --save-every-minutes and "
                          "--eval-every >= 0")

@@ -495,7 +495,9 @@ def test_eval_fraction_run_scores_the_pairs_training_held_out(tiny, capsys):
                                    ["--chunk-size", "0"], ["--batch-size", "0"],
                                    ["--generate", "-1", "--max-new-tokens", "1"],
                                    ["--generate", "1", "--max-new-tokens", "0"],
-                                   ["--generate", "1", "--temperature", "0"]],
+                                   ["--generate", "1", "--temperature", "0"],
+                                   ["--beta", "nan"], ["--gamma", "nan"], ["--temperature", "nan"],
+                                   ["--max-prompt-length", "99999"]],
                          ids=lambda flags: " ".join(flags))
 def test_bad_numeric_flags_are_usage_errors(tiny, tmp_path, capsys, flags):
     out = tmp_path / "r.json"

@@ -119,7 +119,7 @@ def test_rewards_are_beta_times_logps_and_detached():
 
 @pytest.mark.parametrize("kwargs", [
     dict(beta=0.0), dict(beta=-1.0), dict(gamma=-0.1), dict(label_smoothing=-0.1),
-    dict(label_smoothing=0.5), dict(loss_type="ipo"),
+    dict(label_smoothing=0.5), dict(loss_type="ipo"), dict(beta=float("nan")), dict(gamma=float("nan")),
 ])
 def test_invalid_arguments_raise(kwargs):
     with pytest.raises(ValueError):

@@ -242,22 +242,26 @@ def plot_curves(out):
 def accumulate_gradients(model, pairs, args, pad_id):
     """Forward and backward over one optimizer step's pairs, `--micro-batch-size` at a time.
     Returns the detached per-pair (SimPO losses, SFT losses, chosen logps, rejected logps, chosen rewards,
-    rejected rewards) as one (6, pairs) tensor and the step's token count, both left on the device."""
+    rejected rewards) as one (6, pairs) tensor and the step's token count (prompt + response of both
+    sequences, no padding), both left on the device."""
     device, average, logs, tokens = next(model.parameters()).device, not args.no_length_normalization, [], 0
+    # each prompt computed once, no padding (modeling.build_batch), unless the model's attention cannot
+    shared = modeling.shared_layout_problem(model, args.max_length) is None
     for i in range(0, len(pairs), args.micro_batch_size):
-        batch = {k: v.to(device) for k, v in data.collate(pairs[i:i + args.micro_batch_size], pad_id).items()}
+        batch = modeling.build_batch(pairs[i:i + args.micro_batch_size], pad_id, shared, 2 * args.max_length)
+        batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             chosen_logps, rejected_logps = modeling.policy_logps(model, batch, average).chunk(2)
         losses, chosen_rewards, rejected_rewards = simpo.simpo_loss(chosen_logps, rejected_logps,
                                                                     args.beta, args.gamma)
-        n_chosen = (batch["labels"][: len(chosen_logps), 1:] != data.IGNORE_INDEX).sum(-1).clamp(min=1)
+        n_chosen = batch["response_tokens"][: len(chosen_logps)].clamp(min=1)
         sft_losses = -(chosen_logps if average else chosen_logps / n_chosen)  # NLL per chosen token
         # Sum over the micro-batch, divided by the pairs in the whole step: the step's loss is the mean
         # over all its pairs however they are split, so 1×8 and 4×2 give the same update.
         ((losses + args.sft_weight * sft_losses).sum() / len(pairs)).backward()
         logs.append(torch.stack([losses.detach(), sft_losses.detach(), chosen_logps.detach(),
                                  rejected_logps.detach(), chosen_rewards, rejected_rewards]))
-        tokens += batch["attention_mask"].sum()
+        tokens += batch["sequence_tokens"].sum()
     return torch.cat(logs, dim=1), tokens
 
 
@@ -288,6 +292,7 @@ def train(args):
     if not train_set:
         raise data.DataError(f"{args.dataset}: no training pairs left after holding out and truncation")
     model = modeling.prepare_model(args, device, dtype)
+    print(modeling.describe_layout(model, args.max_length))
     if args.overwrite and not args.resume:  # only now: a run that fails on its input or model deletes nothing
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ LORA = dict(lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target="all-linear
 
 def simpo_step_times(folder, pair, args, device, dtype):
     settings = dict(model=folder, full=False, micro_batch_size=1, beta=2.5, gamma=1.4, sft_weight=0.0,
+                    max_length=args.seq_len,
                     no_length_normalization=False, **LORA)
     run = argparse.Namespace(**{**vars(args), **settings})
     model = modeling.prepare_model(run, device, dtype)

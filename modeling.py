@@ -4,6 +4,7 @@ lines use.
 """
 import argparse
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -142,9 +143,10 @@ def build_batch(examples, pad_id, shared=True, max_row_tokens=4096):
     shared=False: the padded layout of `data.collate` (2B right-padded rows [chosen..., rejected...]).
     shared=True: each pair is one segment [prompt, chosen, rejected] computed once: positions run 0..P+C-1
     then P..P+R-1, and a mask (built in `final_hidden`) lets rejected tokens see the prompt but never the
-    chosen tokens, so every token sees exactly what it sees in the padded layout. Segments are packed
-    longest first into rows of at most `max_row_tokens` (a longer pair gets a row of its own), and only the
-    rows are padded: the (T, T) mask of each row stays bounded however many pairs a micro-batch holds.
+    chosen tokens, so every token sees exactly what it sees in the padded layout. Pairs share as few rows as
+    hold at most `max_row_tokens` tokens each (a longer pair gets a row of its own), spread so that rows are
+    nearly equal, and only the ends of rows are padded: the (T, T) mask of a row stays bounded however many
+    pairs a micro-batch holds.
     Both layouts carry `response_tokens` (2B,), the scored tokens of each sequence, and `sequence_tokens`
     (2B,), its prompt + response tokens (padding never counts).
     """
@@ -165,15 +167,15 @@ def build_batch(examples, pad_id, shared=True, max_row_tokens=4096):
                     attention_mask=pad([torch.ones_like(s) for s in sequences], batch_first=True),
                     labels=pad(labels, batch_first=True, padding_value=data.IGNORE_INDEX), **counts)
     spans = lengths.sum(1).tolist()
-    rows, filled = [], []  # first fit, longest pair first: the pair indices of each row, and its tokens
-    for b in sorted(range(len(examples)), key=lambda b: -spans[b]):
-        fits = [r for r in range(len(rows)) if filled[r] + spans[b] <= max_row_tokens]
-        if fits:
-            rows[fits[0]].append(b)
-            filled[fits[0]] += spans[b]
-        else:
-            rows.append([b])
-            filled.append(spans[b])
+    limit, order = max(max_row_tokens, *spans), sorted(range(len(examples)), key=lambda b: -spans[b])
+    for n_rows in range(math.ceil(sum(spans) / limit), len(examples) + 1):  # the fewest rows that fit
+        rows, filled = [[] for _ in range(n_rows)], [0] * n_rows
+        for b in order:  # longest pair first, onto the emptiest row: rows come out nearly equal
+            emptiest = filled.index(min(filled))
+            rows[emptiest].append(b)
+            filled[emptiest] += spans[b]
+        if max(filled) <= limit:
+            break
     shape = (len(rows), max(filled))
     input_ids, position_ids = torch.full(shape, pad_id), torch.zeros(shape, dtype=torch.long)
     segment = torch.full(shape, -1)                  # which pair a token belongs to; -1: padding

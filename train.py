@@ -248,7 +248,7 @@ def accumulate_gradients(model, pairs, args, pad_id):
     # each prompt computed once, no padding (modeling.build_batch), unless the model's attention cannot
     shared = modeling.shared_layout_problem(model, args.max_length) is None
     for i in range(0, len(pairs), args.micro_batch_size):
-        batch = modeling.build_batch(pairs[i:i + args.micro_batch_size], pad_id, shared, 2 * args.max_length)
+        batch = modeling.build_batch(pairs[i:i + args.micro_batch_size], pad_id, shared, args.max_length)
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             chosen_logps, rejected_logps = modeling.policy_logps(model, batch, average).chunk(2)

@@ -79,7 +79,7 @@ def computed_tokens(lengths, micro_batch_size, shared, max_length=2048):
     for i in range(0, len(lengths), micro_batch_size):
         pairs = [dict(prompt=[BOS] * p, chosen=[EOS] * c, rejected=[EOS] * r)
                  for p, c, r in lengths[i:i + micro_batch_size]]
-        total += modeling.build_batch(pairs, PAD, shared, 2 * max_length)["input_ids"].numel()
+        total += modeling.build_batch(pairs, PAD, shared, max_length)["input_ids"].numel()
     return total
 
 
@@ -106,7 +106,7 @@ def make_pairs(lengths, count, vocab_size, seed=0):
 
 
 def max_length(steps, args):
-    """train.py's --max-length for these pairs (it bounds the rows of the shared layout: 2 × max length)."""
+    """train.py's --max-length for these pairs (it bounds the rows of the shared layout)."""
     return max([args.max_length] + [len(p["prompt"]) + len(p[side]) for step in steps for p in step
                                     for side in ("chosen", "rejected")])
 
@@ -206,7 +206,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=1, help="pairs per optimizer step")
     p.add_argument("--micro-batch-size", type=int, default=1, help="pairs per forward pass")
     p.add_argument("--max-length", type=int, default=2048,
-                   help="train.py's --max-length (at least the longest sequence): rows of 2x that at most")
+                   help="train.py's --max-length (at least the longest sequence): it bounds the rows")
     p.add_argument("--trl", action="store_true", help="also time TRL's CPOTrainer (pip install trl)")
     p.add_argument("--padded", action="store_true", help="also time train.py with padded batches")
     p.add_argument("--no-load-in-4bit", dest="load_in_4bit", action="store_false")

@@ -118,12 +118,12 @@ def test_shared_layout_equals_padded(examples, tokenizer, attention, average, fu
 
 
 def test_shared_layout_rows_and_positions():
-    """Hand-built pairs: rows bounded by max_row_tokens and padded only at their ends, positions of the
+    """Hand-built pairs: rows bounded by 1.5 × max_length and padded only at their ends, positions of the
     rejected response continuing from the prompt, each token scored from the hidden state before it."""
     examples = [dict(prompt=[1, 2], chosen=[3, 4, 5], rejected=np.array([6])),
                 dict(prompt=np.array([7]), chosen=[8], rejected=[9, 10]),
                 dict(prompt=[11, 12, 13], chosen=[14, 15], rejected=[16, 17])]
-    batch = modeling.build_batch(examples, pad_id=0, shared=True, max_row_tokens=7)
+    batch = modeling.build_batch(examples, pad_id=0, shared=True, max_length=5)  # rows of 7 tokens at most
     # longest first: pair 2 (7 tokens) alone, then pairs 0 (6) and 1 (4) cannot share a row of 7
     assert batch["input_ids"].tolist() == [[11, 12, 13, 14, 15, 16, 17], [1, 2, 3, 4, 5, 6, 0],
                                            [7, 8, 9, 10, 0, 0, 0]]
@@ -148,11 +148,11 @@ def test_shared_layout_rows_and_positions():
 
 
 def test_many_rows_and_empty_prompt_equal_padded(examples, tokenizer):
-    """Rows of at most 2 × 12 tokens (several rows, padded at their ends), and a pair with no prompt."""
+    """Rows of at most 1.5 × 12 tokens (several rows, padded at their ends), and a pair with no prompt."""
     model = tiny_model(vocab_size=len(tokenizer))
     examples = examples + [dict(prompt=[], chosen=[5, 6, 7], rejected=np.array([8, 9]))]
     args = train_args(max_length=12, micro_batch_size=7)
-    assert modeling.build_batch(examples, 0, True, 2 * args.max_length)["input_ids"].shape[0] > 2
+    assert modeling.build_batch(examples, 0, True, args.max_length)["input_ids"].shape[0] > 2
     assert_same_as_padded(model, examples, args, tokenizer.pad_token_id)
 
 

@@ -146,10 +146,8 @@ def build_batch(examples, pad_id, shared=True, max_length=2048):
     chosen tokens, so every token sees exactly what it sees in the padded layout. Pairs share as few rows as
     hold at most 1.5 × `max_length` tokens each (a longer pair gets a row of its own), spread so that rows
     are nearly equal, and only the ends of rows are padded. The bound keeps each row's (T, T) mask small
-    however many pairs a micro-batch holds, and the attention over the rows (it runs over the whole mask,
-    allowed or not) at about what the padded rows cost: on the real UltraFeedback pairs at 2 and 4 pairs per
-    micro-batch, 1.00× and 1.04× the minimum token positions and 1.06× and 1.08× the padded attention, where
-    rows of 2 × `max_length` would cost 1.00×, 1.00×, 1.06× and 1.31×.
+    however many pairs a micro-batch holds, and the attention, which runs over the whole mask, at about
+    what the padded rows cost (README, Performance).
     Both layouts carry `response_tokens` (2B,), the scored tokens of each sequence, and `sequence_tokens`
     (2B,), its prompt + response tokens (padding never counts).
     """
@@ -211,17 +209,20 @@ def build_batch(examples, pad_id, shared=True, max_length=2048):
 
 
 def shared_attention_mask(batch, dtype=None):
-    """(rows, 1, T, T) mask of a shared-layout batch: causal within each pair, rejected never sees chosen.
-    Bool (True = may attend) for SDPA; with `dtype`, additive (0 / most negative), which eager attention
-    needs. Padding sees only padding, so no row of the mask is empty."""
+    """(rows, 1, T, T) mask of a shared-layout batch: token q may see token k of the same pair at or before
+    it, if k is in the prompt or on q's own side (so rejected never sees chosen). Bool (True = may attend)
+    for SDPA; with `dtype`, additive (0 / most negative), which eager attention needs. Padding sees earlier
+    padding, so no row of the mask is empty."""
     segment, side = batch["segment"], batch["side"]
-    causal = torch.ones(segment.shape[1], segment.shape[1], dtype=torch.bool, device=segment.device).tril()
-    allowed = (segment[:, :, None] == segment[:, None, :]) & causal
-    allowed &= ~((side[:, :, None] == 2) & (side[:, None, :] == 1))
-    allowed = allowed.unsqueeze(1)
+    rows, width = segment.shape
+    allowed = torch.empty(rows, 1, width, width, dtype=torch.bool, device=segment.device)
+    for r in range(rows):  # a row at a time: the temporaries are one (T, T), not one per row
+        torch.eq(segment[r, :, None], segment[r, None, :], out=allowed[r, 0])
+        allowed[r, 0] &= (side[r, None, :] == 0) | (side[r, None, :] == side[r, :, None])
+        allowed[r, 0].tril_()
     if dtype is None:
         return allowed
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
         ~allowed, torch.finfo(dtype).min)
 
 

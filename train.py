@@ -245,7 +245,7 @@ def accumulate_gradients(model, pairs, args, pad_id):
     rejected rewards) as one (6, pairs) tensor and the step's token count (prompt + response of both
     sequences, no padding), both left on the device."""
     device, average, logs, tokens = next(model.parameters()).device, not args.no_length_normalization, [], 0
-    # each prompt computed once, no padding (modeling.build_batch), unless the model's attention cannot
+    # each prompt once, no padding (modeling.build_batch), unless the model's attention cannot take it
     shared = modeling.shared_layout_problem(model, args.max_length) is None
     for i in range(0, len(pairs), args.micro_batch_size):
         batch = modeling.build_batch(pairs[i:i + args.micro_batch_size], pad_id, shared, args.max_length)

@@ -4,6 +4,7 @@ lines use.
 """
 import argparse
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -133,27 +134,160 @@ def prepare_model(args, device, dtype):
     return model.train()  # gradient checkpointing only acts in train mode
 
 
+def shared_layout_problem(model, max_length):
+    """Why `model` cannot run the shared layout of `build_batch` (None when it can). The layout needs a 4-D
+    attention mask used as given in every layer, with no attention soft-capping and no sliding window that
+    a sequence of `max_length` tokens could exceed (a 4-D mask bypasses the model's own window)."""
+    config = model.config
+    attention = getattr(config, "_attn_implementation", None)
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if attention not in ("sdpa", "eager"):  # FlashAttention and FlexAttention take no dense 4-D mask
+        return f"{attention} attention takes no 4-D mask"
+    if getattr(config, "attn_logit_softcapping", None):  # Gemma-2
+        return f"{config.model_type} soft-caps its attention logits"
+    if window and window < max_length:
+        return f"{config.model_type}'s sliding window ({window}) is shorter than {max_length} tokens"
+    return None
+
+
+def describe_layout(model, max_length):
+    """The line a run prints to say how its batches are laid out."""
+    problem = shared_layout_problem(model, max_length)
+    return "batches: packed, each prompt computed once for chosen and rejected, no padding" if not problem \
+        else f"batches: padded, each prompt computed twice ({problem})"
+
+
+def build_batch(examples, pad_id, shared=True, max_length=2048):
+    """Pairs -> the inputs of `policy_logps`, for any ids given as lists or 1-D numpy arrays.
+
+    shared=False: the padded layout of `data.collate` (2B right-padded rows [chosen..., rejected...]).
+    shared=True: each pair is one segment [prompt, chosen, rejected] computed once: positions run 0..P+C-1
+    then P..P+R-1, and a mask (built in `final_hidden`) lets rejected tokens see the prompt but never the
+    chosen tokens, so every token sees exactly what it sees in the padded layout. Pairs share as few rows as
+    hold at most 1.5 × `max_length` tokens each (a longer pair gets a row of its own), spread so that rows
+    are nearly equal, and only the ends of rows are padded. The bound keeps each row's (T, T) mask small
+    however many pairs a micro-batch holds, and the attention, which runs over the whole mask, at about
+    what the padded rows cost (README, Performance).
+    Both layouts carry `response_tokens` (2B,), the scored tokens of each sequence, and `sequence_tokens`
+    (2B,), its prompt + response tokens (padding never counts).
+    """
+    prompts = [torch.as_tensor(e["prompt"], dtype=torch.long).reshape(-1) for e in examples]
+    responses = [[torch.as_tensor(e[side], dtype=torch.long).reshape(-1) for e in examples]
+                 for side in ("chosen", "rejected")]
+    lengths = torch.tensor([[len(p), len(c), len(r)] for p, c, r in zip(prompts, *responses, strict=True)])
+    # a response's first token is scored only if something precedes it (as labels[:, 1:] in the padded path)
+    scored = lengths[:, 1:] - (lengths[:, :1] == 0).long()
+    counts = dict(response_tokens=scored.T.reshape(-1),
+                  sequence_tokens=(lengths[:, :1] + lengths[:, 1:]).T.reshape(-1))
+    if not shared:
+        sequences = [torch.cat([p, r]) for side in responses for p, r in zip(prompts, side, strict=True)]
+        labels = [torch.cat([torch.full_like(p, data.IGNORE_INDEX), r])
+                  for side in responses for p, r in zip(prompts, side, strict=True)]
+        pad = torch.nn.utils.rnn.pad_sequence
+        return dict(input_ids=pad(sequences, batch_first=True, padding_value=pad_id),
+                    attention_mask=pad([torch.ones_like(s) for s in sequences], batch_first=True),
+                    labels=pad(labels, batch_first=True, padding_value=data.IGNORE_INDEX), **counts)
+    spans = lengths.sum(1).tolist()
+    limit, order = max(3 * max_length // 2, *spans), sorted(range(len(examples)), key=lambda b: -spans[b])
+    for n_rows in range(math.ceil(sum(spans) / limit), len(examples) + 1):  # the fewest rows that fit
+        rows, filled = [[] for _ in range(n_rows)], [0] * n_rows
+        for b in order:  # longest pair first, onto the emptiest row: rows come out nearly equal
+            emptiest = filled.index(min(filled))
+            rows[emptiest].append(b)
+            filled[emptiest] += spans[b]
+        if max(filled) <= limit:
+            break
+    shape = (len(rows), max(filled))
+    input_ids, position_ids = torch.full(shape, pad_id), torch.zeros(shape, dtype=torch.long)
+    segment = torch.full(shape, -1)                  # which pair a token belongs to; -1: padding
+    side = torch.zeros(shape, dtype=torch.int8)      # 0 prompt (or padding), 1 chosen, 2 rejected
+    score_index, targets, sequence = [], [], []
+    for r, row in enumerate(rows):
+        start = 0
+        for b in row:
+            P, C, R = lengths[b].tolist()
+            end = start + P + C + R
+            input_ids[r, start:end] = torch.cat([prompts[b], responses[0][b], responses[1][b]])
+            position_ids[r, start:end] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
+            segment[r, start:end] = b
+            side[r, start + P:start + P + C], side[r, start + P + C:end] = 1, 2
+            # The hidden state that predicts each response token is the one before it, except that the
+            # first rejected token follows the prompt, not the chosen response.
+            from_chosen = start + P - 1 + torch.arange(C)
+            j = torch.arange(R)
+            from_rejected = torch.where(j == 0, start + P - 1, start + P + C - 1 + j)
+            for index, target, number in ((from_chosen, responses[0][b], b),
+                                          (from_rejected, responses[1][b], len(examples) + b)):
+                keep = index >= start  # an empty prompt: a response's first token has no predictor
+                score_index.append(r * shape[1] + index[keep])
+                targets.append(target[keep])
+                sequence.append(torch.full_like(target[keep], number))
+            start = end
+    return dict(input_ids=input_ids, position_ids=position_ids, segment=segment, side=side,
+                score_index=torch.cat(score_index), targets=torch.cat(targets), sequence=torch.cat(sequence),
+                **counts)
+
+
+def shared_attention_mask(batch, dtype=None):
+    """(rows, 1, T, T) mask of a shared-layout batch: token q may see token k of the same pair at or before
+    it, if k is in the prompt or on q's own side (so rejected never sees chosen). Bool (True = may attend)
+    for SDPA; with `dtype`, additive (0 / most negative), which eager attention needs. Padding sees earlier
+    padding, so no row of the mask is empty."""
+    segment, side = batch["segment"], batch["side"]
+    rows, width = segment.shape
+    allowed = torch.empty(rows, 1, width, width, dtype=torch.bool, device=segment.device)
+    for r in range(rows):  # a row at a time: the temporaries are one (T, T), not one per row
+        torch.eq(segment[r, :, None], segment[r, None, :], out=allowed[r, 0])
+        allowed[r, 0] &= (side[r, None, :] == 0) | (side[r, None, :] == side[r, :, None])
+        allowed[r, 0].tril_()
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min)
+
+
 def final_hidden(model, batch):
-    """Final hidden states (B, T, H) and the lm_head arguments of simpo.project_logits: no logits computed."""
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 use_cache=False).last_hidden_state  # no KV cache: nothing is generated
+    """Final hidden states (rows, T, H) and the lm_head arguments of simpo.project_logits: no logits
+    computed. Takes either layout of `build_batch` (and `data.collate`'s, which is the padded one)."""
+    if "segment" in batch:  # shared layout: explicit positions and mask
+        eager = model.config._attn_implementation == "eager"  # eager attention reads a bool mask wrongly
+        dtype = model.get_input_embeddings().weight.dtype
+        if eager and torch.is_autocast_enabled(batch["input_ids"].device.type):
+            dtype = torch.get_autocast_dtype(batch["input_ids"].device.type)
+        inputs = dict(position_ids=batch["position_ids"],
+                      attention_mask=shared_attention_mask(batch, dtype if eager else None))
+    else:
+        inputs = dict(attention_mask=batch["attention_mask"])
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], use_cache=False,
+                                 **inputs).last_hidden_state  # no KV cache: nothing is generated
     head = model.get_output_embeddings()
     return hidden, dict(lm_head_weight=head.weight, lm_head_bias=head.bias,
                         logit_softcap=getattr(model.config, "final_logit_softcapping", None))
 
 
-def policy_logps(model, batch, average=True):
-    """Per-sequence response log-probs (2B,) from one forward pass over [chosen..., rejected...]."""
+def policy_logps(model, batch, average=True, chunk_size=1024):
+    """Per-sequence response log-probs (2B,), ordered [chosen..., rejected...], from one forward pass over a
+    batch of `build_batch` (either layout)."""
     hidden, head = final_hidden(model, batch)
-    return simpo.chunked_sequence_logps(hidden, labels=batch["labels"], average=average, **head)
+    if "labels" in batch:  # padded: one row per sequence
+        return simpo.chunked_sequence_logps(hidden, labels=batch["labels"], average=average,
+                                            chunk_size=chunk_size, **head)
+    token_logps = simpo.chunked_token_logps(hidden.flatten(0, 1)[batch["score_index"]],
+                                            targets=batch["targets"], chunk_size=chunk_size, **head)
+    logps = torch.zeros(len(batch["response_tokens"]), dtype=torch.float32, device=hidden.device)
+    logps = logps.index_add(0, batch["sequence"], token_logps)  # sum per sequence, not per row
+    return logps / batch["response_tokens"].clamp(min=1) if average else logps
 
 
 @torch.no_grad()
 def pair_logps(model, examples, pad_id, batch_size, average=True, desc="scoring"):
     """Average log-probs of every chosen and rejected response: two (N,) float32 tensors on the CPU."""
     device, chosen, rejected = next(model.parameters()).device, [], []
+    longest = max((len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"])) for e in examples), default=0)
+    shared = shared_layout_problem(model, longest) is None
     for i in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False):
-        batch = {k: v.to(device) for k, v in data.collate(examples[i:i + batch_size], pad_id).items()}
+        batch = build_batch(examples[i:i + batch_size], pad_id, shared, longest)
+        batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             c, r = policy_logps(model, batch, average).chunk(2)
         chosen.append(c.float().cpu())

@@ -72,19 +72,26 @@ def chunked_sequence_logps(hidden, lm_head_weight, labels, average=True, ignore_
     """
     labels = labels[:, 1:]
     mask = labels != ignore_index
-    positions = hidden[:, :-1][mask]  # (N, H): response positions only, N = number of response tokens
-    targets = labels[mask]            # (N,)
+    # (N, H) response positions only and their (N,) targets, N = number of response tokens
+    token_logps = chunked_token_logps(hidden[:, :-1][mask], lm_head_weight, labels[mask], chunk_size,
+                                      lm_head_bias, logit_softcap)
+    rows = mask.nonzero()[:, 0]       # which sequence each response token belongs to
+    logps = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
+    logps = logps.index_add(0, rows, token_logps)
+    return logps / mask.sum(-1).clamp(min=1) if average else logps
+
+
+def chunked_token_logps(positions, lm_head_weight, targets, chunk_size=1024, lm_head_bias=None,
+                        logit_softcap=None):
+    """log π(target | position) of N tokens from their (N, H) final hidden states, `chunk_size` at a time
+    under activation checkpointing (see `chunked_sequence_logps`). Returns (N,) float32."""
     token_logps = [
         checkpoint(_chunk_token_logps, positions[i:i + chunk_size], lm_head_weight, lm_head_bias,
                    targets[i:i + chunk_size], logit_softcap, use_reentrant=False)
         for i in range(0, targets.numel(), chunk_size)
     ]
-    # No response token at all: an empty (0,) tensor that is still in the graph.
-    token_logps = torch.cat(token_logps) if token_logps else positions.float().sum(-1)
-    rows = mask.nonzero()[:, 0]       # which sequence each response token belongs to
-    logps = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
-    logps = logps.index_add(0, rows, token_logps)
-    return logps / mask.sum(-1).clamp(min=1) if average else logps
+    # No token at all: an empty (0,) tensor that is still in the graph.
+    return torch.cat(token_logps) if token_logps else positions.float().sum(-1)
 
 
 def simpo_loss(chosen_logps, rejected_logps, beta=2.0, gamma=0.5, loss_type="sigmoid", label_smoothing=0.0):

@@ -256,11 +256,16 @@ def plot_curves(out):
 
 
 class PairScorer(torch.nn.Module):
-    """modeling.policy_logps as a module: DistributedDataParallel wraps the call whose backward it syncs."""
+    """modeling.policy_logps as a module (DistributedDataParallel wraps the call whose backward it syncs),
+    with the batch layout the model can take: each prompt once and no padding, or else padded."""
 
-    def __init__(self, model):
+    def __init__(self, model, max_length):
         super().__init__()
-        self.model = model
+        self.model, self.max_length = model, max_length
+        self.shared = modeling.shared_layout_problem(model, max_length) is None
+
+    def batch(self, pairs, pad_id):
+        return modeling.build_batch(pairs, pad_id, self.shared, self.max_length)
 
     def forward(self, batch, average=True):
         return modeling.policy_logps(self.model, batch, average)
@@ -270,11 +275,13 @@ def accumulate_gradients(scorer, pairs, args, pad_id, weight=None):
     """Forward and backward over one optimizer step's pairs, `--micro-batch-size` at a time; each pair's
     loss counts `weight` times (default 1/len(pairs): the step's loss is the mean over its pairs).
     Returns the detached per-pair (SimPO losses, SFT losses, chosen logps, rejected logps, chosen rewards,
-    rejected rewards) as one (6, pairs) tensor and the step's token count, both left on the device."""
+    rejected rewards) as one (6, pairs) tensor and the step's token count (prompt + response of both
+    sequences, no padding), both left on the device."""
     device, average, logs, tokens = next(scorer.parameters()).device, not args.no_length_normalization, [], 0
     weight = 1 / len(pairs) if weight is None else weight
     for i in range(0, len(pairs), args.micro_batch_size):
-        batch = {k: v.to(device) for k, v in data.collate(pairs[i:i + args.micro_batch_size], pad_id).items()}
+        batch = getattr(scorer, "module", scorer).batch(pairs[i:i + args.micro_batch_size], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
         # Several processes all-reduce their gradients once per step, in the last micro-batch's backward.
         last = i + args.micro_batch_size >= len(pairs)
         with contextlib.nullcontext() if last or not hasattr(scorer, "no_sync") else scorer.no_sync():
@@ -282,14 +289,14 @@ def accumulate_gradients(scorer, pairs, args, pad_id, weight=None):
                 chosen_logps, rejected_logps = scorer(batch, average).chunk(2)
             losses, chosen_rewards, rejected_rewards = simpo.simpo_loss(chosen_logps, rejected_logps,
                                                                         args.beta, args.gamma)
-            n_chosen = (batch["labels"][: len(chosen_logps), 1:] != data.IGNORE_INDEX).sum(-1).clamp(min=1)
+            n_chosen = batch["response_tokens"][: len(chosen_logps)].clamp(min=1)
             sft_losses = -(chosen_logps if average else chosen_logps / n_chosen)  # NLL per chosen token
             # Summed, times 1/(pairs in the whole step): the update is the mean over the step's pairs
             # however they are split, so 1×8 and 4×2 (and 2 processes × 4) give the same update.
             ((losses + args.sft_weight * sft_losses).sum() * weight).backward()
         logs.append(torch.stack([losses.detach(), sft_losses.detach(), chosen_logps.detach(),
                                  rejected_logps.detach(), chosen_rewards, rejected_rewards]))
-        tokens += batch["attention_mask"].sum()
+        tokens += batch["sequence_tokens"].sum()
     return torch.cat(logs, dim=1), tokens
 
 
@@ -376,7 +383,8 @@ def train(args):
         logger.log(0, before)
         print(f"held-out reward accuracy before training: {before['eval/rewards/accuracies']:.3f}")
 
-    scorer = PairScorer(model)
+    print(modeling.describe_layout(model, args.max_length))
+    scorer = PairScorer(model, args.max_length)
     if args.world_size > 1:  # the trainable weights' gradients are all-reduced in the last backward
         scorer = torch.nn.parallel.DistributedDataParallel(
             scorer, device_ids=[torch.device(device).index] if device != "cpu" else None)

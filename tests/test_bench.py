@@ -1,15 +1,49 @@
-"""The benchmark script runs (tiny shape, on the CPU) and writes its numbers; no timing is asserted."""
+"""The benchmark script runs (tiny shape, on the CPU) and writes its numbers; no timing is asserted. The
+committed length profile is what the real pairs give, and on it the shared layout computes at most 1.05x
+the minimum token positions at micro-batches of 2 and 4."""
 import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 
-def test_bench_step_writes_json(tmp_path):
-    path = Path(__file__).resolve().parent.parent / "bench" / "step.py"
-    spec = importlib.util.spec_from_file_location("bench_step", path)
+REPO = Path(__file__).resolve().parent.parent
+PROFILE = REPO / "bench" / "lengths-ultrafeedback200.json"
+FIXTURES = REPO.parent / "shared" / "fixtures"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_step", REPO / "bench" / "step.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--shape", "tiny", "--seq-len", "16", "--steps", "1", "--out", str(tmp_path / "step.json")])
-    (result,) = json.loads((tmp_path / "step.json").read_text())  # one setup: --trl not asked for
-    assert result["setup"] == "simpo" and result["seq_len"] == 16 and result["tokens_per_s"] > 0
-    assert result["device"] == "cpu"
+    return bench
+
+
+def test_bench_step_writes_json(tmp_path):
+    lengths = tmp_path / "lengths.json"
+    lengths.write_text(json.dumps({"lengths": [[5, 3, 7], [2, 6, 1], [9, 4, 4]]}))
+    load_bench().main(["--shape", "tiny", "--lengths", lengths, "--batch-size", 2, "--micro-batch-size", 2,
+                       "--steps", 1, "--padded", "--out", tmp_path / "step.json"])
+    simpo, padded = json.loads((tmp_path / "step.json").read_text())  # --trl not asked for
+    assert (simpo["setup"], padded["setup"]) == ("simpo", "simpo-padded")
+    for result in (simpo, padded):
+        assert result["tokens_per_s"] > 0 and result["peak_gib"] > 0 and result["device"] == "cpu"
+    assert padded["project_speedup"] > 0 and padded["project_memory_ratio"] > 0
+    # 4 pairs (2 steps), 2 per forward: shared rows hold every token once
+    computed = simpo["computed_tokens_vs_minimum"]
+    assert computed["shared"] == 1 < computed["padded"]
+
+
+def test_real_lengths_compute_near_the_minimum():
+    report = load_bench().token_report(load_bench().load_lengths(PROFILE))
+    for micro_batch in (2, 4):
+        ratios = report[f"micro_batch_{micro_batch}"]
+        assert ratios["shared"] <= 1.05 and ratios["padded"] > 1.5  # padding and the second prompt: gone
+
+
+@pytest.mark.skipif(not (FIXTURES / "real-data").is_dir(), reason="needs ../shared/fixtures")
+def test_length_profile_is_the_real_pairs(tmp_path):
+    lengths = load_bench().make_lengths(FIXTURES / "real-data" / "ultrafeedback_trl_eval200.jsonl",
+                                        FIXTURES / "real-tokenizers" / "llama3-instruct", tmp_path / "l.json")
+    assert [list(pair) for pair in load_bench().load_lengths(PROFILE)] == lengths
+    assert (tmp_path / "l.json").read_text() == PROFILE.read_text()

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import parallel
 import simpo
 
 # On CPUs, bitsandbytes announces at import that an optional kernel package from the hub is missing: noise.
@@ -285,7 +286,8 @@ def pair_logps(model, examples, pad_id, batch_size, average=True, desc="scoring"
     device, chosen, rejected = next(model.parameters()).device, [], []
     longest = max((len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"])) for e in examples), default=0)
     shared = shared_layout_problem(model, longest) is None
-    for i in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False):
+    # under torchrun, one progress bar: the first process's
+    for i in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=parallel.rank() > 0):
         batch = build_batch(examples[i:i + batch_size], pad_id, shared, longest)
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):

@@ -228,16 +228,14 @@ def evaluate(args):
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     args.load_in_4bit = cuda if args.load_in_4bit is None else args.load_in_4bit
     adapter = Path(args.adapter)
-    # The base model's own tokenizer and the run's template, as train.py tokenized: not the copy saved with
-    # the run, which transformers may re-save differently (Mistral's Metaspace prepend_scheme).
+    # The base model's tokenizer and the run's template, exactly as train.py tokenized (not a re-saved copy)
     tokenizer = modeling.load_tokenizer(args.ref_model or args.model, args.run.get("chat_template"),
                                         args.trust_remote_code)
     split, fraction, scored, training = pairs_to_score(args)
     train_part, held_out, summary = data.load_examples(tokenizer, args.dataset, split, None, fraction,
                                                        args.run.get("seed", 0), args.max_length,
                                                        args.max_prompt_length)
-    part = "held-out" if fraction else "train"
-    examples = held_out if fraction else train_part
+    part, examples = ("held-out", held_out) if fraction else ("train", train_part)
     if not examples:
         raise data.DataError(f"{args.dataset}: no pairs to evaluate in split {split!r}")
     policy, base_model = load_policy_and_base(args, device, dtype)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# The project's modules, from any working directory: imported after this line (hence noqa E402).
 sys.path.insert(0, str(REPO))
 import data  # noqa: E402
 import modeling  # noqa: E402

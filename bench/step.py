@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+# The project's modules, from any working directory: imported after this line (hence noqa E402).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import modeling  # noqa: E402
 import train  # noqa: E402

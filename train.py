@@ -4,10 +4,13 @@
     python train.py --model meta-llama/Meta-Llama-3-8B-Instruct \
         --dataset princeton-nlp/llama3-ultrafeedback-armorm --eval-split test \
         --beta 10 --gamma-beta-ratio 0.3 --lr 5e-6
+    torchrun --nproc-per-node 8 train.py --model ... --dataset ...     # one process per GPU (parallel.py)
+    python train.py --resume runs/<name>                               # after Ctrl-C, SIGTERM or a crash
 
 One optimizer step: `--batch-size` preference pairs, fed `--micro-batch-size` pairs per forward pass. Each
-forward runs chosen and rejected responses together, [chosen..., rejected...], and scores only the response
-tokens from the final hidden states (simpo.chunked_sequence_logps), never building full logits.
+forward runs each pair's prompt once with its chosen and rejected responses, packed without padding
+(modeling.build_batch), and scores only the response tokens from the final hidden states, never building
+full logits. Checkpoints, signals and resuming live in checkpoints.py.
 """
 import argparse
 import contextlib

@@ -352,6 +352,7 @@ def train(args):
         raise UsageError(f"--resume {args.resume}: {'; '.join(conflicts)}: the run trained on other "
                          f"pairs or in another setting; start a new run instead")
     model = modeling.prepare_model(args, device, dtype)
+    print(modeling.describe_layout(model, args.max_length))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     start, folder = 0, None
@@ -386,7 +387,6 @@ def train(args):
         logger.log(0, before)
         print(f"held-out reward accuracy before training: {before['eval/rewards/accuracies']:.3f}")
 
-    print(modeling.describe_layout(model, args.max_length))
     scorer = PairScorer(model, args.max_length)
     if args.world_size > 1:  # the trainable weights' gradients are all-reduced in the last backward
         scorer = torch.nn.parallel.DistributedDataParallel(

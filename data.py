@@ -272,7 +272,8 @@ def _truncate(prompt, responses, bos_id, max_length, max_prompt_length):
 
 
 def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_length):
-    """Token ids of one pair (message lists), truncated; None if a response would end up empty."""
+    """Token ids of one pair (message lists), truncated; None if a response would end up empty. One pair at
+    a time, for tests and notebooks: load_examples tokenizes whole splits in batches, the same way."""
     pair = Pair(prompt, chosen, rejected, True, "pair")
     [(prompt_ids, *responses)] = _token_ids(tokenizer, [pair], end_of_turn(tokenizer))
     prompt_ids, responses = _truncate(prompt_ids, responses, tokenizer.bos_token_id, max_length,
@@ -404,10 +405,6 @@ class Summary:
 
     def skipped(self, part):
         return self.counts[part]["identical"] + self.counts[part]["emptied"]
-
-    def as_dict(self):
-        return {"counts": self.counts, "lengths": self.lengths, "cache_files": self.cache_files,
-                "from_cache": self.from_cache}
 
     def __str__(self):
         total = {key: sum(part[key] for part in self.counts.values())

@@ -6,7 +6,6 @@
 
 With a LoRA run the base model is the same model with its adapter switched off: no second copy in memory.
 For a full fine-tuning run (`--adapter` is then the trained model folder) `--ref-model` names the base.
-eval.py runs in one process on one device, also for runs trained on several GPUs with torchrun.
 """
 import argparse
 import contextlib
@@ -24,7 +23,8 @@ from modeling import UsageError
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=modeling.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=modeling.HelpFormatter,
+                                epilog="eval.py runs in one process, also on runs trained with torchrun.")
     p.add_argument("--adapter", required=True,
                    help="run folder or checkpoint (LoRA), or a fully fine-tuned model folder")
     p.add_argument("--model", help="the base SFT model (default: the run's --model)")

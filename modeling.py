@@ -57,6 +57,15 @@ def refused_remote_code(name, error):
                       f"(pass it only for a model whose source you trust)")
 
 
+def read_chat_template(value):
+    """--chat-template: the template's text, given as itself or as a file to read."""
+    if value and "{{" not in value and "{%" not in value:  # not a template: a file
+        if not Path(value).is_file():
+            raise UsageError(f"--chat-template {value}: neither a file nor a Jinja template")
+        value = Path(value).read_text()
+    return value
+
+
 def load_tokenizer(name, chat_template=None, trust_remote_code=False):
     from transformers import AutoTokenizer
     try:
@@ -65,11 +74,7 @@ def load_tokenizer(name, chat_template=None, trust_remote_code=False):
         raise UsageError(f"--model {name}: {str(error).strip().splitlines()[0]}") from None
     except ValueError as error:
         raise refused_remote_code(name, error) from None
-    if chat_template and "{{" not in chat_template and "{%" not in chat_template:  # not a template: a file
-        if not Path(chat_template).is_file():
-            raise UsageError(f"--chat-template {chat_template}: neither a file nor a Jinja template")
-        chat_template = Path(chat_template).read_text()
-    tokenizer.chat_template = chat_template or tokenizer.chat_template
+    tokenizer.chat_template = read_chat_template(chat_template) or tokenizer.chat_template
     if tokenizer.pad_token_id is None:  # padding is masked out of the loss, any id will do
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -117,7 +122,7 @@ def add_lora(model, args):
         return get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
                                                 lora_dropout=args.lora_dropout, target_modules=target,
                                                 task_type="CAUSAL_LM"))
-    except ValueError as error:  # e.g. a --lora-target the model does not have
+    except ValueError as error:  # e.g. a --lora-target peft cannot wrap (act_fn)
         raise UsageError(f"--lora-target {args.lora_target}: {str(error).strip().splitlines()[0]}") from None
 
 
@@ -181,13 +186,7 @@ def build_batch(examples, pad_id, shared=True, max_length=2048):
     counts = dict(response_tokens=scored.T.reshape(-1),
                   sequence_tokens=(lengths[:, :1] + lengths[:, 1:]).T.reshape(-1))
     if not shared:
-        sequences = [torch.cat([p, r]) for side in responses for p, r in zip(prompts, side, strict=True)]
-        labels = [torch.cat([torch.full_like(p, data.IGNORE_INDEX), r])
-                  for side in responses for p, r in zip(prompts, side, strict=True)]
-        pad = torch.nn.utils.rnn.pad_sequence
-        return dict(input_ids=pad(sequences, batch_first=True, padding_value=pad_id),
-                    attention_mask=pad([torch.ones_like(s) for s in sequences], batch_first=True),
-                    labels=pad(labels, batch_first=True, padding_value=data.IGNORE_INDEX), **counts)
+        return {**data.collate(examples, pad_id), **counts}
     spans = lengths.sum(1).tolist()
     limit, order = max(3 * max_length // 2, *spans), sorted(range(len(examples)), key=lambda b: -spans[b])
     for n_rows in range(math.ceil(sum(spans) / limit), len(examples) + 1):  # the fewest rows that fit
@@ -282,7 +281,8 @@ def policy_logps(model, batch, average=True, chunk_size=1024):
 
 @torch.no_grad()
 def pair_logps(model, examples, pad_id, batch_size, average=True, desc="scoring"):
-    """Average log-probs of every chosen and rejected response: two (N,) float32 tensors on the CPU."""
+    """Log-probs (averaged per token unless `average=False`) of every chosen and rejected response: two (N,)
+    float32 tensors on the CPU."""
     device, chosen, rejected = next(model.parameters()).device, [], []
     longest = max((len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"])) for e in examples), default=0)
     shared = shared_layout_problem(model, longest) is None

@@ -9,8 +9,9 @@
 
 One optimizer step: `--batch-size` preference pairs, fed `--micro-batch-size` pairs per forward pass. Each
 forward runs each pair's prompt once with its chosen and rejected responses, packed without padding
-(modeling.build_batch), and scores only the response tokens from the final hidden states, never building
-full logits. Checkpoints, signals and resuming live in checkpoints.py.
+(modeling.build_batch; padded rows for models whose attention cannot take that), and scores only the
+response tokens from the final hidden states, never building full logits. Checkpoints, signals and
+resuming live in checkpoints.py.
 """
 import argparse
 import contextlib
@@ -173,8 +174,7 @@ def check_args(args):
     for name in ("model", "dataset"):  # run_config.json must still find local paths from another folder
         if getattr(args, name) and Path(getattr(args, name)).exists():
             setattr(args, name, str(Path(getattr(args, name)).resolve()))
-    if args.chat_template and "{" not in args.chat_template and Path(args.chat_template).is_file():
-        args.chat_template = Path(args.chat_template).read_text()  # the run keeps the text: no file needed
+    args.chat_template = modeling.read_chat_template(args.chat_template)  # the run keeps the text, no file
     if args.lora_target != "all-linear":  # "q_proj, v_proj" and "q_proj,v_proj" are the same LoRA
         args.lora_target = ",".join(name.strip() for name in args.lora_target.split(",") if name.strip())
     if args.resume:
@@ -467,18 +467,23 @@ def train(args):
     return out
 
 
+def say(line):
+    """One write per message: processes under torchrun share stderr, and their lines must not interleave."""
+    sys.stderr.write(f"\n{line}\n")
+
+
 def main(argv=None):
     try:
         train(parse_args(argv))
     except (data.DataError, UsageError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        say(f"error: {error}")
         return 2
     except checkpoints.StopRequested as stop:
         if stop.exit_code <= 128 or parallel.rank() == 0:  # a signal stops every process alike: say it once
-            print(f"\n{'stopped' if stop.exit_code > 128 else 'error'}: {stop}", file=sys.stderr)
+            say(f"{'stopped' if stop.exit_code > 128 else 'error'}: {stop}")
         return stop.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside the training steps (loading, or the final evaluation)
-        print("\ninterrupted: the run folder keeps its last complete save", file=sys.stderr)
+        say("interrupted: the run folder keeps its last complete save")
         return 130
     finally:
         parallel.cleanup()

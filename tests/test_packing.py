@@ -174,7 +174,7 @@ def test_qlora_and_gradient_checkpointing(examples, tokenizer, tmp_path):
     run = argparse.Namespace(model=str(tmp_path), load_in_4bit=True, full=False, gradient_checkpointing=True,
                              **LORA)
     model = modeling.prepare_model(run, "cpu", torch.float32)
-    assert model.is_gradient_checkpointing and type(model.base_model.model.lm_head).__name__ == "Linear"
+    assert model.is_activation_checkpointing and type(model.base_model.model.lm_head).__name__ == "Linear"
     assert_same_as_padded(model, examples, train_args(), tokenizer.pad_token_id)
 
 

@@ -5,6 +5,7 @@ averages the gradients once per step. A plain `python train.py` is a world of on
     torchrun --nproc_per_node 4 train.py --model ... --dataset ...
 """
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -13,13 +14,19 @@ import torch.nn.functional as F
 
 def setup():
     """(rank, world size, device) from torchrun's environment; joins the process group when there are
-    several processes: nccl on GPUs, gloo on CPUs."""
+    several processes (nccl on GPUs, gloo on CPUs) and silences all but the first."""
     world, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if world > 1 and not dist.is_initialized():
         if device != "cpu":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device != "cpu" else "gloo")
+    if rank() > 0:  # one voice: the other processes' output would repeat it (their errors still show)
+        import datasets
+        import transformers
+        sys.stdout = open(os.devnull, "w")  # for the whole run: closed when the process ends
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     return rank(), world, device
 
 

@@ -315,28 +315,10 @@ def out_of_memory(pairs, args):
         f"and --gradient-checkpointing; the last checkpoint is intact", 1)
 
 
-def train(args):
-    rank, args.world_size, device = parallel.setup()
-    main_process = rank == 0
-    if not main_process:  # one voice: the other processes' progress would repeat it (errors still show)
-        sys.stdout = open(os.devnull, "w")  # for the whole run: closed when the process ends
-        import datasets
-        import transformers
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 is slow on CPUs
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    if getattr(args, "demo", False):  # built next to the run, not in it: eval.py loads it as the base model
-        import demo
-        if main_process:
-            demo.build_tiny_model(Path(args.output_dir).parent / "demo-model")
-        parallel.barrier()
-        args.model = str((Path(args.output_dir).parent / "demo-model").resolve())
-    checkpoints.prepare_output_dir(args, [args.model, args.dataset])
-    parallel.barrier()  # every process has checked the folder before the first one writes to it
-    tokenizer = modeling.load_tokenizer(args.model, args.chat_template, args.trust_remote_code)
-    if not main_process:  # the first process tokenizes, the others then read its cache
+def load_pairs(args, tokenizer, main_process):
+    """The training and held-out pairs, tokenized (under torchrun by the first process; the others then read
+    its cache). A resume must find the very pairs its run trained on."""
+    if not main_process:
         parallel.barrier()
     train_set, eval_set, summary = data.load_examples(tokenizer, args.dataset, args.split, args.eval_split,
                                                       args.eval_fraction, args.seed, args.max_length,
@@ -351,6 +333,25 @@ def train(args):
     if conflicts:
         raise UsageError(f"--resume {args.resume}: {'; '.join(conflicts)}: the run trained on other "
                          f"pairs or in another setting; start a new run instead")
+    return train_set, eval_set
+
+
+def train(args):
+    rank, args.world_size, device = parallel.setup()
+    main_process = rank == 0
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 is slow on CPUs
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    if getattr(args, "demo", False):  # built next to the run, not in it: eval.py loads it as the base model
+        import demo
+        if main_process:
+            demo.build_tiny_model(Path(args.output_dir).parent / "demo-model")
+        parallel.barrier()
+        args.model = str((Path(args.output_dir).parent / "demo-model").resolve())
+    checkpoints.prepare_output_dir(args, [args.model, args.dataset])
+    parallel.barrier()  # every process has checked the folder before the first one writes to it
+    tokenizer = modeling.load_tokenizer(args.model, args.chat_template, args.trust_remote_code)
+    train_set, eval_set = load_pairs(args, tokenizer, main_process)
     model = modeling.prepare_model(args, device, dtype)
     print(modeling.describe_layout(model, args.max_length))
     params = [p for p in model.parameters() if p.requires_grad]

@@ -151,7 +151,8 @@ class Checkpointer:
             (self.save_seconds and time.monotonic() - self.last_save >= self.save_seconds)
         # Processes see the clock and the signal at slightly different moments: all act on the first.
         due, signum = parallel.agree(int(bool(due) and step < last_step), self.signal or 0)
-        self.signal = signum or None
+        # A signal that lands after the flags were read stays set for the next step: never lost.
+        self.signal = signum or self.signal
         if step == last_step:  # the final save comes next anyway
             return
         if due or signum:

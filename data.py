@@ -224,7 +224,7 @@ def _token_ids(tokenizer, pairs, end):
         responses = tokenizer([pair.chosen["content"] for pair in pairs] + [pair.rejected["content"]
                                                                             for pair in pairs],
                               add_special_tokens=False)["input_ids"]
-        return [(prompt, chosen + eos, rejected + eos)
+        return [(prompt, chosen + eos, rejected + eos, [0, 0])
                 for prompt, chosen, rejected in zip(prompts, responses[:len(pairs)], responses[len(pairs):],
                                                     strict=True)]
     prompt_texts = _render(tokenizer, [pair.prompt for pair in pairs], pairs, add_generation_prompt=True)
@@ -247,7 +247,11 @@ def _token_ids(tokenizer, pairs, end):
     for i in range(n):
         chosen, rejected = ids[i], ids[n + i]
         cut = _shared_length(chosen[:starts[i]], rejected[:starts[n + i]])  # the prompt both sides share
-        result.append((chosen[:cut], chosen[cut:] + eos * add_eos[i], rejected[cut:] + eos * add_eos[n + i]))
+        # Prompt tokens past the shared ones are read but not scored: on Mistral, one side's first token
+        # can swallow the prompt's last "]" ("][") while the other side keeps a bare "]".
+        unscored = [starts[i] - cut, starts[n + i] - cut]
+        result.append((chosen[:cut], chosen[cut:] + eos * add_eos[i], rejected[cut:] + eos * add_eos[n + i],
+                       unscored))
     return result
 
 
@@ -275,12 +279,20 @@ def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_le
     """Token ids of one pair (message lists), truncated; None if a response would end up empty. One pair at
     a time, for tests and notebooks: load_examples tokenizes whole splits in batches, the same way."""
     pair = Pair(prompt, chosen, rejected, True, "pair")
-    [(prompt_ids, *responses)] = _token_ids(tokenizer, [pair], end_of_turn(tokenizer))
+    [(prompt_ids, *responses, unscored)] = _token_ids(tokenizer, [pair], end_of_turn(tokenizer))
     prompt_ids, responses = _truncate(prompt_ids, responses, tokenizer.bos_token_id, max_length,
                                       max_prompt_length)
-    if not all(responses):
+    if not all(len(ids) > n for ids, n in zip(responses, unscored, strict=True)):
         return None
-    return {"prompt": prompt_ids, "chosen": responses[0], "rejected": responses[1]}
+    return {"prompt": prompt_ids, "chosen": responses[0], "rejected": responses[1], "unscored": unscored}
+
+
+def generation_prompt(example):
+    """The prompt's ids as a model reads them before it writes a response: the shared prompt and the side
+    whose tokens hold more of the prompt's text (see `_token_ids`)."""
+    chosen, rejected = example.get("unscored", (0, 0))
+    return list(example["prompt"]) + list(example["chosen"][:chosen] if chosen >= rejected
+                                          else example["rejected"][:rejected])
 
 
 # ---------------------------------------------------------------- a whole split, batched and cached
@@ -302,30 +314,38 @@ def tokenize_batch(batch, indices, tokenizer, source, end, max_length, max_promp
     identical = [pair.chosen["content"] == pair.rejected["content"] for pair in pairs]
     token_ids = iter(_token_ids(tokenizer, [p for p, same in zip(pairs, identical, strict=True) if not same],
                                 end))
-    out = {"prompt": [], "chosen": [], "rejected": [], "status": [], "truncated": []}
+    out = {"prompt": [], "chosen": [], "rejected": [], "unscored": [], "status": [], "truncated": []}
     for same in identical:
-        prompt, responses, status, truncated = [], [[], []], IDENTICAL, False
+        prompt, responses, unscored, status, truncated = [], [[], []], [0, 0], IDENTICAL, False
         if not same:
-            prompt, *untruncated = next(token_ids)
+            prompt, *untruncated, unscored = next(token_ids)
             prompt, responses = _truncate(prompt, untruncated, tokenizer.bos_token_id, max_length,
                                           max_prompt_length)
-            status = KEPT if all(responses) else EMPTIED
-            truncated = status == KEPT and list(map(len, responses)) != list(map(len, untruncated))
-            prompt, responses = (prompt, responses) if status == KEPT else ([], [[], []])
-        for name, value in zip(out, (prompt, *responses, status, truncated), strict=True):
+            kept = all(len(ids) > n for ids, n in zip(responses, unscored, strict=True))
+            status = KEPT if kept else EMPTIED
+            truncated = kept and list(map(len, responses)) != list(map(len, untruncated))
+            prompt, responses = (prompt, responses) if kept else ([], [[], []])
+        for name, value in zip(out, (prompt, *responses, unscored, status, truncated), strict=True):
             out[name].append(value)
     return out
 
 
 def _tokenizer_state(tokenizer):
-    """Everything that decides the token ids, as text: the tokenizer's files as loaded and the chat template.
+    """Everything that decides the token ids, as text: the tokenizer's files as loaded, its Python-side
+    settings (`split_special_tokens` changes the ids, not the files) and the library versions.
     (Hashing the tokenizer object itself, as `datasets` would, takes 10 s for Gemma-2.)"""
+    import tokenizers
+    import transformers
+    where = ("name_or_path", "is_local", "local_files_only", "vocab_file", "tokenizer_file")
+    settings = {k: v for k, v in tokenizer.init_kwargs.items() if k not in where}
+    python_side = repr((type(tokenizer).__name__, sorted(settings.items(), key=str),
+                        tokenizer.split_special_tokens, transformers.__version__, tokenizers.__version__))
     if not tokenizer.is_fast:
-        return repr((type(tokenizer).__name__, tokenizer.get_vocab(), tokenizer.init_kwargs))
+        return python_side + repr(tokenizer.get_vocab())
     backend = tokenizer.backend_tokenizer
     backend.no_padding()  # state left by earlier padded calls; transformers sets it again on each call
     backend.no_truncation()
-    return backend.to_str()
+    return python_side + backend.to_str()
 
 
 def tokenize_split(tokenizer, dataset, split, max_length, max_prompt_length):
@@ -345,21 +365,32 @@ def tokenize_split(tokenizer, dataset, split, max_length, max_prompt_length):
                                tokenizer.eos_token_id, tokenizer.bos_token_id, repr(end), str(dataset),
                                max_length, max_prompt_length, Path(__file__).read_text()])
     ids = List(Value("int32"))  # 4 bytes per token id (Python ints in lists take 70)
-    features = Features({"prompt": ids, "chosen": ids, "rejected": ids, "status": Value("int8"),
-                         "truncated": Value("bool")})
+    features = Features({"prompt": ids, "chosen": ids, "rejected": ids, "unscored": ids,
+                         "status": Value("int8"), "truncated": Value("bool")})
     started = time.time()
+    settings = dict(tokenizer=tokenizer, source=dataset, end=end, max_length=max_length,
+                    max_prompt_length=max_prompt_length)
     tokenized = rows.map(tokenize_batch, batched=True, with_indices=True, remove_columns=rows.column_names,
                          features=features, new_fingerprint=fingerprint, desc=f"tokenizing {dataset}:{split}",
-                         fn_kwargs=dict(tokenizer=tokenizer, source=dataset, end=end, max_length=max_length,
-                                        max_prompt_length=max_prompt_length))
+                         fn_kwargs=settings)
     files = [f["filename"] for f in tokenized.cache_files]
     from_cache = bool(files) and all(Path(f).stat().st_mtime < started for f in files)
+    # Cached ids must still be what the tokenizer gives: a few rows tokenized afresh say whether a setting
+    # the fingerprint cannot see has changed them.
+    sample = range(min(8, len(rows)))
+    if from_cache and tokenize_batch(rows[:len(sample)], sample, **settings) != tokenized[:len(sample)]:
+        tokenized = rows.map(tokenize_batch, batched=True, with_indices=True, features=features,
+                             remove_columns=rows.column_names, new_fingerprint=fingerprint,
+                             load_from_cache_file=False, desc=f"tokenizing {dataset}:{split} again",
+                             fn_kwargs=settings)
+        from_cache = False
     return tokenized, files, from_cache
 
 
 class Examples:
     """Tokenized pairs as numpy arrays over Arrow data (4 bytes per token id), in a given order.
-    `examples[i]` is {"prompt", "chosen", "rejected"}: lists of ids, built for that pair only."""
+    `examples[i]` is {"prompt", "chosen", "rejected", "unscored"}: lists of ids, built for that pair only
+    ("unscored": how many leading ids of chosen and rejected are prompt text, read but not scored)."""
 
     def __init__(self, columns, rows):
         self.columns = columns  # name -> (ids of all rows end to end, where each row starts)
@@ -388,7 +419,7 @@ class Examples:
 
 def _columns(tokenized):
     columns = {}
-    for name in ("prompt", "chosen", "rejected"):
+    for name in ("prompt", "chosen", "rejected", "unscored"):
         array = tokenized.data.column(name).combine_chunks()
         columns[name] = (array.values.to_numpy(), array.offsets.to_numpy())
     return columns
@@ -452,8 +483,8 @@ def load_examples(tokenizer, dataset, split, eval_split=None, eval_fraction=0.0,
         counts[part] = {"pairs": len(kept), "identical": int((status == IDENTICAL).sum()),
                         "emptied": int((status == EMPTIED).sum()), "truncated": int(truncated.sum())}
         examples[part] = Examples(columns[id(table)], kept)
-        for name, (_, starts) in columns[id(table)].items():
-            lengths[name].append(np.diff(starts)[kept])
+        for name in lengths:
+            lengths[name].append(np.diff(columns[id(table)][name][1])[kept])
     lengths = {name: _distribution(np.concatenate(values)) for name, values in lengths.items()}
     summary = Summary(counts, lengths if counts["train"]["pairs"] + counts["held-out"]["pairs"] else {},
                       cache_files, from_cache)
@@ -472,8 +503,11 @@ def collate(examples, pad_id):
     examples = [{k: v.tolist() if isinstance(v, np.ndarray) else list(v) for k, v in e.items()}
                 for e in examples]  # ids as numpy arrays or lists
     sequences = [e["prompt"] + e[side] for side in ("chosen", "rejected") for e in examples]
-    labels = [[IGNORE_INDEX] * len(e["prompt"]) + e[side] for side in ("chosen", "rejected")
-              for e in examples]
+    labels = []
+    for s, side in enumerate(("chosen", "rejected")):
+        for e in examples:
+            unscored = e.get("unscored", (0, 0))[s]  # prompt text, read but not scored
+            labels.append([IGNORE_INDEX] * (len(e["prompt"]) + unscored) + e[side][unscored:])
     width = max(map(len, sequences))
 
     def pad(rows, value):

@@ -166,8 +166,8 @@ def generate(policy, base_model, tokenizer, examples, args):
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))
     prompt_indices = order[:args.generate]
     for i in tqdm(prompt_indices.tolist(), desc="generating", leave=False):
-        prompt = torch.tensor([examples[i]["prompt"]], device=device)
-        sample = {"prompt": tokenizer.decode(examples[i]["prompt"])}
+        prompt = torch.tensor([data.generation_prompt(examples[i])], device=device)
+        sample = {"prompt": tokenizer.decode(prompt[0])}
         for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
             with context as model:
                 for module in model.modules():  # the transformers model, also inside a peft wrapper
@@ -182,7 +182,7 @@ def generate(policy, base_model, tokenizer, examples, args):
             sample |= {name: tokenizer.decode(ids, skip_special_tokens=True), f"{name}_tokens": len(ids),
                        f"{name}_ids": ids}
         labels = [data.IGNORE_INDEX] * prompt.shape[1] + sample["policy_ids"]
-        batch = {"input_ids": torch.tensor([examples[i]["prompt"] + sample["policy_ids"]], device=device)}
+        batch = {"input_ids": torch.tensor([prompt[0].tolist() + sample["policy_ids"]], device=device)}
         batch |= {"attention_mask": torch.ones_like(batch["input_ids"]),
                   "labels": torch.tensor([labels], device=device)}
         log_ratio = modeling.policy_logps(policy, batch, average=False)
@@ -229,8 +229,12 @@ def evaluate(args):
     args.load_in_4bit = cuda if args.load_in_4bit is None else args.load_in_4bit
     adapter = Path(args.adapter)
     # The base model's tokenizer and the run's template, exactly as train.py tokenized (not a re-saved copy)
-    tokenizer = modeling.load_tokenizer(args.ref_model or args.model, args.run.get("chat_template"),
-                                        args.trust_remote_code)
+    tokenizer = modeling.load_tokenizer(args.ref_model or args.model, None, args.trust_remote_code)
+    trained_with = args.run.get("chat_template")
+    if trained_with and trained_with != tokenizer.chat_template:
+        print(f"note: {args.ref_model or args.model} has another chat template than the run trained with: "
+              f"scoring with the run's")
+        tokenizer.chat_template = trained_with
     split, fraction, scored, training = pairs_to_score(args)
     train_part, held_out, summary = data.load_examples(tokenizer, args.dataset, split, None, fraction,
                                                        args.run.get("seed", 0), args.max_length,
@@ -239,6 +243,8 @@ def evaluate(args):
     if not examples:
         raise data.DataError(f"{args.dataset}: no pairs to evaluate in split {split!r}")
     policy, base_model = load_policy_and_base(args, device, dtype)
+    packed, layout = modeling.choose_layout(policy, args.max_length)
+    print(layout)
     average = not args.run.get("no_length_normalization", False)
     settings = {k: v for k, v in vars(args).items() if k != "run"}
     report = {"settings": settings, "pairs": len(examples), "scored": scored,
@@ -247,7 +253,8 @@ def evaluate(args):
     pad_id = tokenizer.pad_token_id
     for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
         with context as model:
-            logps = modeling.pair_logps(model, examples, pad_id, args.batch_size, average, f"scoring {name}")
+            logps = modeling.pair_logps(model, examples, pad_id, args.batch_size, average, f"scoring {name}",
+                                        packed)
         report[name] = modeling.reward_metrics(*logps, args.beta, args.gamma)
     report |= kl_to_base(policy, base_model, examples, pad_id, args.batch_size, args.chunk_size)
     if args.generate:

@@ -5,6 +5,8 @@ lines use.
 import argparse
 import logging
 import math
+import re
+import time
 from pathlib import Path
 
 import torch
@@ -103,10 +105,35 @@ def load_model(name, load_in_4bit=False, dtype=torch.float32, device="cpu", trus
     return model
 
 
+def decoder_of(model):
+    """The module that turns input ids into final hidden states (no lm_head)."""
+    decoder = model.get_decoder()
+    if decoder.get_output_embeddings() is not None:  # Llama-4's text model answers with itself
+        decoder = decoder.model
+    return decoder
+
+
+def language_model_linears(model):
+    """"all-linear" for this model: on a multimodal wrapper (Gemma-3 4B+, Gemma-4), a regex over the
+    language model's linear layers alone. The vision tower's would get no gradient from text, and DDP
+    stops at parameters that never get one."""
+    decoder, head = decoder_of(model), model.get_output_embeddings()
+    prefix = next(name for name, module in model.named_modules() if module is decoder)
+    outside = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+               and module is not head and not name.startswith(prefix + ".")]
+    if not outside:
+        return "all-linear"
+    names = sorted({name.rsplit(".", 1)[-1] for name, module in decoder.named_modules()
+                    if isinstance(module, torch.nn.Linear)})
+    return rf"{re.escape(prefix)}\.(.*\.)?({'|'.join(names)})"
+
+
 def add_lora(model, args):
     from peft import LoraConfig, get_peft_model
     target = args.lora_target
-    if target != "all-linear":  # "q_proj, v_proj": every name must be a module of this model
+    if target == "all-linear":
+        target = language_model_linears(model)
+    else:  # "q_proj, v_proj": every name must be a module of this model
         target = [name.strip() for name in target.split(",") if name.strip()]
         known = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         unknown = [name for name in target if name not in known]
@@ -140,13 +167,28 @@ def prepare_model(args, device, dtype):
     return model.train()  # gradient checkpointing only acts in train mode
 
 
+def text_config(model):
+    """The decoder's config: multimodal wrappers (Gemma-3 4B+, Gemma-3n, Gemma-4) keep it in text_config."""
+    return model.config.get_text_config(decoder=True)
+
+
+# Layers whose only mixing of tokens is attention under the mask: any other kind (Mamba, linear attention,
+# convolution) carries a state along the whole row, across the pairs that share it.
+ATTENTION_LAYERS = {"attention", "full_attention", "sliding_attention", "chunked_attention"}
+
+
 def shared_layout_problem(model, max_length):
-    """Why `model` cannot run the shared layout of `build_batch` (None when it can). The layout needs a 4-D
-    attention mask used as given in every layer, with no attention soft-capping and no sliding window that
-    a sequence of `max_length` tokens could exceed (a 4-D mask bypasses the model's own window)."""
-    config = model.config
+    """Why the model's config rules out the packed layout of `build_batch` (None when it does not). The
+    layout needs a 4-D attention mask used as given in every layer: only attention layers, no attention
+    soft-capping, and no sliding window or attention chunk that a sequence of `max_length` tokens could
+    exceed (a 4-D mask bypasses the model's own window). `choose_layout` then checks the numbers."""
+    config = text_config(model)
     attention = getattr(config, "_attn_implementation", None)
     window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    window = window or getattr(config, "attention_chunk_size", None)
+    other = sorted(set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYERS)
+    if other:
+        return f"{config.model_type} has {'/'.join(other)} layers, whose state runs along the whole row"
     if attention not in ("sdpa", "eager"):  # FlashAttention and FlexAttention take no dense 4-D mask
         return f"{attention} attention takes no 4-D mask"
     if getattr(config, "attn_logit_softcapping", None):  # Gemma-2
@@ -156,11 +198,81 @@ def shared_layout_problem(model, max_length):
     return None
 
 
-def describe_layout(model, max_length):
-    """The line a run prints to say how its batches are laid out."""
-    problem = shared_layout_problem(model, max_length)
-    return "batches: packed, each prompt computed once for chosen and rejected, no padding" if not problem \
-        else f"batches: padded, each prompt computed twice ({problem})"
+def probe_pairs(vocab_size, max_length, window):
+    """A few short pairs of seeded random ids for `choose_layout`: one whose prompt is a single token, one
+    with longer sides, and one longer than the model's window when it declares one."""
+    shapes = [(1, 8, 6), (5, 9, 12)]
+    if window and window < max_length:
+        shapes.append((min(max_length, window + 8) - 8, 8, 6))
+    generator = torch.Generator().manual_seed(0)
+    return [{name: torch.randint(vocab_size, (n,), generator=generator).tolist()
+             for name, n in zip(("prompt", "chosen", "rejected"), shape, strict=True)} for shape in shapes]
+
+
+def own_logps(model, pairs):
+    """Average response log-probs (2B,) [chosen..., rejected...] from the model's own `logits`, one sequence
+    at a time: whatever the model does after its last layer (scaling, soft-capping) is in them."""
+    device, logps = next(model.parameters()).device, []
+    for side in ("chosen", "rejected"):
+        for pair in pairs:
+            ids = torch.tensor([pair["prompt"] + pair[side]], device=device)
+            logits = model(input_ids=ids, use_cache=False).logits[0, len(pair["prompt"]) - 1:-1]
+            logps.append(logits.float().log_softmax(-1).gather(1, ids[0, len(pair["prompt"]):, None]).mean())
+    return torch.stack(logps)
+
+
+@torch.no_grad()
+def choose_layout(model, max_length):
+    """(packed, the line a run prints): the batch layout to score this model in, checked on the model itself.
+
+    A few probe pairs are scored three ways: packed, padded, and from the model's own logits. Packed is
+    used when the config allows it and its numbers equal the model's own; padded when they do not; and a
+    model whose padded numbers differ too (logits rescaled by model code simpo does not know) is refused,
+    since training and evaluation would be silently wrong. The tolerance is per token of average log-prob:
+    1e-4 in float32, where the layouts agree to ~1e-5; 0.2 in 16-bit compute, where SmolLM2-135M's agree to
+    0.05 (bf16, 4-bit: 0.03) and a rejected response that reads its chosen one moves them by 0.6 to 1.8.
+    """
+    started, training = time.time(), model.training
+    config = text_config(model)
+    device = next(model.parameters()).device
+    half = device.type == "cuda" or model.get_input_embeddings().weight.dtype != torch.float32
+    tolerance = 0.2 if half else 1e-4
+    window = getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)
+    pairs = probe_pairs(model.get_input_embeddings().weight.shape[0], max_length, window)
+
+    def distance(packed):  # the largest difference from the model's own numbers
+        batch = {k: v.to(device) for k, v in build_batch(pairs, 0, packed, max_length).items()}
+        return (policy_logps(model, batch) - own).abs().max().item()
+
+    model.eval()  # no dropout
+    try:
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            try:
+                own = own_logps(model, pairs)
+                padded = distance(False)
+            except Exception as error:  # e.g. a module that LoRA cannot wrap (Llama-4's MoE router)
+                reason = (str(error).strip().splitlines() or [""])[0][:200]
+                raise UsageError(f"{config.model_type}: scoring fails on this model with LoRA "
+                                 f"({type(error).__name__}: {reason}); try --lora-target") from None
+            if not padded <= tolerance:  # NaN too
+                raise UsageError(f"{config.model_type}: simpo's log-probs differ from the model's own logits "
+                                 f"by {padded:.3g} per token (tolerance {tolerance:g}): this model does "
+                                 f"something after its last layer that simpo does not apply; refusing it")
+            problem = shared_layout_problem(model, max_length)
+            if problem is None:
+                try:
+                    packed = distance(True)
+                except Exception as error:  # e.g. ALiBi models (Bloom) build their bias from a 2-D mask
+                    problem = f"the packed layout fails on {config.model_type}: {type(error).__name__}"
+                else:
+                    if not packed <= tolerance:
+                        problem = f"packed layout changes this model's numbers by {packed:.2g}"
+    finally:
+        model.train(training)
+    checked = f"checked against the model's own logits in {time.time() - started:.1f} s"
+    if problem:
+        return False, f"batches: padded, each prompt computed twice ({problem}); {checked}"
+    return True, f"batches: packed, each prompt computed once for chosen and rejected, no padding; {checked}"
 
 
 def build_batch(examples, pad_id, shared=True, max_length=2048):
@@ -181,8 +293,10 @@ def build_batch(examples, pad_id, shared=True, max_length=2048):
     responses = [[torch.as_tensor(e[side], dtype=torch.long).reshape(-1) for e in examples]
                  for side in ("chosen", "rejected")]
     lengths = torch.tensor([[len(p), len(c), len(r)] for p, c, r in zip(prompts, *responses, strict=True)])
+    # leading response ids that are prompt text (data.Examples) are read, not scored
+    unscored = torch.tensor([list(e.get("unscored", (0, 0))) for e in examples]).reshape(-1, 2)
     # a response's first token is scored only if something precedes it (as labels[:, 1:] in the padded path)
-    scored = lengths[:, 1:] - (lengths[:, :1] == 0).long()
+    scored = lengths[:, 1:] - torch.maximum(unscored, (lengths[:, :1] == 0).long())
     counts = dict(response_tokens=scored.T.reshape(-1),
                   sequence_tokens=(lengths[:, :1] + lengths[:, 1:]).T.reshape(-1))
     if not shared:
@@ -216,9 +330,11 @@ def build_batch(examples, pad_id, shared=True, max_length=2048):
             from_chosen = start + P - 1 + torch.arange(C)
             j = torch.arange(R)
             from_rejected = torch.where(j == 0, start + P - 1, start + P + C - 1 + j)
-            for index, target, number in ((from_chosen, responses[0][b], b),
-                                          (from_rejected, responses[1][b], len(examples) + b)):
-                keep = index >= start  # an empty prompt: a response's first token has no predictor
+            for index, target, number, skip in ((from_chosen, responses[0][b], b, unscored[b, 0]),
+                                                (from_rejected, responses[1][b], len(examples) + b,
+                                                 unscored[b, 1])):
+                # an empty prompt: a response's first token has no predictor
+                keep = (index >= start) & (torch.arange(len(index)) >= skip)
                 score_index.append(r * shape[1] + index[keep])
                 targets.append(target[keep])
                 sequence.append(torch.full_like(target[keep], number))
@@ -250,7 +366,8 @@ def final_hidden(model, batch):
     """Final hidden states (rows, T, H) and the lm_head arguments of simpo.project_logits: no logits
     computed. Takes either layout of `build_batch` (and `data.collate`'s, which is the padded one)."""
     if "segment" in batch:  # shared layout: explicit positions and mask
-        eager = model.config._attn_implementation == "eager"  # eager attention reads a bool mask wrongly
+        # eager attention reads a bool mask wrongly
+        eager = text_config(model)._attn_implementation == "eager"
         dtype = model.get_input_embeddings().weight.dtype
         if eager and torch.is_autocast_enabled(batch["input_ids"].device.type):
             dtype = torch.get_autocast_dtype(batch["input_ids"].device.type)
@@ -258,11 +375,12 @@ def final_hidden(model, batch):
                       attention_mask=shared_attention_mask(batch, dtype if eager else None))
     else:
         inputs = dict(attention_mask=batch["attention_mask"])
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], use_cache=False,
-                                 **inputs).last_hidden_state  # no KV cache: nothing is generated
+    decoder = decoder_of(model)
+    # no KV cache: nothing is generated
+    hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state
     head = model.get_output_embeddings()
     return hidden, dict(lm_head_weight=head.weight, lm_head_bias=head.bias,
-                        logit_softcap=getattr(model.config, "final_logit_softcapping", None))
+                        logit_softcap=getattr(text_config(model), "final_logit_softcapping", None))
 
 
 def policy_logps(model, batch, average=True, chunk_size=1024):
@@ -280,12 +398,12 @@ def policy_logps(model, batch, average=True, chunk_size=1024):
 
 
 @torch.no_grad()
-def pair_logps(model, examples, pad_id, batch_size, average=True, desc="scoring"):
+def pair_logps(model, examples, pad_id, batch_size, average=True, desc="scoring", packed=None):
     """Log-probs (averaged per token unless `average=False`) of every chosen and rejected response: two (N,)
-    float32 tensors on the CPU."""
+    float32 tensors on the CPU. `packed`: the layout `choose_layout` chose (None: what the config allows)."""
     device, chosen, rejected = next(model.parameters()).device, [], []
     longest = max((len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"])) for e in examples), default=0)
-    shared = shared_layout_problem(model, longest) is None
+    shared = shared_layout_problem(model, longest) is None if packed is None else packed
     # under torchrun, one progress bar: the first process's
     for i in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False, disable=parallel.rank() > 0):
         batch = build_batch(examples[i:i + batch_size], pad_id, shared, longest)

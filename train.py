@@ -116,7 +116,9 @@ def parse_args(argv=None):
             raise UsageError(f"--resume {args.resume}: no checkpoint there (the run stopped before its "
                              f"first one): start it again with --overwrite")
         saved = json.loads(config_file.read_text())
-        defaults = dict(saved)  # `saved` stays as the run wrote it: resume_conflicts compares with it
+        # `saved` stays as the run wrote it: resume_conflicts compares with it. Running a model's own code is
+        # never read from a file: a run folder from elsewhere could name any model.
+        defaults = {k: v for k, v in saved.items() if k != "trust_remote_code"}
         if args.gamma is not None or args.gamma_beta_ratio is not None:  # γ given again replaces the saved
             defaults.update(gamma=None, gamma_beta_ratio=None)
         elif saved.get("gamma_beta_ratio") is not None:  # recompute γ from the ratio, in case β changes
@@ -124,6 +126,9 @@ def parse_args(argv=None):
         p.set_defaults(**defaults)
         args = p.parse_args(argv)
         args.output_dir, args.overwrite, args.run_config = args.resume, False, saved
+        if saved.get("trust_remote_code") and not args.trust_remote_code:
+            raise UsageError(f"--resume {args.resume}: the run's model ships its own Python code: pass "
+                             f"--trust-remote-code again if you trust it (it is never read from the run)")
     elif args.model is None and args.dataset is None:  # the offline demo
         import demo
         p.set_defaults(**demo.TRAINING, demo=True)
@@ -196,18 +201,26 @@ def lr_at(step, total_steps, warmup_steps, peak_lr):
     return peak_lr * 0.5 * (1 + math.cos(math.pi * progress))  # cosine decay towards 0
 
 
-def evaluate(model, examples, args, pad_id):
+def evaluate(model, examples, args, pad_id, packed):
     """Held-out metrics; with several processes each scores a slice and the slices are gathered."""
     model.eval()  # no dropout
     mine = [examples[i] for i in parallel.share(range(len(examples)))]
     logps = torch.zeros(2, 0)
     if mine:
         logps = torch.stack(modeling.pair_logps(model, mine, pad_id, args.micro_batch_size,
-                                                not args.no_length_normalization, "evaluating"))
+                                                not args.no_length_normalization, "evaluating", packed))
     device = next(model.parameters()).device
     metrics = modeling.reward_metrics(*parallel.gather(logps.to(device)).cpu(), args.beta, args.gamma)
     model.train()
     return {f"eval/{k}": v for k, v in metrics.items()}
+
+
+def json_step(line):
+    """The step of a metrics.jsonl line, or None for a line that a crash cut short."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 class Logger:
@@ -218,8 +231,8 @@ class Logger:
         if not active:
             return
         old = self.path.read_text().splitlines() if self.path.exists() else []
-        # drop what a crash left past the checkpoint
-        kept = [line for line in old if json.loads(line)["step"] <= start_step]
+        # drop what a crash left past the checkpoint, and a line it tore in half
+        kept = [line for line in old if json_step(line) is not None and json_step(line) <= start_step]
         self.path.write_text("".join(line + "\n" for line in kept))
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
@@ -260,15 +273,14 @@ def plot_curves(out):
 
 class PairScorer(torch.nn.Module):
     """modeling.policy_logps as a module (DistributedDataParallel wraps the call whose backward it syncs),
-    with the batch layout the model can take: each prompt once and no padding, or else padded."""
+    with the batch layout modeling.choose_layout chose: each prompt once and no padding, or padded."""
 
-    def __init__(self, model, max_length):
+    def __init__(self, model, max_length, packed):
         super().__init__()
-        self.model, self.max_length = model, max_length
-        self.shared = modeling.shared_layout_problem(model, max_length) is None
+        self.model, self.max_length, self.packed = model, max_length, packed
 
     def batch(self, pairs, pad_id):
-        return modeling.build_batch(pairs, pad_id, self.shared, self.max_length)
+        return modeling.build_batch(pairs, pad_id, self.packed, self.max_length)
 
     def forward(self, batch, average=True):
         return modeling.policy_logps(self.model, batch, average)
@@ -351,9 +363,12 @@ def train(args):
     checkpoints.prepare_output_dir(args, [args.model, args.dataset])
     parallel.barrier()  # every process has checked the folder before the first one writes to it
     tokenizer = modeling.load_tokenizer(args.model, args.chat_template, args.trust_remote_code)
+    if not args.resume:  # the run keeps the template it trains with, for eval.py and --resume
+        args.chat_template = tokenizer.chat_template
     train_set, eval_set = load_pairs(args, tokenizer, main_process)
     model = modeling.prepare_model(args, device, dtype)
-    print(modeling.describe_layout(model, args.max_length))
+    packed, layout = modeling.choose_layout(model, args.max_length)
+    print(layout)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     start, folder = 0, None
@@ -384,11 +399,11 @@ def train(args):
     logger = Logger(out, args.report_to, config, start, active=main_process)
     pad_id = tokenizer.pad_token_id
     if eval_set and start == 0:
-        before = evaluate(model, eval_set, args, pad_id)
+        before = evaluate(model, eval_set, args, pad_id, packed)
         logger.log(0, before)
         print(f"held-out reward accuracy before training: {before['eval/rewards/accuracies']:.3f}")
 
-    scorer = PairScorer(model, args.max_length)
+    scorer = PairScorer(model, args.max_length, packed)
     if args.world_size > 1:  # the trainable weights' gradients are all-reduced in the last backward
         scorer = torch.nn.parallel.DistributedDataParallel(
             scorer, device_ids=[torch.device(device).index] if device != "cpu" else None)
@@ -444,7 +459,7 @@ def train(args):
             if args.sft_weight:
                 metrics["sft_loss"] = sft_loss
             if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total_steps and eval_set:
-                metrics.update(evaluate(model, eval_set, args, pad_id))
+                metrics.update(evaluate(model, eval_set, args, pad_id, packed))
             logger.log(step + 1, metrics)
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{metrics['rewards/accuracies']:.2f}",
                             tok_s=f"{metrics['tokens_per_s']:.0f}")
@@ -459,7 +474,7 @@ def train(args):
                                         f"final save is complete, the final evaluation skipped "
                                         f"(python eval.py --adapter {out} gives it)", 128 + saver.signal)
     if eval_set:
-        after = evaluate(model, eval_set, args, pad_id)
+        after = evaluate(model, eval_set, args, pad_id, packed)
         logger.log(total_steps, after)
         print(f"held-out reward accuracy after training: {after['eval/rewards/accuracies']:.3f} "
               f"(margin {after['eval/rewards/margins']:.2f}, loss {after['eval/loss']:.3f})")

@@ -118,11 +118,11 @@ def simpo_step_times(folder, steps, args, device, dtype, padded=False):
     settings = dict(model=folder, full=False, beta=2.5, gamma=1.4, sft_weight=0.0,
                     no_length_normalization=False, max_length=max_length(steps, args), **LORA)
     run = argparse.Namespace(**{**vars(args), **settings})
-    if padded:  # the layout of data.collate, as models that cannot share a prompt run
-        modeling.shared_layout_problem = lambda *_: "--padded"
     model = modeling.prepare_model(run, device, dtype)
-    print(modeling.describe_layout(model, run.max_length), file=sys.stderr)
-    scorer = train.PairScorer(model, run.max_length)
+    packed, layout = modeling.choose_layout(model, run.max_length)
+    # --padded: the layout of data.collate, as models that cannot share a prompt run
+    print(layout if not padded else "batches: padded (--padded)", file=sys.stderr)
+    scorer = train.PairScorer(model, run.max_length, packed and not padded)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     times = []

@@ -166,30 +166,33 @@ def test_pairs_are_held_in_numpy_and_indexed_like_a_list(tiny_model, tmp_path):
 def test_second_load_reads_the_cache_and_any_change_misses_it(tiny_model, tmp_path, monkeypatch):
     calls = []
     tokenize_batch = data.tokenize_batch
-    monkeypatch.setattr(data, "tokenize_batch", lambda *a, **k: calls.append(1) or tokenize_batch(*a, **k))
+    # rows tokenized per call
+    monkeypatch.setattr(data, "tokenize_batch",
+                        lambda *a, **k: calls.append(len(a[1])) or tokenize_batch(*a, **k))
     tokenizer = modeling.load_tokenizer(tiny_model)
-    dataset = write_jsonl(tmp_path / "pairs.jsonl", demo.make_pairs([["apple"], ["river", "stone"]],
-                                                                    random.Random(0)))
+    words = [demo.WORDS[i:i + 2] for i in range(12)]
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", demo.make_pairs(words, random.Random(0)))
 
     def load(tok=tokenizer, max_length=64):
         calls.clear()
         examples, _, summary = data.load_examples(tok, dataset, "train", max_length=max_length,
                                                   max_prompt_length=32)
-        return [examples[i] for i in range(len(examples))], summary.from_cache, len(calls)
+        return [examples[i] for i in range(len(examples))], summary.from_cache, sum(calls)
 
     first, cached, tokenized = load()
-    assert (cached, tokenized > 0) == (False, True)
+    assert (cached, tokenized) == (False, 12)
     again, cached, tokenized = load()
-    assert (again, cached, tokenized) == (first, True, 0)  # nothing tokenized the second time
+    # the second time only the 8 rows that check the cached ids against the tokenizer
+    assert (again, cached, tokenized) == (first, True, 8)
     # a different template, --max-length, or data: tokenized anew
     other = modeling.load_tokenizer(tiny_model, demo.CHAT_TEMPLATE.replace("' <|end|> '", "' <|end|>'"))
-    assert load(tok=other)[1:] == (False, 1)
-    assert load(max_length=63)[1:] == (False, 1)
+    assert load(tok=other)[1:] == (False, 12)
+    assert load(max_length=63)[1:] == (False, 12)
     other_eos = modeling.load_tokenizer(tiny_model)
     other_eos.eos_token = "<|unk|>"  # what ends a response where no template says so
-    assert load(tok=other_eos)[1:] == (False, 1)
-    write_jsonl(Path(dataset), demo.make_pairs([["apple"], ["river"]], random.Random(0)))
-    assert load()[1:] == (False, 1)
+    assert load(tok=other_eos)[1:] == (False, 12)
+    write_jsonl(Path(dataset), demo.make_pairs(words[:11], random.Random(0)))
+    assert load()[1:] == (False, 11)
 
 
 # ---------------------------------------------------------------- CSV text (issue 12, item 11)

@@ -104,7 +104,7 @@ def padded_reference(model, examples, args, pad_id, full_logits=False):
 
 def assert_same_as_padded(model, examples, args, pad_id, full_logits=False):
     reference, ref_tokens, ref_grads = padded_reference(model, examples, args, pad_id, full_logits)
-    scorer = train.PairScorer(model, args.max_length)
+    scorer = train.PairScorer(model, args.max_length, modeling.choose_layout(model, args.max_length)[0])
     stats, tokens = train.accumulate_gradients(scorer, examples, args, pad_id)
     grads = lora_grads(model)
     torch.testing.assert_close(stats[[0, 2, 3]], reference, atol=1e-5, rtol=0)  # losses, chosen, rejected
@@ -188,14 +188,14 @@ def test_fallback_to_padded(examples, tokenizer):
     mistral = tiny_model(MistralConfig, len(tokenizer), sliding_window=6)
     for model, reason in ((gemma, "soft-caps"), (mistral, "sliding window (6)")):
         assert reason in modeling.shared_layout_problem(model, args.max_length)
-        assert modeling.describe_layout(model, args.max_length).startswith("batches: padded")
+        assert modeling.choose_layout(model, args.max_length)[1].startswith("batches: padded")
         assert_same_as_padded(model, examples, args, tokenizer.pad_token_id)
     with torch.no_grad():  # the shared layout itself, forced: the window is lost
         padded = modeling.policy_logps(mistral, modeling.build_batch(examples, 0, shared=False))
         shared = modeling.policy_logps(mistral, modeling.build_batch(examples, 0, shared=True))
     assert (padded - shared).abs().max() > 1e-3
     llama = tiny_model(vocab_size=len(tokenizer))
-    assert modeling.describe_layout(llama, 2048).startswith("batches: packed")
+    assert modeling.choose_layout(llama, 2048)[1].startswith("batches: packed")
 
 
 def test_pair_logps_uses_shared_layout(examples, tokenizer):

@@ -866,8 +866,8 @@ def test_a_token_across_the_prompt_response_boundary_goes_to_the_response():
     tok.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
                          "{% if m['role'] == 'user' %}a{% else %}</s>{% endif %}{% endfor %}")
     example = data.tokenize_pair(tok, [U("x")], A("bx"), A("x"), max_length=64, max_prompt_length=32)
-    # "ab" merged; prompt shared
-    assert example == {"prompt": [0, 4], "chosen": [5, 4, 1], "rejected": [2, 4, 1]}
+    # "ab" merged into chosen's response; prompt shared; rejected's bare "a" is prompt text, read not scored
+    assert example == {"prompt": [0, 4], "chosen": [5, 4, 1], "rejected": [2, 4, 1], "unscored": [0, 1]}
     for side, text in (("chosen", "<s>xabx</s>"), ("rejected", "<s>xax</s>")):
         assert example["prompt"] + example[side] == tok(text, add_special_tokens=False)["input_ids"]
 

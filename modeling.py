@@ -7,6 +7,7 @@ import logging
 import math
 import re
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +19,9 @@ import simpo
 
 # On CPUs, bitsandbytes announces at import that an optional kernel package from the hub is missing: noise.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# peft 0.21's PeftModel reads transformers' `is_gradient_checkpointing`, deprecated in transformers 5: every
+# run would print the warning, and there is nothing for a user to change.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 class UsageError(ValueError):

@@ -152,17 +152,10 @@ def kl_to_base(policy, base_model, examples, pad_id, batch_size, chunk_size):
 def generate(policy, base_model, tokenizer, examples, args):
     """Sample `args.generate` held-out prompts from policy and base with the same seed; lengths up to EOS and
     a sequence-level KL estimate on the policy's own samples: mean of Σ_t log π(y_t) − log π_base(y_t)."""
-    from transformers import GenerationConfig, GenerationMixin
+    from transformers import GenerationMixin
     device, samples = next(policy.parameters()).device, []
-    # Samples from π itself. transformers 5 fills every field a GenerationConfig leaves unset from the
-    # model's generation_config.json (repetition_penalty, no_repeat_ngram_size, min_new_tokens, ...), so
-    # this config becomes the models' own and the library's neutral defaults fill the rest (top_k's is 50,
-    # hence 0). Only the model's stop tokens are kept (Gemma-2 ends a turn with <end_of_turn>, not its EOS).
-    stop = policy.generation_config.eos_token_id or tokenizer.eos_token_id
-    stop = {tokenizer.eos_token_id, *(stop if isinstance(stop, list) else [stop])}
-    sampling = GenerationConfig(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0,
-                                max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=sorted(stop))
+    sampling, stop = modeling.sampling_config(policy, tokenizer, args.temperature, args.top_p,
+                                              args.max_new_tokens)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))
     prompt_indices = order[:args.generate]
     for i in tqdm(prompt_indices.tolist(), desc="generating", leave=False):

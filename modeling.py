@@ -132,6 +132,21 @@ def language_model_linears(model):
     return rf"{re.escape(prefix)}\.(.*\.)?({'|'.join(names)})"
 
 
+def sampling_config(model, tokenizer, temperature, top_p, max_new_tokens):
+    """A GenerationConfig that samples from the model's softmax alone (at `temperature`, within
+    `top_p`), and the model's stop tokens. transformers 5 fills every field a GenerationConfig
+    leaves unset from the model's generation_config.json (repetition_penalty, no_repeat_ngram_size,
+    min_new_tokens, ...): once this config is the model's own (`generation_config` of every
+    GenerationMixin module), the library's neutral defaults fill the rest (top_k's is 50, hence 0).
+    Only the model's stop tokens are kept (Gemma-2 ends a turn with <end_of_turn>, not its EOS)."""
+    from transformers import GenerationConfig
+    stop = model.generation_config.eos_token_id or tokenizer.eos_token_id
+    stop = sorted({tokenizer.eos_token_id, *(stop if isinstance(stop, list) else [stop])})
+    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                            eos_token_id=stop), stop
+
+
 def add_lora(model, args):
     from peft import LoraConfig, get_peft_model
     target = args.lora_target

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import judge
 import modeling
 import simpo
 from modeling import UsageError
@@ -48,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0, help="with --generate")
     p.add_argument("--top-p", type=float, default=1.0, help="with --generate")
     p.add_argument("--seed", type=int, default=0, help="which prompts --generate samples, and how")
+    p.add_argument("--judge", metavar="RM", help="with --generate: a reward model judges samples")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the Python code a hub model ships with (only for a model you trust)")
     p.add_argument("--out", help="write every number here as JSON (default: <adapter>/eval.json)")
@@ -73,6 +75,8 @@ def parse_args(argv=None):
     modeling.require_positive(args, "batch_size", "chunk_size", "max_new_tokens")
     if args.generate < 0 or not args.temperature > 0 or not 0 < args.top_p <= 1:  # NaN fails these too
         raise UsageError("--generate must be >= 0, --temperature > 0 and --top-p in (0, 1]")
+    if args.judge and args.generate < 2:
+        raise UsageError("--judge compares sampled answers: pass --generate N, N >= 2")
     return args
 
 
@@ -160,7 +164,7 @@ def generate(policy, base_model, tokenizer, examples, args):
     prompt_indices = order[:args.generate]
     for i in tqdm(prompt_indices.tolist(), desc="generating", leave=False):
         prompt = torch.tensor([data.generation_prompt(examples[i])], device=device)
-        sample = {"prompt": tokenizer.decode(prompt[0])}
+        sample = {"row": int(examples.rows[i]), "prompt": tokenizer.decode(prompt[0])}
         for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
             with context as model:
                 for module in model.modules():  # the transformers model, also inside a peft wrapper
@@ -253,6 +257,8 @@ def evaluate(args):
     if args.generate:
         summary, samples = generate(policy, base_model, tokenizer, examples, args)
         report |= summary
+        if args.judge:  # the reward model reads each prompt as messages, with its own chat template
+            report["judge"] = judge.judge_samples(args, samples, split, device, dtype)
         samples_path = Path(args.samples or adapter / "samples.jsonl")
         samples_path.parent.mkdir(parents=True, exist_ok=True)
         samples_path.write_text("".join(json.dumps(s) + "\n" for s in samples))
@@ -284,6 +290,8 @@ def print_report(report, args):
     if "kl/sequence" in report:
         print(f"KL(policy ‖ base) per sampled sequence: {report['kl/sequence']:.3f}  "
               f"(samples in {report['samples']})")
+    if "judge" in report:
+        print(judge.describe(report["judge"]))
 
 
 def main(argv=None):

@@ -1,0 +1,340 @@
+"""onpolicy.py end to end on tiny models: prompts in order and once, pairs chosen as the reward model
+says, every left-out answer and prompt counted, a stopped or crashed run resumed into the very file an
+uninterrupted run writes, and its output trained with train.py and judged with eval.py --judge."""
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_judge import build_reward_model
+
+import data
+import demo
+import eval
+import judge
+import modeling
+import onpolicy
+import train
+
+N_PROMPTS = 10  # distinct ones: batches of 3, 3, 3, 1
+
+
+def likely_to_stop(folder, logit=0.6):
+    """Make a tiny random model end its answer with EOS at about one token in five: embedding dimension
+    0 is a large constant, and only the EOS row of lm_head reads it."""
+    from transformers import LlamaForCausalLM
+    model = LlamaForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 20.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[model.config.eos_token_id, 0] = logit
+    model.save_pretrained(folder)
+
+
+def run(capsys, *argv):
+    rc = onpolicy.main([str(arg) for arg in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def error_line(rc, err):
+    """Exit code 2 and exactly one `error: ...` line, no traceback: that line."""
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("onpolicy")
+    sft = demo.build_tiny_model(d / "sft", hidden_size=16)
+    likely_to_stop(sft)
+    rows = [json.loads(line) for line in (demo.DATA_DIR / "train.jsonl").read_text().splitlines()]
+    prompts = [row["prompt"] for row in rows[:N_PROMPTS]]
+    listed = prompts[:4] + [prompts[1]] + prompts[4:] + [prompts[0]]  # two repeats, left out
+    (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in listed))
+    common = ["--model", sft, "--prompts", d / "prompts.jsonl", "--reward-model",
+              build_reward_model(d / "rm"), "--samples", 4, "--max-new-tokens", 6, "--batch-size", 3,
+              "--test-fraction", 0.4, "--seed", 1]
+    return SimpleNamespace(dir=d, sft=sft, rm=d / "rm", prompts=prompts, common=common)
+
+
+@pytest.fixture(scope="module")
+def built(setup):
+    """One uninterrupted run."""
+    out = setup.dir / "full"
+    rc = onpolicy.main([str(arg) for arg in setup.common + ["--out", out]])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def stopped(setup, built):
+    """The same run, SIGTERM during its first batch, then the same command again. The prompt ids
+    that were sampled from are kept."""
+    out, sampled_ids, calls = setup.dir / "stopped", [], []
+    original = onpolicy.sample
+
+    def sample_then_signal(model, config, stop, prompts, samples, seed):
+        sampled_ids.extend(prompts)
+        calls.append(len(prompts))
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(model, config, stop, prompts, samples, seed)
+
+    argv = [str(arg) for arg in setup.common + ["--out", out]]
+    onpolicy.sample = sample_then_signal
+    try:
+        first = onpolicy.main(argv)
+        lines_after_stop = len(records(out))
+        second = onpolicy.main(argv)
+    finally:
+        onpolicy.sample = original
+    return SimpleNamespace(out=out, codes=(first, second), lines_after_stop=lines_after_stop,
+                           sampled_ids=sampled_ids, calls=calls)
+
+
+# ---------------------------------------------------------------- choosing pairs
+
+def answers(*scored):
+    return [{"text": text, "score": score} for text, score in scored]
+
+
+def test_pick_takes_the_best_and_the_worst_and_leaves_out_what_teaches_nothing():
+    assert onpolicy.pick(answers(("a", 0.1), ("b", 0.9), ("c", -2.0), ("d", None)), 0.0) == (1, 2, None)
+    assert onpolicy.pick(answers(("a", None), ("b", 0.9), ("c", None)), 0.0) == \
+        (None, None, "fewer than two answers")
+    assert onpolicy.pick(answers(("same", 0.5), ("same", 0.5)), 0.0) == (None, None, "identical")
+    # argmax and argmin of equal scores are both the first answer: a tie, not a pair of "a" and "a"
+    assert onpolicy.pick(answers(("a", 0.5), ("b", 0.5), ("c", 0.5)), 0.0) == (None, None, "tie")
+    assert onpolicy.pick(answers(("a", 0.5), ("b", 0.52)), 0.05) == (None, None, "tie")
+    assert onpolicy.pick(answers(("a", 0.5), ("b", 0.52)), 0.01) == (1, 0, None)
+
+
+def test_cut_and_empty_answers_are_left_out_and_never_scored(setup, monkeypatch):
+    tokenizer = modeling.load_tokenizer(setup.sft)
+    ids = {word: tokenizer.convert_tokens_to_ids(word) for word in ("apple", "TIGER", "<|user|>")}
+    row = [([ids["apple"]] * 6, True), ([], False), ([ids["<|user|>"]], False),
+           ([ids["apple"]], False), ([ids["TIGER"]], False)]
+    seen = []
+
+    def length_judge(model, tokenizer, conversations, batch_size):  # a hand-written reward model
+        seen.extend(c[-1]["content"] for c in conversations)
+        return [float(len(c[-1]["content"])) for c in conversations]
+
+    monkeypatch.setattr(judge, "score", length_judge)
+    args = SimpleNamespace(batch_size=2, tie_tolerance=0.0)
+    prompt = [{"role": "user", "content": "shout: apple"}]
+    [record] = onpolicy.judge_batch((None, None), [prompt], [row], tokenizer, args)
+    assert [a["left_out"] for a in record["answers"]] == ["truncated", "empty", "empty", None, None]
+    assert [a["score"] for a in record["answers"]] == [None, None, None, 5.0, 5.0]
+    assert [a["tokens"] for a in record["answers"]] == [6, 1, 2, 2, 2]
+    assert record["answers"][0]["text"] == "apple apple apple apple apple apple"
+    assert seen == ["apple", "TIGER"]
+    assert record["left_out"] == "tie" and record["chosen"] is None
+
+
+# ---------------------------------------------------------------- a whole run
+
+def test_a_run_pairs_every_prompt_once_in_order_and_counts_what_it_leaves_out(setup, built, capsys):
+    lines = records(built)
+    assert [r["index"] for r in lines] == list(range(N_PROMPTS))
+    assert [r["prompt"] for r in lines] == [[{"role": "user", "content": p}] for p in setup.prompts]
+    counts = {"truncated": 0, "empty": 0, "kept": 0}
+    for r in lines:
+        assert len(r["answers"]) == 4
+        for a in r["answers"]:
+            assert (a["score"] is None) == (a["left_out"] is not None)
+            counts[a["left_out"] or "kept"] += 1
+            assert a["left_out"] != "truncated" or a["tokens"] == 6
+            assert a["left_out"] != "empty" or not a["text"].strip()
+        if r["left_out"] is None:
+            scores = [a["score"] for a in r["answers"] if a["score"] is not None]
+            assert r["answers"][r["chosen"]]["score"] == max(scores) > min(scores) == \
+                r["answers"][r["rejected"]]["score"]
+            assert r["answers"][r["chosen"]]["text"] != r["answers"][r["rejected"]]["text"]
+    assert all(counts.values()), counts  # some of each, with these settings
+    pairs = {split: [json.loads(line) for line in (built / f"{split}.jsonl").read_text().splitlines()]
+             for split in ("train", "test")}
+    kept = {split: [r for r in lines if r["left_out"] is None and r["split"] == split]
+            for split in ("train", "test")}
+    assert sum(r["split"] == "test" for r in lines) == 4  # 40 % of 10 prompts
+    assert len(pairs["train"]) >= 3 and len(pairs["test"]) >= 2
+    for split in ("train", "test"):
+        assert len(pairs[split]) == len(kept[split])
+        for pair, r in zip(pairs[split], kept[split], strict=True):
+            assert pair["chosen"] == r["prompt"] + [{"role": "assistant",
+                                                      "content": r["answers"][r["chosen"]]["text"]}]
+            assert pair["rejected"][-1]["content"] == r["answers"][r["rejected"]]["text"]
+            assert data.to_pair(pair, "row").prompt == r["prompt"]
+    # a finished run, run again, rewrites the same files and samples nothing
+    before = {name: (built / name).read_bytes() for name in ("samples.jsonl", "train.jsonl", "test.jsonl")}
+    rc, out, err = run(capsys, *setup.common, "--out", built)
+    assert rc == 0, err
+    assert f"holds {N_PROMPTS} of {N_PROMPTS} prompts" in out and "prompts:" not in err
+    assert before == {name: (built / name).read_bytes() for name in before}
+    left_out = sum(r["left_out"] is not None for r in lines)
+    assert f"{len(pairs['train'])} training pairs and {len(pairs['test'])} test pairs" in out
+    assert left_out == N_PROMPTS - len(pairs["train"]) - len(pairs["test"])
+    assert f"{counts['truncated']} cut at --max-new-tokens, {counts['empty']} empty" in out
+
+
+def test_sigterm_finishes_the_batch_and_the_resumed_run_writes_the_same_files(built, stopped):
+    assert stopped.codes == (128 + signal.SIGTERM, 0)
+    assert stopped.lines_after_stop == 3  # the first batch, whole
+    assert stopped.calls == [3, 3, 3, 1]  # nothing sampled twice
+    for name in ("samples.jsonl", "train.jsonl", "test.jsonl"):
+        assert (stopped.out / name).read_bytes() == (built / name).read_bytes()
+
+
+def test_the_stop_message_is_one_line_with_the_command_that_resumes(setup, tmp_path, monkeypatch,
+                                                                    capsys):
+    original = onpolicy.sample
+
+    def sample_then_ctrl_c(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return original(*args)
+
+    monkeypatch.setattr(onpolicy, "sample", sample_then_ctrl_c)
+    rc, _, err = run(capsys, *setup.common, "--out", tmp_path / "out dir")
+    assert rc == 130 and "Traceback" not in err
+    [line] = [line for line in err.splitlines() if line.startswith("stopped: ")]
+    assert line.startswith("stopped: SIGINT after prompt 3 of 10; resume with: python onpolicy.py ")
+    assert f"--out '{tmp_path / 'out dir'}'" in line
+    assert len(records(tmp_path / "out dir")) == 3
+
+
+def test_prompts_are_sampled_from_the_ids_train_py_scores(setup, built, stopped):
+    """The prompt of every pair, as train.py tokenizes it, is the very ids the builder sampled from:
+    the template applied once, one BOS."""
+    tokenizer = modeling.load_tokenizer(setup.sft)
+    train_part, test_part, _ = data.load_examples(tokenizer, str(built), "train", "test")
+    lines = records(built)
+    for split, examples in (("train", train_part), ("test", test_part)):
+        indices = [r["index"] for r in lines if r["left_out"] is None and r["split"] == split]
+        assert len(examples) == len(indices)
+        for example, i in zip(examples, indices, strict=True):
+            assert example["prompt"] == stopped.sampled_ids[i]
+            assert example["prompt"].count(tokenizer.bos_token_id) == 1
+            expected = tokenizer.apply_chat_template(lines[i]["prompt"], add_generation_prompt=True)
+            assert example["prompt"] == expected["input_ids"]
+
+
+@pytest.mark.parametrize("complete_lines", [3, 4])  # at a batch boundary, and inside a batch
+def test_a_torn_last_line_is_dropped_and_no_prompt_is_lost_or_repeated(setup, built, complete_lines,
+                                                                       tmp_path, capsys):
+    out = tmp_path / "crashed"
+    out.mkdir()
+    shutil.copy(built / "onpolicy.json", out)
+    full = (built / "samples.jsonl").read_text().splitlines(keepends=True)
+    (out / "samples.jsonl").write_text("".join(full[:complete_lines]) + full[complete_lines][:40])
+    rc, stdout, err = run(capsys, *setup.common, "--out", out)
+    assert rc == 0, err
+    assert f"holds {complete_lines} of {N_PROMPTS} prompts" in stdout
+    resumed = (out / "samples.jsonl").read_text().splitlines(keepends=True)
+    assert resumed[:complete_lines] == full[:complete_lines]
+    assert [json.loads(line)["index"] for line in resumed] == list(range(N_PROMPTS))
+    if complete_lines % 3 == 0:  # the batches line up with the uninterrupted run's: the same answers
+        assert resumed == full
+
+
+def test_a_rerun_refuses_other_settings_or_other_prompts(setup, built, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(built, out)
+    rc, _, err = run(capsys, *setup.common, "--out", out, "--samples", 3)
+    assert error_line(rc, err) == f"error: {out} holds answers drawn with --samples 4: pass the " \
+                                  f"same, or another --out"
+    listed = (setup.dir / "prompts.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "reordered.jsonl").write_text("".join([listed[1], listed[0]] + listed[2:]))
+    json_settings = json.loads((out / "onpolicy.json").read_text())
+    (out / "onpolicy.json").write_text(json.dumps(json_settings | {"prompts": str(tmp_path /
+                                                                                   "reordered.jsonl")}))
+    argv = [str(tmp_path / "reordered.jsonl") if str(arg) == str(setup.dir / "prompts.jsonl") else arg
+            for arg in setup.common]
+    rc, _, err = run(capsys, *argv, "--out", out)
+    line = error_line(rc, err)
+    assert "samples.jsonl: line 1 is not prompt 1 of" in line and "prompts changed" in line
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--samples", 1], "--samples must be >= 2"),
+    (["--top-p", 0], "--top-p in (0, 1]"),
+    (["--test-fraction", 1], "--test-fraction in [0, 1)"),
+])
+def test_bad_flags_are_one_line_errors(setup, tmp_path, capsys, flags, message):
+    rc, _, err = run(capsys, *setup.common, "--out", tmp_path / "out", *flags)
+    assert message in error_line(rc, err) and not (tmp_path / "out").exists()
+
+
+def test_bad_prompts_and_reward_models_are_one_line_errors(setup, tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "shout: apple"}\n{"prompt": ""}\n')
+    argv = [str(tmp_path / "bad.jsonl") if str(arg) == str(setup.dir / "prompts.jsonl") else arg
+            for arg in setup.common]
+    rc, _, err = run(capsys, *argv, "--out", tmp_path / "out")
+    assert error_line(rc, err) == f"error: {tmp_path / 'bad.jsonl'}: row 2: field 'prompt' is empty"
+    argv = [setup.sft if str(arg) == str(setup.rm) else arg for arg in setup.common]
+    rc, _, err = run(capsys, *argv, "--out", tmp_path / "out2")
+    line = error_line(rc, err)
+    assert line.startswith(f"error: --reward-model {setup.sft} is not a reward model")
+
+
+def test_the_conversational_layout_gives_the_same_prompts():
+    standard = onpolicy.read_prompts(str(demo.DATA_DIR / "test.jsonl"), "train")
+    chat = onpolicy.read_prompts(str(demo.DATA_DIR.with_name("demo-chat") / "test.jsonl"), "train")
+    assert [messages for messages, _ in standard] == [messages for messages, _ in chat]
+
+
+def test_left_padding_does_not_change_an_answer(tmp_path):
+    folder = demo.build_tiny_model(tmp_path / "model", hidden_size=16)
+    tokenizer, model = modeling.load_tokenizer(folder), modeling.load_model(folder).eval()
+    config, stop = modeling.sampling_config(model, tokenizer, 1.0, 1.0, 8)
+    config.do_sample = False  # greedy: the same answer whatever the random numbers
+    model.generation_config = config
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             add_generation_prompt=True)["input_ids"]
+               for text in ("shout: apple", "whisper: apple river stone cloud tiger")]
+    alone = [onpolicy.sample(model, config, stop, [ids], 1, 0)[0] for ids in prompts]
+    assert onpolicy.sample(model, config, stop, prompts, 1, 0) == alone
+    assert all(len(ids) >= 6 for [(ids, _)] in alone)  # (something was compared)
+
+
+# ---------------------------------------------------------------- the loop: pairs -> train -> judge
+
+def test_its_pairs_train_and_the_run_is_judged_by_the_reward_model(setup, built, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert train.main(["--model", setup.sft, "--dataset", str(built), "--eval-split", "test",
+                       "--max-steps", "2", "--batch-size", "2", "--micro-batch-size", "2",
+                       "--max-length", "64", "--max-prompt-length", "32", "--output-dir",
+                       str(run_dir)]) == 0
+    capsys.readouterr()
+    assert eval.main(["--adapter", str(run_dir), "--generate", "2", "--max-new-tokens", "6",
+                      "--judge", str(setup.rm)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((run_dir / "eval.json").read_text())["judge"]
+    assert report["reward_model"] == str(setup.rm) and report["prompts"] == 2
+    assert 0 <= report["win_rate"] <= 1 and 0 <= report["lc_win_rate"] <= 1
+    assert "judged by" in out and "length-controlled" in out
+    # each sample's scores: the reward model on the split's prompt as messages and the sampled answer
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    test_pairs = data.read_pairs(str(built), "test")
+    model, tokenizer = judge.load(str(setup.rm))
+    for sample in samples:
+        prompt = test_pairs[sample["row"]].prompt
+        assert sample["prompt"] == tokenizer.decode(
+            modeling.load_tokenizer(setup.sft).apply_chat_template(prompt, add_generation_prompt=True)[
+                "input_ids"])
+        for name in ("policy", "base"):
+            [expected] = judge.score(model, tokenizer, [prompt + [{"role": "assistant",
+                                                                   "content": sample[name]}]])
+            assert sample[f"{name}_score"] == pytest.approx(expected, abs=1e-5)
+    rc = eval.main(["--adapter", str(run_dir), "--judge", str(setup.rm)])
+    assert rc == 2 and "--judge compares sampled answers" in capsys.readouterr().err
+    assert Path(run_dir / "eval.json").is_file()

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import eval as evaluate
+import onpolicy
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +41,7 @@ def test_every_train_flag_is_documented_and_every_documented_flag_exists(capsys)
     torchrun_flags = {flag for action in get_args_parser()._actions for flag in action.option_strings}
     known = (train_flags
              | help_flags(evaluate.parse_args, capsys)
+             | help_flags(onpolicy.parse_args, capsys)
              | help_flags(bench.main, capsys)
              | torchrun_flags
              | {"--help", "--index-url"})

@@ -278,7 +278,7 @@ def build(args):
     pairs = [data.Pair(messages, PLACEHOLDER, PLACEHOLDER, True, where)
              for messages, where in prompts]
     end = data.end_of_turn(tokenizer)
-    prompt_ids = [ids for ids, _, _ in data._token_ids(tokenizer, pairs, end)]
+    prompt_ids = [ids for ids, *_ in data._token_ids(tokenizer, pairs, end)]
     done = resume(out, args, prompts)
     if done:
         print(f"{out / 'samples.jsonl'} holds {done} of {len(prompts)} prompts: continuing")

@@ -222,10 +222,10 @@ def test_prompts_are_sampled_from_the_ids_train_py_scores(setup, built, stopped)
         indices = [r["index"] for r in lines if r["left_out"] is None and r["split"] == split]
         assert len(examples) == len(indices)
         for example, i in zip(examples, indices, strict=True):
-            assert example["prompt"] == stopped.sampled_ids[i]
-            assert example["prompt"].count(tokenizer.bos_token_id) == 1
+            assert data.generation_prompt(example) == stopped.sampled_ids[i]
+            assert stopped.sampled_ids[i].count(tokenizer.bos_token_id) == 1
             expected = tokenizer.apply_chat_template(lines[i]["prompt"], add_generation_prompt=True)
-            assert example["prompt"] == expected["input_ids"]
+            assert stopped.sampled_ids[i] == expected["input_ids"]
 
 
 @pytest.mark.parametrize("complete_lines", [3, 4])  # at a batch boundary, and inside a batch

@@ -210,6 +210,37 @@ def test_shared_layout_rows_and_positions():
     assert modeling.build_batch(examples, 0, True)["input_ids"].shape == (1, 17)  # one row, no padding
 
 
+def test_pairs_sharing_a_row_never_see_each_other(tokenizer):
+    """Three pairs packed into one row: every token sees only its own pair (its prompt and its own side),
+    never a token of the pairs before it; and each pair's log-probs are what it gets in a row of its own."""
+    examples = [dict(prompt=[11, 12], chosen=[13], rejected=[14]),
+                dict(prompt=[15], chosen=[16, 17], rejected=[18]),
+                dict(prompt=[19], chosen=[20], rejected=[21])]
+    batch = modeling.build_batch(examples, pad_id=0, shared=True, max_length=64)
+    assert batch["input_ids"].tolist() == [list(range(11, 22))]  # one row: pairs 0, 1, 2 in order
+    mask = modeling.shared_attention_mask(batch)
+    assert mask[0, 0].int().tolist() == [
+        # 11 12 13 14 15 16 17 18 19 20 21      pair 0: prompt 11 12, chosen 13, rejected 14
+        [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0],  # pair 1: prompt 15, chosen 16 17, rejected 18
+        [0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0],  # pair 2: prompt 19, chosen 20, rejected 21
+        [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1]]
+    additive = modeling.shared_attention_mask(batch, torch.float32)  # eager attention's form
+    assert torch.equal(additive == 0, mask) and (additive[~mask] == torch.finfo(torch.float32).min).all()
+    model = tiny_model(vocab_size=len(tokenizer)).eval()
+    with torch.no_grad():
+        packed = modeling.policy_logps(model, batch).view(2, 3)  # [chosen..., rejected...]
+        alone = [modeling.policy_logps(model, modeling.build_batch([e], 0, shared=True)) for e in examples]
+    torch.testing.assert_close(packed, torch.stack(alone, 1), atol=1e-6, rtol=0)
+
+
 def test_many_rows_and_empty_prompt_equal_padded(examples, tokenizer):
     """Rows of at most 1.5 × 12 tokens (several rows, padded at their ends), and a pair with no prompt."""
     model = tiny_model(vocab_size=len(tokenizer))

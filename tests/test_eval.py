@@ -508,18 +508,33 @@ def test_bad_numeric_flags_are_usage_errors(tiny, tmp_path, capsys, flags):
 
 
 def test_out_in_a_missing_folder(tiny, tmp_path, capsys):
+    """--out in a folder that does not exist yet: eval.py creates it and writes the report there."""
     out = tmp_path / "reports" / "r.json"
     rc, _, err = run_eval(capsys, "--adapter", tiny.lora, "--out", out)
-    assert (rc == 0 and out.is_file()) or rc == 2
+    assert rc == 0, err
+    report = json.loads(out.read_text())
+    assert report["pairs"] == 6 and report["settings"]["out"] == str(out)
 
 
 def test_full_model_without_run_config_takes_ref_model(tiny, tmp_path, capsys):
+    """A fully fine-tuned model folder on its own (no run_config.json, so no --model to default to):
+    --ref-model is the base. Its numbers are those of the run folder itself, whose base is the run's
+    --model, the same model."""
     model = tmp_path / "models" / "policy"
     shutil.copytree(tiny.full, model,
                     ignore=shutil.ignore_patterns("run_config.json", "metrics.jsonl", "*.png"))
-    rc, _, err = run_eval(capsys, "--adapter", model, "--ref-model", tiny.model, "--dataset", tiny.pairs,
-                          "--out", tmp_path / "r.json")
+    pairs = tmp_path / "pairs.jsonl"  # not the run's training file, which it held nothing out of
+    pairs.write_text("".join((demo.DATA_DIR / "test.jsonl").read_text().splitlines(keepends=True)[:16]))
+    rc, _, err = run_eval(capsys, "--adapter", model, "--ref-model", tiny.model, "--dataset", pairs,
+                          "--out", tmp_path / "alone.json")
     assert rc == 0, err
+    rc, _, err = run_eval(capsys, "--adapter", tiny.full, "--dataset", pairs, "--out", tmp_path / "run.json")
+    assert rc == 0, err
+    alone, run = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("alone", "run"))
+    assert alone["settings"]["model"] is None and run["settings"]["model"] == str(tiny.model)
+    for key in ("pairs", "policy", "base", "kl/chosen", "kl/rejected"):
+        assert alone[key] == run[key], key
+    assert alone["base"] != alone["policy"] and alone["kl/chosen"] > 0  # the base is not the policy
 
 
 def test_empty_dataset_message_says_so(demo_run, tiny, tmp_path, capsys):

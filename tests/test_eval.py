@@ -56,19 +56,8 @@ def ref_kl(log_p, log_q):
 
 
 # ---------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """The offline demo trained once (1 epoch is enough: held-out accuracy 1.0), with a mid-run checkpoint."""
-    d = tmp_path_factory.mktemp("eval_demo")
-    rc, _, err = quiet(train.main, ["--output-dir", str(d / "demo"), "--epochs", "1", "--save-every", "16"])
-    assert rc == 0, err
-    run = d / "demo"
-    config = json.loads((run / "run_config.json").read_text())
-    assert (run / "checkpoint-16" / "adapter_config.json").is_file()
-    return SimpleNamespace(dir=d, run=run, model=d / "demo-model", dataset=Path(config["dataset"]),
-                           config=config)
-
+# demo_run, the offline demo trained once (with a checkpoint at step 64), is conftest.py's: test_train
+# checks the same run.
 
 @pytest.fixture(scope="module")
 def demo_eval(demo_run):
@@ -305,7 +294,7 @@ def test_defaults_come_from_the_run(demo_run, demo_eval):
 
 
 def test_checkpoint_folder_works_as_adapter(demo_run, demo_eval, capsys):
-    checkpoint = demo_run.run / "checkpoint-16"
+    checkpoint = demo_run.run / "checkpoint-64"
     assert not (checkpoint / "run_config.json").exists()
     rc, out, err = run_eval(capsys, "--adapter", checkpoint)
     assert rc == 0, err
@@ -372,16 +361,37 @@ def sample_by_hand(model, prompt, seed, max_new_tokens, stop):
     return ids[len(prompt):]
 
 
+SAMPLING = SimpleNamespace(generate=5, seed=2, temperature=1.0, top_p=1.0, max_new_tokens=15)
+
+
+@pytest.fixture(scope="module")
+def hand_samples(tiny):
+    """The prompts eval.generate picks from the tiny model's held-out pairs, each sampled by hand with the
+    seed eval.generate gives it and cut at the model's two stop tokens. Drawn once, from the plain model:
+    a fresh LoRA adapter (B = 0) leaves its logits as they are."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.model)
+    stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|user|>")]  # a second stop token
+    model = modeling.load_model(str(tiny.model)).eval()
+    _, examples, _ = data.load_examples(tokenizer, tiny.pairs, "train", None, 0.5, 0, 64, 32)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(SAMPLING.seed))
+    expected = [sample_by_hand(model, examples[i]["prompt"], SAMPLING.seed + i, SAMPLING.max_new_tokens, stop)
+                for i in order[:SAMPLING.generate].tolist()]
+    assert {ids[-1] for ids in expected} >= set(stop)  # both stop tokens met (seed chosen so)
+    assert any(len(ids) == SAMPLING.max_new_tokens and ids[-1] not in stop for ids in expected)  # and the cap
+    return SimpleNamespace(tokenizer=tokenizer, stop=stop, examples=examples, expected=expected)
+
+
 @pytest.mark.parametrize("task_type", [None, "CAUSAL_LM", "plain"])  # LoRA from peft's two classes, or none
-def test_generate_ignores_the_models_generation_config(tiny, tmp_path, task_type):
+def test_generate_ignores_the_models_generation_config(tiny, hand_samples, tmp_path, task_type):
     """transformers 5 fills a GenerationConfig's unset fields from the model's generation_config.json; a
     model whose file turns on every kind of logits processor must still be sampled from π alone: the same
     ids as a hand-written multinomial loop with the same seed, cut at the model's own stop tokens."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny.model)
-    stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|user|>")]  # a second stop token
+    stop = hand_samples.stop
     model = modeling.load_model(str(tiny.model))
     model.generation_config = GenerationConfig(
         eos_token_id=stop, do_sample=True, temperature=0.3, top_k=3, top_p=0.5, min_p=0.2, typical_p=0.5,
@@ -392,14 +402,9 @@ def test_generate_ignores_the_models_generation_config(tiny, tmp_path, task_type
     assert model.generation_config.repetition_penalty == 5.0 and model.generation_config.eos_token_id == stop
     if task_type != "plain":  # B = 0: the LoRA model's logits are the model's
         model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type=task_type))
-    _, examples, _ = data.load_examples(tokenizer, tiny.pairs, "train", None, 0.5, 0, 64, 32)
-    args = SimpleNamespace(generate=6, seed=2, temperature=1.0, top_p=1.0, max_new_tokens=16)
-    _, samples = eval.generate(model, lambda: contextlib.nullcontext(model), tokenizer, examples, args)
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))
-    for i, sample in zip(order[:args.generate].tolist(), samples, strict=True):
-        expected = sample_by_hand(model, examples[i]["prompt"], args.seed + i, args.max_new_tokens, stop)
-        assert sample["policy_ids"] == sample["base_ids"] == expected
-    assert {s["policy_ids"][-1] for s in samples} >= set(stop)  # both stop tokens met (seed chosen so)
+    _, samples = eval.generate(model, lambda: contextlib.nullcontext(model), hand_samples.tokenizer,
+                               hand_samples.examples, SAMPLING)
+    assert [s["policy_ids"] for s in samples] == [s["base_ids"] for s in samples] == hand_samples.expected
 
 
 # ---------------------------------------------------------------- 6. bad input
@@ -439,7 +444,7 @@ def test_run_without_held_out_pairs_needs_split(tiny, capsys):
 
 def test_no_run_config_takes_the_base_from_the_adapter_and_needs_dataset(demo_run, tmp_path, capsys):
     adapter = tmp_path / "bare"
-    shutil.copytree(demo_run.run / "checkpoint-16", adapter)
+    shutil.copytree(demo_run.run / "checkpoint-64", adapter)
     rc, _, err = run_eval(capsys, "--adapter", adapter, "--dataset", demo_run.dataset, "--split", "test")
     assert rc == 0, err  # peft's adapter_config.json names the base model
     config = json.loads((adapter / "adapter_config.json").read_text())

@@ -766,15 +766,15 @@ def test_help_lists_the_flag_groups(tmp_path):
 
 # ---------------------------------------------------------------- 10. the offline demo
 
-def test_offline_demo(tmp_path, capsys):
-    out = tmp_path / "demo"
-    code, stdout, err = run(["--output-dir", out], capsys)
-    assert code == 0, err
-    assert (tmp_path / "demo-model" / "config.json").is_file()  # the base model is built next to the run
+def test_offline_demo(demo_run):
+    """`python train.py` (conftest's demo_run, which test_eval evaluates too)."""
+    out, stdout = demo_run.run, demo_run.stdout
+    assert demo_run.model == out.parent / "demo-model"  # the base model is built next to the run
+    assert (demo_run.model / "config.json").is_file() and demo_run.config["model"] == str(demo_run.model)
     rows = metrics(out)
     evals = [row for row in rows if "eval/rewards/accuracies" in row]
     first, last = evals[0], evals[-1]
-    assert first["step"] == 0 and last["step"] == max(row["step"] for row in rows)
+    assert first["step"] == 0 and last["step"] == max(row["step"] for row in rows) == 128  # 4 epochs
     assert 0.3 <= first["eval/rewards/accuracies"] <= 0.7
     assert last["eval/rewards/accuracies"] >= 0.9
     assert f"held-out reward accuracy before training: {first['eval/rewards/accuracies']:.3f}" in stdout

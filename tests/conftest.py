@@ -13,9 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests import 
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """`python train.py`: the offline demo with its own settings, trained once for every test that reads it
-    (test_train's and test_eval's). Only the run folder is chosen, and a checkpoint is kept at step 64 of
-    128, which changes nothing in the training. Its run folder, base model, dataset, config and stdout."""
+    """`python train.py`: the offline demo with its own settings, trained once for every test that
+    reads it (test_train's and test_eval's). Only the run folder is chosen, and a checkpoint is kept
+    at step 64 of 128, which changes nothing in the training. Returns its folder, base model, data,
+    config and stdout."""
     import train
     folder = tmp_path_factory.mktemp("demo")
     out, err = io.StringIO(), io.StringIO()

@@ -56,8 +56,8 @@ def ref_kl(log_p, log_q):
 
 
 # ---------------------------------------------------------------- fixtures
-# demo_run, the offline demo trained once (with a checkpoint at step 64), is conftest.py's: test_train
-# checks the same run.
+# demo_run, the offline demo trained once (with a checkpoint at step 64), is conftest.py's:
+# test_train checks the same run.
 
 @pytest.fixture(scope="module")
 def demo_eval(demo_run):
@@ -366,20 +366,23 @@ SAMPLING = SimpleNamespace(generate=5, seed=2, temperature=1.0, top_p=1.0, max_n
 
 @pytest.fixture(scope="module")
 def hand_samples(tiny):
-    """The prompts eval.generate picks from the tiny model's held-out pairs, each sampled by hand with the
-    seed eval.generate gives it and cut at the model's two stop tokens. Drawn once, from the plain model:
-    a fresh LoRA adapter (B = 0) leaves its logits as they are."""
+    """The prompts eval.generate picks from the tiny model's held-out pairs, each sampled by hand
+    with the seed eval.generate gives it and cut at the model's two stop tokens. Drawn once, from
+    the plain model: a fresh LoRA adapter (B = 0) leaves its logits as they are."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny.model)
-    stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|user|>")]  # a second stop token
+    # EOS, and a second stop token
+    stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|user|>")]
     model = modeling.load_model(str(tiny.model)).eval()
     _, examples, _ = data.load_examples(tokenizer, tiny.pairs, "train", None, 0.5, 0, 64, 32)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(SAMPLING.seed))
-    expected = [sample_by_hand(model, examples[i]["prompt"], SAMPLING.seed + i, SAMPLING.max_new_tokens, stop)
+    expected = [sample_by_hand(model, examples[i]["prompt"], SAMPLING.seed + i,
+                               SAMPLING.max_new_tokens, stop)
                 for i in order[:SAMPLING.generate].tolist()]
-    assert {ids[-1] for ids in expected} >= set(stop)  # both stop tokens met (seed chosen so)
-    assert any(len(ids) == SAMPLING.max_new_tokens and ids[-1] not in stop for ids in expected)  # and the cap
+    # both stop tokens met, and the length cap (the seed is chosen so)
+    assert {ids[-1] for ids in expected} >= set(stop)
+    assert any(len(ids) == SAMPLING.max_new_tokens and ids[-1] not in stop for ids in expected)
     return SimpleNamespace(tokenizer=tokenizer, stop=stop, examples=examples, expected=expected)
 
 
@@ -404,7 +407,8 @@ def test_generate_ignores_the_models_generation_config(tiny, hand_samples, tmp_p
         model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type=task_type))
     _, samples = eval.generate(model, lambda: contextlib.nullcontext(model), hand_samples.tokenizer,
                                hand_samples.examples, SAMPLING)
-    assert [s["policy_ids"] for s in samples] == [s["base_ids"] for s in samples] == hand_samples.expected
+    assert [s["policy_ids"] for s in samples] == hand_samples.expected
+    assert [s["base_ids"] for s in samples] == hand_samples.expected
 
 
 # ---------------------------------------------------------------- 6. bad input
@@ -529,11 +533,13 @@ def test_full_model_without_run_config_takes_ref_model(tiny, tmp_path, capsys):
     shutil.copytree(tiny.full, model,
                     ignore=shutil.ignore_patterns("run_config.json", "metrics.jsonl", "*.png"))
     pairs = tmp_path / "pairs.jsonl"  # not the run's training file, which it held nothing out of
-    pairs.write_text("".join((demo.DATA_DIR / "test.jsonl").read_text().splitlines(keepends=True)[:16]))
+    rows = (demo.DATA_DIR / "test.jsonl").read_text().splitlines(keepends=True)
+    pairs.write_text("".join(rows[:16]))
     rc, _, err = run_eval(capsys, "--adapter", model, "--ref-model", tiny.model, "--dataset", pairs,
                           "--out", tmp_path / "alone.json")
     assert rc == 0, err
-    rc, _, err = run_eval(capsys, "--adapter", tiny.full, "--dataset", pairs, "--out", tmp_path / "run.json")
+    rc, _, err = run_eval(capsys, "--adapter", tiny.full, "--dataset", pairs,
+                          "--out", tmp_path / "run.json")
     assert rc == 0, err
     alone, run = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("alone", "run"))
     assert alone["settings"]["model"] is None and run["settings"]["model"] == str(tiny.model)
@@ -559,9 +565,10 @@ def test_token_kl_is_never_negative():
 
 
 def test_run_trained_with_a_chat_template_file_that_is_gone(tiny, tmp_path, capsys):
-    """A base model with no chat template of its own, trained with --chat-template <file>; the file is gone
-    by the time eval.py runs. eval tokenizes with the run's template (its text is in run_config.json), so it
-    scores the held-out pairs exactly as train.py did: the numbers train.py logged before and after."""
+    """A base model with no chat template of its own, trained with --chat-template <file>; the file
+    is gone by the time eval.py runs. eval tokenizes with the run's template (its text is in
+    run_config.json), so it scores the held-out pairs exactly as train.py did: the numbers train.py
+    logged before and after."""
     base = tmp_path / "no-template"
     shutil.copytree(tiny.model, base)
     (base / "chat_template.jinja").unlink(missing_ok=True)
@@ -582,7 +589,8 @@ def test_run_trained_with_a_chat_template_file_that_is_gone(tiny, tmp_path, caps
     assert rc == 0, err
     report = json.loads((tmp_path / "r.json").read_text())
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    before, after = (next(r for r in logged if r["step"] == step and "eval/loss" in r) for step in (0, 1))
+    before, after = (next(r for r in logged if r["step"] == step and "eval/loss" in r)
+                     for step in (0, 1))
     assert report["pairs"] == 6
     for name, metrics in (("base", before), ("policy", after)):
         assert report[name]["rewards/accuracies"] == metrics["eval/rewards/accuracies"]

@@ -75,7 +75,7 @@ def tiny_model(config_class=None, vocab_size=64, seed=0, **config):
 
 def randomise_lora_b(model, seed=0):
     """peft starts lora_B at zero, which makes every lora_A gradient exactly zero: a comparison of
-    gradients would then compare half its tensors as 0 == 0. Random B (as after some training) instead."""
+    gradients would then compare half its tensors as 0 == 0. Random B (as after some training)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -141,9 +141,10 @@ def test_shared_layout_equals_padded(examples, tokenizer, attention, average, fu
 
 
 def float64_step_gradients(model, examples, args):
-    """The gradient of one optimizer step, written out from the paper rather than from the code under test:
-    a float64 copy of the model, each sequence alone (no padding, no packing), full logits, and the mean
-    over the step's pairs of -log σ(β·(chosen - rejected) - γ) plus sft_weight × the chosen NLL per token."""
+    """The gradient of one optimizer step, written out from the paper rather than from the code
+    under test: a float64 copy of the model, each sequence alone (no padding, no packing), full
+    logits, and the mean over the step's pairs of -log σ(β·(chosen - rejected) - γ) plus sft_weight
+    × the chosen NLL per token."""
     model = copy.deepcopy(model).double()
     average, losses = not args.no_length_normalization, []
     for example in examples:
@@ -151,7 +152,7 @@ def float64_step_gradients(model, examples, args):
         for side in ("chosen", "rejected"):
             response = [int(t) for t in example[side]]
             ids = torch.tensor([prompt + response])
-            # the logits at position t predict token t + 1: the response from position len(prompt) - 1 on
+            # the logits at position t predict token t + 1: the response, from len(prompt) - 1 on
             log_probs = model(input_ids=ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
             total = log_probs.gather(1, torch.tensor(response)[:, None]).sum()
             logps.append(total / len(response) if average else total)
@@ -164,8 +165,8 @@ def float64_step_gradients(model, examples, args):
 
 @pytest.mark.parametrize("average, sft_weight", [(True, 0.0), (False, 0.5)])
 def test_step_gradient_equals_a_float64_reference(examples, tokenizer, average, sft_weight):
-    """train.accumulate_gradients, micro-batches of 3 in the shared layout: its gradient is the mean over the
-    step's pairs, not a multiple of it (Adam would hide a uniform factor in the update)."""
+    """train.accumulate_gradients, micro-batches of 3 in the shared layout: its gradient is the mean
+    over the step's pairs, not a multiple of it (Adam would hide a uniform factor in the update)."""
     model = tiny_model(vocab_size=len(tokenizer))
     args = train_args(no_length_normalization=not average, sft_weight=sft_weight)
     reference = float64_step_gradients(model, examples, args)
@@ -211,8 +212,8 @@ def test_shared_layout_rows_and_positions():
 
 
 def test_pairs_sharing_a_row_never_see_each_other(tokenizer):
-    """Three pairs packed into one row: every token sees only its own pair (its prompt and its own side),
-    never a token of the pairs before it; and each pair's log-probs are what it gets in a row of its own."""
+    """Three pairs packed into one row: every token sees only its own pair (its prompt and its own
+    side), never a token of the pairs before it; and each pair's log-probs are as in a row alone."""
     examples = [dict(prompt=[11, 12], chosen=[13], rejected=[14]),
                 dict(prompt=[15], chosen=[16, 17], rejected=[18]),
                 dict(prompt=[19], chosen=[20], rejected=[21])]
@@ -233,11 +234,13 @@ def test_pairs_sharing_a_row_never_see_each_other(tokenizer):
         [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0],
         [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1]]
     additive = modeling.shared_attention_mask(batch, torch.float32)  # eager attention's form
-    assert torch.equal(additive == 0, mask) and (additive[~mask] == torch.finfo(torch.float32).min).all()
+    assert torch.equal(additive == 0, mask)
+    assert (additive[~mask] == torch.finfo(torch.float32).min).all()
     model = tiny_model(vocab_size=len(tokenizer)).eval()
     with torch.no_grad():
         packed = modeling.policy_logps(model, batch).view(2, 3)  # [chosen..., rejected...]
-        alone = [modeling.policy_logps(model, modeling.build_batch([e], 0, shared=True)) for e in examples]
+        alone = [modeling.policy_logps(model, modeling.build_batch([e], 0, shared=True))
+                 for e in examples]
     torch.testing.assert_close(packed, torch.stack(alone, 1), atol=1e-6, rtol=0)
 
 

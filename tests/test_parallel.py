@@ -74,14 +74,16 @@ def test_two_processes_train_exactly_as_one(setup, tmp_path):
 
 
 def test_a_batch_that_cannot_be_split_is_refused(setup, tmp_path, capsys, monkeypatch):
-    """The check reads WORLD_SIZE, as torchrun sets it, before any process group is joined: in-process."""
+    """The check reads WORLD_SIZE, as torchrun sets it, before any process group is joined: so it is
+    tested in-process."""
     args, _ = setup
     out = tmp_path / "run"
     monkeypatch.setenv("WORLD_SIZE", "2")
     code = train.main(args + ["--output-dir", str(out), "--batch-size", "3"])
     assert code == 2
-    assert error_line(capsys.readouterr().err) == ("error: --batch-size 3 pairs per step cannot be split "
-                                                   "evenly over 2 processes: make it a multiple of 2")
+    assert error_line(capsys.readouterr().err) == (
+        "error: --batch-size 3 pairs per step cannot be split evenly over 2 processes: "
+        "make it a multiple of 2")
     assert not out.exists()
 
 

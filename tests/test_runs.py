@@ -141,27 +141,34 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(model_dir, tmp_path
 
 def file_states(folder):
     """Every file under `folder` with its content hash and modification time, and every folder."""
-    return {p.relative_to(folder): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            if p.is_file() else "folder" for p in sorted(Path(folder).rglob("*"))}
+    def state(path):
+        if not path.is_file():
+            return "folder"
+        return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
+    return {p.relative_to(folder): state(p) for p in sorted(Path(folder).rglob("*"))}
 
 
 @pytest.fixture(scope="module")
 def resumable(model_dir, tmp_path_factory):
-    """A finished 2-step run with a checkpoint after step 1, on 16 pairs with nothing held out, and the
-    inputs a resume could swap in: a copy of the model, a copy of the data under another name."""
+    """A finished 2-step run with a checkpoint after step 1, on 16 pairs with nothing held out, and
+    the inputs a resume could swap in: a copy of the model, the same data under another name."""
     folder = tmp_path_factory.mktemp("resumable")
     dataset = write_jsonl(folder / "pairs.jsonl", standard_rows(16))
     args = long_run(model_dir, dataset, folder / "run", "--max-steps", 2, "--save-every", 1)
     assert train.main([str(a) for a in args]) == 0
     assert sorted(checkpoints.saved_steps(folder / "run")) == [1, 2]
     other_model = shutil.copytree(model_dir, folder / "other-model")
-    other_data = write_jsonl(folder / "other.jsonl", standard_rows(16))  # the same rows, another name
-    return SimpleNamespace(run=folder / "run", dataset=Path(dataset), model=other_model, data=other_data)
+    # the same rows under another name
+    other_data = write_jsonl(folder / "other.jsonl", standard_rows(16))
+    return SimpleNamespace(run=folder / "run", dataset=Path(dataset), model=other_model,
+                           data=other_data)
 
 
-OTHER_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] + ' <|end|> ' }}{% endfor %}"
-# One change per setting the run fixes (the run: long_run with --max-steps 2 on the resumable folder).
-CHANGES = {"model": lambda r: ["--model", r.model], "full": ["--full"], "load_in_4bit": ["--load-in-4bit"],
+OTHER_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['content'] + ' <|end|> ' }}"
+                  "{% endfor %}")
+# One change per setting the run fixes (the run: long_run, --max-steps 2, in the resumable folder).
+CHANGES = {"model": lambda r: ["--model", r.model], "full": ["--full"],
+           "load_in_4bit": ["--load-in-4bit"],
            "lora_r": ["--lora-r", 8], "lora_alpha": ["--lora-alpha", 16],
            "lora_target": ["--lora-target", "q_proj,v_proj"],
            "chat_template": ["--chat-template", OTHER_TEMPLATE],
@@ -169,7 +176,8 @@ CHANGES = {"model": lambda r: ["--model", r.model], "full": ["--full"], "load_in
            "eval_split": ["--eval-split", "test"], "eval_fraction": ["--eval-fraction", 0.25],
            "max_length": ["--max-length", 48], "max_prompt_length": ["--max-prompt-length", 8],
            "data_fingerprint": [], "beta": ["--beta", 5], "gamma": ["--gamma", 1],
-           "sft_weight": ["--sft-weight", 0.5], "no_length_normalization": ["--no-length-normalization"],
+           "sft_weight": ["--sft-weight", 0.5],
+           "no_length_normalization": ["--no-length-normalization"],
            "batch_size": ["--batch-size", 4], "seed": ["--seed", 1], "world_size": []}
 SAYS = {"data_fingerprint": "training pairs with fingerprint",
         "world_size": "2 processes where the run had 1 (resume with as many)"}
@@ -181,15 +189,18 @@ def test_every_setting_the_run_fixes_has_a_refused_resume():
 
 @pytest.mark.parametrize("key", CHANGES)
 def test_resume_refuses_each_setting_the_run_fixes(key, resumable, capsys, monkeypatch):
-    """A real --resume (that would train on to step 3) with one fixed setting changed: exit 2, one line
-    naming the setting, and the run folder exactly as it was: no file written, touched or removed."""
+    """A real --resume (that would train on to step 3) with one fixed setting changed: exit 2, one
+    line naming the setting, and the run folder exactly as it was: no file written, touched or
+    removed."""
     flags = CHANGES[key](resumable) if callable(CHANGES[key]) else CHANGES[key]
     saved = resumable.dataset.read_text()
     if key == "data_fingerprint":  # the same file with other content
         rows = [json.loads(line) for line in saved.splitlines()]
         write_jsonl(resumable.dataset, rows[:-1] + [rows[0]])
-    if key == "world_size":  # as torchrun starts 2 processes: WORLD_SIZE, and a process group joined
-        monkeypatch.setenv("WORLD_SIZE", "2")  # (of this process alone: the refusal comes first)
+    if key == "world_size":
+        # as under torchrun with 2 processes: WORLD_SIZE, and a process group joined (of this
+        # process alone: the refusal comes before any collective call)
+        monkeypatch.setenv("WORLD_SIZE", "2")
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     before = file_states(resumable.run)
     try:
@@ -200,7 +211,8 @@ def test_resume_refuses_each_setting_the_run_fixes(key, resumable, capsys, monke
             dist.destroy_process_group()
     assert code == 2, err
     line = error_line(err)
-    assert SAYS.get(key, f"--{key.replace('_', '-')} ") in line and "start a new run instead" in line, line
+    assert SAYS.get(key, f"--{key.replace('_', '-')} ") in line, line
+    assert "start a new run instead" in line, line
     assert file_states(resumable.run) == before
 
 

@@ -154,7 +154,7 @@ def test_standard_format_end_to_end(model_dir, tmp_path, capsys):
         assert row["rewards/chosen"] == pytest.approx(3 * row["logps/chosen"], rel=1e-5)
         assert row["rewards/margins"] == pytest.approx(row["rewards/chosen"] - row["rewards/rejected"],
                                                        abs=1e-5)
-    # the logged learning rate: 2 steps, no warm-up (⌊0.1·2⌋ = 0), so the peak, then half-way down the cosine
+    # the logged learning rate: 2 steps, no warm-up (⌊0.1·2⌋ = 0): the peak, then half-way down
     assert [row["lr"] for row in rows] == pytest.approx([1e-3, 5e-4], rel=1e-12)
 
     # the adapter is a regular peft adapter: it loads onto the base model, and training moved it off zero
@@ -331,8 +331,9 @@ def test_qlora_4bit(model_dir, tmp_path, capsys):
 # ---------------------------------------------------------------- 4. gradient accumulation
 
 def test_gradient_accumulation_equivalence(model_dir, tmp_path, capsys):
-    """8 pairs as 1×8, 4×2 and 3+3+2 give the same two steps; a different --lr does not (the check can fail).
-    Two steps: in the first, lora_B is zero and so is every lora_A gradient; the second compares them all."""
+    """8 pairs as 1×8, 4×2 and 3+3+2 give the same two steps; a different --lr does not (the check
+    can fail). Two steps: in the first, lora_B is zero and so is every lora_A gradient; the second
+    compares them all."""
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8, max_words=6))
 
     def two_steps(name, micro, lr=1e-3):
@@ -348,13 +349,15 @@ def test_gradient_accumulation_equivalence(model_dir, tmp_path, capsys):
         split, split_metrics = two_steps(name, micro)
         assert_adapters_close(whole, split, atol=1e-6)
         for a, b in zip(whole_metrics, split_metrics, strict=True):
-            # Adam hides a uniformly mis-scaled gradient in the adapter; the logged (pre-clip) norm does not
+            # Adam hides a uniformly mis-scaled gradient in the adapter; the logged (pre-clip) norm
+            # does not
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
             for key in ("loss", "logps/chosen", "logps/rejected", "rewards/accuracies"):
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6)
     other, _ = two_steps("1x8-lr", 8, lr=3e-3)
     lora_a = [name for name in whole if "lora_A" in name]
-    assert lora_a and adapters_differ({n: whole[n] for n in lora_a}, {n: other[n] for n in lora_a}, atol=1e-6)
+    assert lora_a
+    assert adapters_differ({n: whole[n] for n in lora_a}, {n: other[n] for n in lora_a}, atol=1e-6)
 
 
 # ---------------------------------------------------------------- 5. truncation and masking
@@ -734,12 +737,12 @@ def test_lr_schedule():
 @pytest.mark.parametrize("steps, warmup_ratio, expected", [
     (1, 0.1, {0: 1e-3}),
     (3, 0.5, {0: 1e-3, 1: 7.5e-4, 2: 2.5e-4}),
-    # 29 warm-up steps: step s at (s + 1)/29 of the peak, the peak at step 28, then 21/22 of the cosine
+    # 29 warm-up steps: step s at (s + 1)/29 of the peak, the peak at step 28, then the cosine
     (50, 0.58, {0: 3.4482758620689657e-05, 27: 9.655172413793104e-04, 28: 1e-3,
                 29: 9.949107209404665e-04, 49: 5.089279059533658e-06})])
 def test_warmup_steps_are_rounded_down(steps, warmup_ratio, expected, model_dir, tmp_path, capsys):
-    """A run warms up for ⌊warmup_ratio × steps⌋ steps: --max-steps 1 trains at the peak, not half of it;
-    0.58 × 50 (28.999… in floats) still gives 29. The expected rates are worked out by hand."""
+    """A run warms up for ⌊warmup_ratio × steps⌋ steps: --max-steps 1 trains at the peak, not half
+    of it; 0.58 × 50 (28.999… in floats) still gives 29. Expected rates worked out by hand."""
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
     code, _, err = run(small_args(model_dir, dataset, tmp_path / "run", "--max-steps", steps, "--lr", 1e-3,
                                   "--warmup-ratio", warmup_ratio, "--batch-size", 1, "--micro-batch-size", 1),
@@ -770,11 +773,13 @@ def test_offline_demo(demo_run):
     """`python train.py` (conftest's demo_run, which test_eval evaluates too)."""
     out, stdout = demo_run.run, demo_run.stdout
     assert demo_run.model == out.parent / "demo-model"  # the base model is built next to the run
-    assert (demo_run.model / "config.json").is_file() and demo_run.config["model"] == str(demo_run.model)
+    assert (demo_run.model / "config.json").is_file()
+    assert demo_run.config["model"] == str(demo_run.model)
     rows = metrics(out)
     evals = [row for row in rows if "eval/rewards/accuracies" in row]
     first, last = evals[0], evals[-1]
-    assert first["step"] == 0 and last["step"] == max(row["step"] for row in rows) == 128  # 4 epochs
+    # 4 epochs of 32 steps
+    assert first["step"] == 0 and last["step"] == max(row["step"] for row in rows) == 128
     assert 0.3 <= first["eval/rewards/accuracies"] <= 0.7
     assert last["eval/rewards/accuracies"] >= 0.9
     assert f"held-out reward accuracy before training: {first['eval/rewards/accuracies']:.3f}" in stdout
@@ -861,18 +866,20 @@ def test_report_to_tensorboard_writes_every_metric(model_dir, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
     out = tmp_path / "run"
-    code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 2, "--report-to", "tensorboard"),
-                       capsys)
+    code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 2,
+                                  "--report-to", "tensorboard"), capsys)
     assert code == 0, err
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    events = EventAccumulator(str(out / "tensorboard"))  # read as soon as the run returns: nothing pending
+    # read as soon as the run returns: nothing may be left pending
+    events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert METRIC_KEYS <= set(events.Tags()["scalars"])
     rows = train_rows(out)
     for key in METRIC_KEYS:
         written = events.Scalars(key)
         assert [event.step for event in written] == [row["step"] for row in rows], key
-        assert [event.value for event in written] == pytest.approx([row[key] for row in rows], rel=1e-6), key
+        values = [row[key] for row in rows]
+        assert [event.value for event in written] == pytest.approx(values, rel=1e-6), key
 
 
 @pytest.mark.skipif(bool(importlib.util.find_spec("tensorboard")), reason="tensorboard is installed here")

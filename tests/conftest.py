@@ -1,10 +1,33 @@
+import contextlib
+import io
+import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests import simpo, train, eval, data, demo
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`python train.py`: the offline demo with its own settings, trained once for every test that
+    reads it (test_train's and test_eval's). Only the run folder is chosen, and a checkpoint is kept
+    at step 64 of 128, which changes nothing in the training. Returns its folder, base model, data,
+    config and stdout."""
+    import train
+    folder = tmp_path_factory.mktemp("demo")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = train.main(["--output-dir", str(folder / "demo"), "--save-every", "64"])
+    assert code == 0, err.getvalue()
+    run = folder / "demo"
+    config = json.loads((run / "run_config.json").read_text())
+    assert (run / "checkpoint-64" / "adapter_config.json").is_file()
+    return SimpleNamespace(run=run, model=folder / "demo-model", dataset=Path(config["dataset"]),
+                           config=config, stdout=out.getvalue())
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -56,19 +56,8 @@ def ref_kl(log_p, log_q):
 
 
 # ---------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """The offline demo trained once (1 epoch is enough: held-out accuracy 1.0), with a mid-run checkpoint."""
-    d = tmp_path_factory.mktemp("eval_demo")
-    rc, _, err = quiet(train.main, ["--output-dir", str(d / "demo"), "--epochs", "1", "--save-every", "16"])
-    assert rc == 0, err
-    run = d / "demo"
-    config = json.loads((run / "run_config.json").read_text())
-    assert (run / "checkpoint-16" / "adapter_config.json").is_file()
-    return SimpleNamespace(dir=d, run=run, model=d / "demo-model", dataset=Path(config["dataset"]),
-                           config=config)
-
+# demo_run, the offline demo trained once (with a checkpoint at step 64), is conftest.py's:
+# test_train checks the same run.
 
 @pytest.fixture(scope="module")
 def demo_eval(demo_run):
@@ -305,7 +294,7 @@ def test_defaults_come_from_the_run(demo_run, demo_eval):
 
 
 def test_checkpoint_folder_works_as_adapter(demo_run, demo_eval, capsys):
-    checkpoint = demo_run.run / "checkpoint-16"
+    checkpoint = demo_run.run / "checkpoint-64"
     assert not (checkpoint / "run_config.json").exists()
     rc, out, err = run_eval(capsys, "--adapter", checkpoint)
     assert rc == 0, err
@@ -372,16 +361,40 @@ def sample_by_hand(model, prompt, seed, max_new_tokens, stop):
     return ids[len(prompt):]
 
 
+SAMPLING = SimpleNamespace(generate=5, seed=2, temperature=1.0, top_p=1.0, max_new_tokens=15)
+
+
+@pytest.fixture(scope="module")
+def hand_samples(tiny):
+    """The prompts eval.generate picks from the tiny model's held-out pairs, each sampled by hand
+    with the seed eval.generate gives it and cut at the model's two stop tokens. Drawn once, from
+    the plain model: a fresh LoRA adapter (B = 0) leaves its logits as they are."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.model)
+    # EOS, and a second stop token
+    stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|user|>")]
+    model = modeling.load_model(str(tiny.model)).eval()
+    _, examples, _ = data.load_examples(tokenizer, tiny.pairs, "train", None, 0.5, 0, 64, 32)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(SAMPLING.seed))
+    expected = [sample_by_hand(model, examples[i]["prompt"], SAMPLING.seed + i,
+                               SAMPLING.max_new_tokens, stop)
+                for i in order[:SAMPLING.generate].tolist()]
+    # both stop tokens met, and the length cap (the seed is chosen so)
+    assert {ids[-1] for ids in expected} >= set(stop)
+    assert any(len(ids) == SAMPLING.max_new_tokens and ids[-1] not in stop for ids in expected)
+    return SimpleNamespace(tokenizer=tokenizer, stop=stop, examples=examples, expected=expected)
+
+
 @pytest.mark.parametrize("task_type", [None, "CAUSAL_LM", "plain"])  # LoRA from peft's two classes, or none
-def test_generate_ignores_the_models_generation_config(tiny, tmp_path, task_type):
+def test_generate_ignores_the_models_generation_config(tiny, hand_samples, tmp_path, task_type):
     """transformers 5 fills a GenerationConfig's unset fields from the model's generation_config.json; a
     model whose file turns on every kind of logits processor must still be sampled from π alone: the same
     ids as a hand-written multinomial loop with the same seed, cut at the model's own stop tokens."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny.model)
-    stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|user|>")]  # a second stop token
+    stop = hand_samples.stop
     model = modeling.load_model(str(tiny.model))
     model.generation_config = GenerationConfig(
         eos_token_id=stop, do_sample=True, temperature=0.3, top_k=3, top_p=0.5, min_p=0.2, typical_p=0.5,
@@ -392,14 +405,10 @@ def test_generate_ignores_the_models_generation_config(tiny, tmp_path, task_type
     assert model.generation_config.repetition_penalty == 5.0 and model.generation_config.eos_token_id == stop
     if task_type != "plain":  # B = 0: the LoRA model's logits are the model's
         model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type=task_type))
-    _, examples, _ = data.load_examples(tokenizer, tiny.pairs, "train", None, 0.5, 0, 64, 32)
-    args = SimpleNamespace(generate=6, seed=2, temperature=1.0, top_p=1.0, max_new_tokens=16)
-    _, samples = eval.generate(model, lambda: contextlib.nullcontext(model), tokenizer, examples, args)
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))
-    for i, sample in zip(order[:args.generate].tolist(), samples, strict=True):
-        expected = sample_by_hand(model, examples[i]["prompt"], args.seed + i, args.max_new_tokens, stop)
-        assert sample["policy_ids"] == sample["base_ids"] == expected
-    assert {s["policy_ids"][-1] for s in samples} >= set(stop)  # both stop tokens met (seed chosen so)
+    _, samples = eval.generate(model, lambda: contextlib.nullcontext(model), hand_samples.tokenizer,
+                               hand_samples.examples, SAMPLING)
+    assert [s["policy_ids"] for s in samples] == hand_samples.expected
+    assert [s["base_ids"] for s in samples] == hand_samples.expected
 
 
 # ---------------------------------------------------------------- 6. bad input
@@ -439,7 +448,7 @@ def test_run_without_held_out_pairs_needs_split(tiny, capsys):
 
 def test_no_run_config_takes_the_base_from_the_adapter_and_needs_dataset(demo_run, tmp_path, capsys):
     adapter = tmp_path / "bare"
-    shutil.copytree(demo_run.run / "checkpoint-16", adapter)
+    shutil.copytree(demo_run.run / "checkpoint-64", adapter)
     rc, _, err = run_eval(capsys, "--adapter", adapter, "--dataset", demo_run.dataset, "--split", "test")
     assert rc == 0, err  # peft's adapter_config.json names the base model
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -508,18 +517,35 @@ def test_bad_numeric_flags_are_usage_errors(tiny, tmp_path, capsys, flags):
 
 
 def test_out_in_a_missing_folder(tiny, tmp_path, capsys):
+    """--out in a folder that does not exist yet: eval.py creates it and writes the report there."""
     out = tmp_path / "reports" / "r.json"
     rc, _, err = run_eval(capsys, "--adapter", tiny.lora, "--out", out)
-    assert (rc == 0 and out.is_file()) or rc == 2
+    assert rc == 0, err
+    report = json.loads(out.read_text())
+    assert report["pairs"] == 6 and report["settings"]["out"] == str(out)
 
 
 def test_full_model_without_run_config_takes_ref_model(tiny, tmp_path, capsys):
+    """A fully fine-tuned model folder on its own (no run_config.json, so no --model to default to):
+    --ref-model is the base. Its numbers are those of the run folder itself, whose base is the run's
+    --model, the same model."""
     model = tmp_path / "models" / "policy"
     shutil.copytree(tiny.full, model,
                     ignore=shutil.ignore_patterns("run_config.json", "metrics.jsonl", "*.png"))
-    rc, _, err = run_eval(capsys, "--adapter", model, "--ref-model", tiny.model, "--dataset", tiny.pairs,
-                          "--out", tmp_path / "r.json")
+    pairs = tmp_path / "pairs.jsonl"  # not the run's training file, which it held nothing out of
+    rows = (demo.DATA_DIR / "test.jsonl").read_text().splitlines(keepends=True)
+    pairs.write_text("".join(rows[:16]))
+    rc, _, err = run_eval(capsys, "--adapter", model, "--ref-model", tiny.model, "--dataset", pairs,
+                          "--out", tmp_path / "alone.json")
     assert rc == 0, err
+    rc, _, err = run_eval(capsys, "--adapter", tiny.full, "--dataset", pairs,
+                          "--out", tmp_path / "run.json")
+    assert rc == 0, err
+    alone, run = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("alone", "run"))
+    assert alone["settings"]["model"] is None and run["settings"]["model"] == str(tiny.model)
+    for key in ("pairs", "policy", "base", "kl/chosen", "kl/rejected"):
+        assert alone[key] == run[key], key
+    assert alone["base"] != alone["policy"] and alone["kl/chosen"] > 0  # the base is not the policy
 
 
 def test_empty_dataset_message_says_so(demo_run, tiny, tmp_path, capsys):
@@ -539,21 +565,37 @@ def test_token_kl_is_never_negative():
 
 
 def test_run_trained_with_a_chat_template_file_that_is_gone(tiny, tmp_path, capsys):
+    """A base model with no chat template of its own, trained with --chat-template <file>; the file
+    is gone by the time eval.py runs. eval tokenizes with the run's template (its text is in
+    run_config.json), so it scores the held-out pairs exactly as train.py did: the numbers train.py
+    logged before and after."""
+    base = tmp_path / "no-template"
+    shutil.copytree(tiny.model, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    assert modeling.load_tokenizer(str(base)).chat_template is None
     template = tmp_path / "template.jinja"
     template.write_text(demo.CHAT_TEMPLATE)
     run = tmp_path / "run"
-    rc, _, err = quiet(train.main, ["--model", str(tiny.model), "--dataset", str(tiny.pairs),
+    rc, _, err = quiet(train.main, ["--model", str(base), "--dataset", str(tiny.pairs),
                                     "--chat-template", str(template), "--eval-fraction", "0.25",
                                     "--max-steps", "1", "--lr", "1e-2", "--batch-size", "4",
                                     "--output-dir", str(run)])
     assert rc == 0, err
-    rc, _, err = run_eval(capsys, "--adapter", run, "--out", tmp_path / "with.json")
+    template.unlink()
+    rc, _, err = run_eval(capsys, "--adapter", run, "--out", tmp_path / "r.json")
     assert rc == 0, err
-    template.unlink()  # the tokenizer saved in the run folder still has the template
-    rc, _, err = run_eval(capsys, "--adapter", run, "--out", tmp_path / "without.json")
-    if rc != 2:
-        with_file, without = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("with", "without"))
-        assert rc == 0 and without["policy"] == with_file["policy"], (with_file["policy"], without["policy"])
+    report = json.loads((tmp_path / "r.json").read_text())
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    before, after = (next(r for r in logged if r["step"] == step and "eval/loss" in r)
+                     for step in (0, 1))
+    assert report["pairs"] == 6
+    for name, metrics in (("base", before), ("policy", after)):
+        assert report[name]["rewards/accuracies"] == metrics["eval/rewards/accuracies"]
+        for key in ("loss", "logps/chosen", "logps/rejected"):
+            assert report[name][key] == pytest.approx(metrics[f"eval/{key}"], rel=1e-5), (name, key)
 
 
 # ---------------------------------------------------------------- 4-bit QLoRA base

@@ -3,8 +3,12 @@ padded layout of data.collate gives: log-probs, SimPO losses and LoRA gradients 
 models whose attention cannot take it fall back to the padded layout.
 
 The reference is today's padded computation written out here from data.collate, not the code under test.
+lora_B is random, so that every LoRA tensor's gradient is compared, and the step's gradient is also
+compared with a float64 one written out from the paper (a uniform factor would pass every layout
+comparison).
 """
 import argparse
+import copy
 import json
 import random
 
@@ -66,7 +70,18 @@ def tiny_model(config_class=None, vocab_size=64, seed=0, **config):
     shape = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     model = AutoModelForCausalLM.from_config((config_class or LlamaConfig)(**shape, **config))
-    return modeling.add_lora(model, argparse.Namespace(**LORA)).train()
+    return randomise_lora_b(modeling.add_lora(model, argparse.Namespace(**LORA)).train(), seed)
+
+
+def randomise_lora_b(model, seed=0):
+    """peft starts lora_B at zero, which makes every lora_A gradient exactly zero: a comparison of
+    gradients would then compare half its tensors as 0 == 0. Random B (as after some training)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+    return model
 
 
 def train_args(**kw):
@@ -109,7 +124,8 @@ def assert_same_as_padded(model, examples, args, pad_id, full_logits=False):
     grads = lora_grads(model)
     torch.testing.assert_close(stats[[0, 2, 3]], reference, atol=1e-5, rtol=0)  # losses, chosen, rejected
     assert tokens.item() == ref_tokens.item()  # prompt + response of both sequences, never padding
-    assert grads.keys() == ref_grads.keys() and any(g.abs().sum() > 0 for g in grads.values())
+    assert grads.keys() == ref_grads.keys()
+    assert all(g.abs().max() > 0 for g in grads.values())  # every LoRA tensor's gradient, A and B
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=0, msg=name)
 
@@ -122,6 +138,47 @@ def test_shared_layout_equals_padded(examples, tokenizer, attention, average, fu
     args = train_args(no_length_normalization=not average)
     assert modeling.shared_layout_problem(model, args.max_length) is None  # the shared layout is used
     assert_same_as_padded(model, examples, args, tokenizer.pad_token_id, full_logits)
+
+
+def float64_step_gradients(model, examples, args):
+    """The gradient of one optimizer step, written out from the paper rather than from the code
+    under test: a float64 copy of the model, each sequence alone (no padding, no packing), full
+    logits, and the mean over the step's pairs of -log σ(β·(chosen - rejected) - γ) plus sft_weight
+    × the chosen NLL per token."""
+    model = copy.deepcopy(model).double()
+    average, losses = not args.no_length_normalization, []
+    for example in examples:
+        prompt, logps, nll = [int(t) for t in example["prompt"]], [], None
+        for side in ("chosen", "rejected"):
+            response = [int(t) for t in example[side]]
+            ids = torch.tensor([prompt + response])
+            # the logits at position t predict token t + 1: the response, from len(prompt) - 1 on
+            log_probs = model(input_ids=ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+            total = log_probs.gather(1, torch.tensor(response)[:, None]).sum()
+            logps.append(total / len(response) if average else total)
+            nll = -total / len(response) if nll is None else nll
+        margin = args.beta * (logps[0] - logps[1]) - args.gamma
+        losses.append(-torch.nn.functional.logsigmoid(margin) + args.sft_weight * nll)
+    torch.stack(losses).mean().backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("average, sft_weight", [(True, 0.0), (False, 0.5)])
+def test_step_gradient_equals_a_float64_reference(examples, tokenizer, average, sft_weight):
+    """train.accumulate_gradients, micro-batches of 3 in the shared layout: its gradient is the mean
+    over the step's pairs, not a multiple of it (Adam would hide a uniform factor in the update)."""
+    model = tiny_model(vocab_size=len(tokenizer))
+    args = train_args(no_length_normalization=not average, sft_weight=sft_weight)
+    reference = float64_step_gradients(model, examples, args)
+    train.accumulate_gradients(train.PairScorer(model, args.max_length), examples, args,
+                               tokenizer.pad_token_id)
+    grads = lora_grads(model)
+    assert grads.keys() == reference.keys()
+    assert all(g.abs().max() > 0 for g in grads.values())
+    for name in grads:  # float32 against float64: to 1e-4 of each tensor's largest entry
+        scale = reference[name].abs().max().item()
+        torch.testing.assert_close(grads[name].double(), reference[name], rtol=0, atol=1e-4 * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_shared_layout_rows_and_positions():
@@ -154,6 +211,39 @@ def test_shared_layout_rows_and_positions():
     assert modeling.build_batch(examples, 0, True)["input_ids"].shape == (1, 17)  # one row, no padding
 
 
+def test_pairs_sharing_a_row_never_see_each_other(tokenizer):
+    """Three pairs packed into one row: every token sees only its own pair (its prompt and its own
+    side), never a token of the pairs before it; and each pair's log-probs are as in a row alone."""
+    examples = [dict(prompt=[11, 12], chosen=[13], rejected=[14]),
+                dict(prompt=[15], chosen=[16, 17], rejected=[18]),
+                dict(prompt=[19], chosen=[20], rejected=[21])]
+    batch = modeling.build_batch(examples, pad_id=0, shared=True, max_length=64)
+    assert batch["input_ids"].tolist() == [list(range(11, 22))]  # one row: pairs 0, 1, 2 in order
+    mask = modeling.shared_attention_mask(batch)
+    assert mask[0, 0].int().tolist() == [
+        # 11 12 13 14 15 16 17 18 19 20 21      pair 0: prompt 11 12, chosen 13, rejected 14
+        [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0],  # pair 1: prompt 15, chosen 16 17, rejected 18
+        [0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0],  # pair 2: prompt 19, chosen 20, rejected 21
+        [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1]]
+    additive = modeling.shared_attention_mask(batch, torch.float32)  # eager attention's form
+    assert torch.equal(additive == 0, mask)
+    assert (additive[~mask] == torch.finfo(torch.float32).min).all()
+    model = tiny_model(vocab_size=len(tokenizer)).eval()
+    with torch.no_grad():
+        packed = modeling.policy_logps(model, batch).view(2, 3)  # [chosen..., rejected...]
+        alone = [modeling.policy_logps(model, modeling.build_batch([e], 0, shared=True))
+                 for e in examples]
+    torch.testing.assert_close(packed, torch.stack(alone, 1), atol=1e-6, rtol=0)
+
+
 def test_many_rows_and_empty_prompt_equal_padded(examples, tokenizer):
     """Rows of at most 1.5 × 12 tokens (several rows, padded at their ends), and a pair with no prompt."""
     model = tiny_model(vocab_size=len(tokenizer))
@@ -173,7 +263,7 @@ def test_qlora_and_gradient_checkpointing(examples, tokenizer, tmp_path):
                                  num_key_value_heads=2)).save_pretrained(tmp_path)
     run = argparse.Namespace(model=str(tmp_path), load_in_4bit=True, full=False, gradient_checkpointing=True,
                              **LORA)
-    model = modeling.prepare_model(run, "cpu", torch.float32)
+    model = randomise_lora_b(modeling.prepare_model(run, "cpu", torch.float32))
     assert model.is_activation_checkpointing and type(model.base_model.model.lm_head).__name__ == "Linear"
     assert_same_as_padded(model, examples, train_args(), tokenizer.pad_token_id)
 

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import adapter, assert_adapters_close, metrics, standard_rows, train_rows, write_jsonl
+from test_train import (
+    adapter,
+    assert_adapters_close,
+    error_line,
+    metrics,
+    standard_rows,
+    train_rows,
+    write_jsonl,
+)
 
 import checkpoints
 import demo
@@ -65,16 +73,17 @@ def test_two_processes_train_exactly_as_one(setup, tmp_path):
     assert all(t > 0 for t in tokens)
 
 
-def test_a_batch_that_cannot_be_split_is_refused(setup, tmp_path):
+def test_a_batch_that_cannot_be_split_is_refused(setup, tmp_path, capsys, monkeypatch):
+    """The check reads WORLD_SIZE, as torchrun sets it, before any process group is joined: so it is
+    tested in-process."""
     args, _ = setup
     out = tmp_path / "run"
-    process = torchrun(args + ["--output-dir", str(out), "--batch-size", "3"])
-    _, err = process.communicate(timeout=300)
-    assert process.returncode != 0
-    errors = {line for line in err.splitlines() if line.startswith("error: ")}
-    assert errors == {"error: --batch-size 3 pairs per step cannot be split evenly over 2 processes: make "
-                      "it a multiple of 2"}, err
-    assert "exitcode  : 2" in err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = train.main(args + ["--output-dir", str(out), "--batch-size", "3"])
+    assert code == 2
+    assert error_line(capsys.readouterr().err) == (
+        "error: --batch-size 3 pairs per step cannot be split evenly over 2 processes: "
+        "make it a multiple of 2")
     assert not out.exists()
 
 

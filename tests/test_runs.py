@@ -1,15 +1,19 @@
 """Long runs never lose work: signals, divergence, crashes while saving, resumes that must match the run,
 checkpoint files that cannot run code, and an output folder that is never shared or wrongly emptied."""
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 from test_train import (
     adapter,
     assert_adapters_close,
@@ -135,36 +139,81 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(model_dir, tmp_path
     assert_adapters_close(adapter(tmp_path / "whole"), adapter(out), atol=1e-6)
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["--beta", 5], "--beta 5.0"), (["--lora-r", 8], "--lora-r 8"), (["--seed", 1], "--seed 1"),
-    (["--batch-size", 4], "--batch-size 4"),
-    (["--no-length-normalization"], "--no-length-normalization True")])
-def test_resume_refuses_settings_that_change_the_finished_steps(flags, named, model_dir, tmp_path, capsys):
-    dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(16))
-    out = tmp_path / "run"
-    assert run(long_run(model_dir, dataset, out, "--max-steps", 2), capsys)[0] == 0
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    code, _, err = run(["--resume", out, "--max-steps", 4, *flags], capsys)
-    assert code == 2 and named in error_line(err)
-    assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+def file_states(folder):
+    """Every file under `folder` with its content hash and modification time, and every folder."""
+    def state(path):
+        if not path.is_file():
+            return "folder"
+        return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
+    return {p.relative_to(folder): state(p) for p in sorted(Path(folder).rglob("*"))}
 
 
-def test_resume_refuses_other_data_or_model(model_dir, tmp_path, capsys):
-    rows = standard_rows(16)
-    dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    out = tmp_path / "run"
-    assert run(long_run(model_dir, dataset, out, "--max-steps", 2), capsys)[0] == 0
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    other = write_jsonl(tmp_path / "other.jsonl", rows)  # the same rows under another name
-    changed = write_jsonl(tmp_path / "changed.jsonl", rows[:-1] + [rows[0]])
-    for flags, says in ((["--dataset", other], "--dataset"), (["--model", tmp_path], "--model"),
-                        (["--split", "test"], "--split")):
-        code, _, err = run(["--resume", out, "--max-steps", 4, *flags], capsys)
-        assert code == 2 and says in error_line(err)
-    Path(dataset).write_text(Path(changed).read_text())  # same file, other content: the fingerprint differs
-    code, _, err = run(["--resume", out, "--max-steps", 4], capsys)
-    assert code == 2 and "training pairs with fingerprint" in error_line(err)
-    assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+@pytest.fixture(scope="module")
+def resumable(model_dir, tmp_path_factory):
+    """A finished 2-step run with a checkpoint after step 1, on 16 pairs with nothing held out, and
+    the inputs a resume could swap in: a copy of the model, the same data under another name."""
+    folder = tmp_path_factory.mktemp("resumable")
+    dataset = write_jsonl(folder / "pairs.jsonl", standard_rows(16))
+    args = long_run(model_dir, dataset, folder / "run", "--max-steps", 2, "--save-every", 1)
+    assert train.main([str(a) for a in args]) == 0
+    assert sorted(checkpoints.saved_steps(folder / "run")) == [1, 2]
+    other_model = shutil.copytree(model_dir, folder / "other-model")
+    # the same rows under another name
+    other_data = write_jsonl(folder / "other.jsonl", standard_rows(16))
+    return SimpleNamespace(run=folder / "run", dataset=Path(dataset), model=other_model,
+                           data=other_data)
+
+
+OTHER_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['content'] + ' <|end|> ' }}"
+                  "{% endfor %}")
+# One change per setting the run fixes (the run: long_run, --max-steps 2, in the resumable folder).
+CHANGES = {"model": lambda r: ["--model", r.model], "full": ["--full"],
+           "load_in_4bit": ["--load-in-4bit"],
+           "lora_r": ["--lora-r", 8], "lora_alpha": ["--lora-alpha", 16],
+           "lora_target": ["--lora-target", "q_proj,v_proj"],
+           "chat_template": ["--chat-template", OTHER_TEMPLATE],
+           "dataset": lambda r: ["--dataset", r.data], "split": ["--split", "test"],
+           "eval_split": ["--eval-split", "test"], "eval_fraction": ["--eval-fraction", 0.25],
+           "max_length": ["--max-length", 48], "max_prompt_length": ["--max-prompt-length", 8],
+           "data_fingerprint": [], "beta": ["--beta", 5], "gamma": ["--gamma", 1],
+           "sft_weight": ["--sft-weight", 0.5],
+           "no_length_normalization": ["--no-length-normalization"],
+           "batch_size": ["--batch-size", 4], "seed": ["--seed", 1], "world_size": []}
+SAYS = {"data_fingerprint": "training pairs with fingerprint",
+        "world_size": "2 processes where the run had 1 (resume with as many)"}
+
+
+def test_every_setting_the_run_fixes_has_a_refused_resume():
+    assert set(CHANGES) == set(checkpoints.FIXED_BY_THE_RUN)
+
+
+@pytest.mark.parametrize("key", CHANGES)
+def test_resume_refuses_each_setting_the_run_fixes(key, resumable, capsys, monkeypatch):
+    """A real --resume (that would train on to step 3) with one fixed setting changed: exit 2, one
+    line naming the setting, and the run folder exactly as it was: no file written, touched or
+    removed."""
+    flags = CHANGES[key](resumable) if callable(CHANGES[key]) else CHANGES[key]
+    saved = resumable.dataset.read_text()
+    if key == "data_fingerprint":  # the same file with other content
+        rows = [json.loads(line) for line in saved.splitlines()]
+        write_jsonl(resumable.dataset, rows[:-1] + [rows[0]])
+    if key == "world_size":
+        # as under torchrun with 2 processes: WORLD_SIZE, and a process group joined (of this
+        # process alone: the refusal comes before any collective call)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    before = file_states(resumable.run)
+    try:
+        code, _, err = run(["--resume", resumable.run, "--max-steps", 3, *flags], capsys)
+    finally:
+        resumable.dataset.write_text(saved)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert code == 2, err
+    line = error_line(err)
+    assert SAYS.get(key, f"--{key.replace('_', '-')} ") in line, line
+    assert "start a new run instead" in line, line
+    assert file_states(resumable.run) == before
 
 
 def test_resume_allows_and_prints_settings_that_only_change_the_future(model_dir, tmp_path, capsys):
@@ -303,7 +352,6 @@ def test_out_of_memory_is_one_line_with_the_flags_that_help(model_dir, tmp_path,
 
 
 def test_model_code_runs_only_with_trust_remote_code(model_dir, tmp_path, capsys):
-    import shutil
     model = tmp_path / "custom"
     shutil.copytree(model_dir, model)
     marker = tmp_path / "ran"

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_packing import randomise_lora_b
 
 import data
 import demo
@@ -153,8 +154,8 @@ def test_standard_format_end_to_end(model_dir, tmp_path, capsys):
         assert row["rewards/chosen"] == pytest.approx(3 * row["logps/chosen"], rel=1e-5)
         assert row["rewards/margins"] == pytest.approx(row["rewards/chosen"] - row["rewards/rejected"],
                                                        abs=1e-5)
-    # the logged learning rate is the schedule's: 2 steps, warm-up ceil(0.1·2) = 1 step
-    assert [row["lr"] for row in rows] == pytest.approx([train.lr_at(s, 2, 1, 1e-3) for s in range(2)])
+    # the logged learning rate: 2 steps, no warm-up (⌊0.1·2⌋ = 0): the peak, then half-way down
+    assert [row["lr"] for row in rows] == pytest.approx([1e-3, 5e-4], rel=1e-12)
 
     # the adapter is a regular peft adapter: it loads onto the base model, and training moved it off zero
     base = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -330,27 +331,33 @@ def test_qlora_4bit(model_dir, tmp_path, capsys):
 # ---------------------------------------------------------------- 4. gradient accumulation
 
 def test_gradient_accumulation_equivalence(model_dir, tmp_path, capsys):
-    """8 pairs as 1×8, 4×2 and 3+3+2 give the same step; a different --lr does not (the check can fail)."""
+    """8 pairs as 1×8, 4×2 and 3+3+2 give the same two steps; a different --lr does not (the check
+    can fail). Two steps: in the first, lora_B is zero and so is every lora_A gradient; the second
+    compares them all."""
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8, max_words=6))
 
-    def one_step(name, micro, lr=1e-3):
+    def two_steps(name, micro, lr=1e-3):
         out = tmp_path / name
-        code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 1, "--batch-size", 8,
+        code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 2, "--batch-size", 8,
                                       "--micro-batch-size", micro, "--lora-dropout", 0, "--lr", lr,
                                       "--seed", 7), capsys)
         assert code == 0, err
-        return adapter(out), train_rows(out)[0]
+        return adapter(out), train_rows(out)
 
-    whole, whole_metrics = one_step("1x8", 8)
+    whole, whole_metrics = two_steps("1x8", 8)
     for name, micro in (("4x2", 2), ("3x3", 3)):
-        split, split_metrics = one_step(name, micro)
+        split, split_metrics = two_steps(name, micro)
         assert_adapters_close(whole, split, atol=1e-6)
-        # Adam hides a uniformly mis-scaled gradient in the adapter; the logged (pre-clip) norm does not
-        assert split_metrics["grad_norm"] == pytest.approx(whole_metrics["grad_norm"], rel=1e-4)
-        for key in ("loss", "logps/chosen", "logps/rejected", "rewards/accuracies"):
-            assert split_metrics[key] == pytest.approx(whole_metrics[key], rel=1e-5, abs=1e-6)
-    other, _ = one_step("1x8-lr", 8, lr=3e-3)
-    assert adapters_differ(whole, other, atol=1e-6)
+        for a, b in zip(whole_metrics, split_metrics, strict=True):
+            # Adam hides a uniformly mis-scaled gradient in the adapter; the logged (pre-clip) norm
+            # does not
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+            for key in ("loss", "logps/chosen", "logps/rejected", "rewards/accuracies"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6)
+    other, _ = two_steps("1x8-lr", 8, lr=3e-3)
+    lora_a = [name for name in whole if "lora_A" in name]
+    assert lora_a
+    assert adapters_differ({n: whole[n] for n in lora_a}, {n: other[n] for n in lora_a}, atol=1e-6)
 
 
 # ---------------------------------------------------------------- 5. truncation and masking
@@ -451,8 +458,9 @@ def test_resume_after_crash_matches_uninterrupted_run(model_dir, tmp_path, capsy
 
     a = full_run("a")
     assert not (a / "checkpoint-4").exists()  # the final save is not also a checkpoint
+    # 4 steps, no warm-up: 1e-3 · (1 + cos(π·s/4)) / 2
     assert ([row["lr"] for row in train_rows(a)]
-            == pytest.approx([train.lr_at(s, 4, 1, 1e-3) for s in range(4)]))
+            == pytest.approx([1e-3, 8.535533905932737e-4, 5e-4, 1.4644660940672628e-4], rel=1e-12))
 
     b = full_run("b")
     crash_after_checkpoint_2(b)
@@ -726,18 +734,23 @@ def test_lr_schedule():
     assert train.lr_at(0, 1, 0, 1.0) == 1.0  # a 1-step run trains at the peak
 
 
-@pytest.mark.parametrize("steps, warmup_ratio, warmup_steps", [(1, 0.1, 0), (3, 0.5, 1), (100, 0.29, 29)])
-def test_warmup_steps_are_rounded_down(steps, warmup_ratio, warmup_steps, model_dir, tmp_path, capsys):
-    """A run logs the lr of lr_at with ⌊warmup_ratio × steps⌋ warm-up steps: --max-steps 1 trains at the
-    peak, not half of it; 0.29 × 100 (28.999… in floats) still gives 29."""
+@pytest.mark.parametrize("steps, warmup_ratio, expected", [
+    (1, 0.1, {0: 1e-3}),
+    (3, 0.5, {0: 1e-3, 1: 7.5e-4, 2: 2.5e-4}),
+    # 29 warm-up steps: step s at (s + 1)/29 of the peak, the peak at step 28, then the cosine
+    (50, 0.58, {0: 3.4482758620689657e-05, 27: 9.655172413793104e-04, 28: 1e-3,
+                29: 9.949107209404665e-04, 49: 5.089279059533658e-06})])
+def test_warmup_steps_are_rounded_down(steps, warmup_ratio, expected, model_dir, tmp_path, capsys):
+    """A run warms up for ⌊warmup_ratio × steps⌋ steps: --max-steps 1 trains at the peak, not half
+    of it; 0.58 × 50 (28.999… in floats) still gives 29. Expected rates worked out by hand."""
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
     code, _, err = run(small_args(model_dir, dataset, tmp_path / "run", "--max-steps", steps, "--lr", 1e-3,
                                   "--warmup-ratio", warmup_ratio, "--batch-size", 1, "--micro-batch-size", 1),
                        capsys)
     assert code == 0, err
-    expected = [train.lr_at(s, steps, warmup_steps, 1e-3) for s in range(steps)]
-    assert [row["lr"] for row in train_rows(tmp_path / "run")] == pytest.approx(expected, rel=1e-12)
-    assert max(expected) == expected[max(warmup_steps - 1, 0)] == pytest.approx(1e-3)
+    lrs = [row["lr"] for row in train_rows(tmp_path / "run")]
+    assert len(lrs) == steps and max(lrs) == pytest.approx(1e-3, rel=1e-12)
+    assert {step: lrs[step] for step in expected} == pytest.approx(expected, rel=1e-12)
 
 
 # ---------------------------------------------------------------- --help
@@ -756,15 +769,17 @@ def test_help_lists_the_flag_groups(tmp_path):
 
 # ---------------------------------------------------------------- 10. the offline demo
 
-def test_offline_demo(tmp_path, capsys):
-    out = tmp_path / "demo"
-    code, stdout, err = run(["--output-dir", out], capsys)
-    assert code == 0, err
-    assert (tmp_path / "demo-model" / "config.json").is_file()  # the base model is built next to the run
+def test_offline_demo(demo_run):
+    """`python train.py` (conftest's demo_run, which test_eval evaluates too)."""
+    out, stdout = demo_run.run, demo_run.stdout
+    assert demo_run.model == out.parent / "demo-model"  # the base model is built next to the run
+    assert (demo_run.model / "config.json").is_file()
+    assert demo_run.config["model"] == str(demo_run.model)
     rows = metrics(out)
     evals = [row for row in rows if "eval/rewards/accuracies" in row]
     first, last = evals[0], evals[-1]
-    assert first["step"] == 0 and last["step"] == max(row["step"] for row in rows)
+    # 4 epochs of 32 steps
+    assert first["step"] == 0 and last["step"] == max(row["step"] for row in rows) == 128
     assert 0.3 <= first["eval/rewards/accuracies"] <= 0.7
     assert last["eval/rewards/accuracies"] >= 0.9
     assert f"held-out reward accuracy before training: {first['eval/rewards/accuracies']:.3f}" in stdout
@@ -821,7 +836,7 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(model_dir, tmp_pa
                                                             "--lora-dropout", 0, flag)])
         args.load_in_4bit = False
         torch.manual_seed(0)
-        model = modeling.prepare_model(args, "cpu", torch.float32)
+        model = randomise_lora_b(modeling.prepare_model(args, "cpu", torch.float32))
         calls = []
         # q_proj: the first op inside the checkpointed layer,
         # so recomputed even when torch stops the replay early
@@ -831,6 +846,7 @@ def test_gradient_checkpointing_recomputes_and_changes_nothing(model_dir, tmp_pa
         (rejected - chosen).sum().backward()
         assert model.training and len(calls) == (2 if checkpointing else 1)
         grads[checkpointing] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    assert all(g.abs().max() > 0 for g in grads[False])  # lora_A's too: lora_B is not zero
     for without, with_checkpointing in zip(grads[False], grads[True], strict=True):
         torch.testing.assert_close(with_checkpointing, without)
 
@@ -843,6 +859,27 @@ def test_eval_every_logs_held_out_metrics(model_dir, tmp_path, capsys):
     eval_steps = [row["step"] for row in metrics(tmp_path / "run") if "eval/rewards/accuracies" in row]
     assert eval_steps == [0, 1, 2, 3]  # before training, every step, and at the end
     assert "held-out reward accuracy before training" in out and "after training" in out
+
+
+def test_report_to_tensorboard_writes_every_metric(model_dir, tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
+    out = tmp_path / "run"
+    code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 2,
+                                  "--report-to", "tensorboard"), capsys)
+    assert code == 0, err
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    # read as soon as the run returns: nothing may be left pending
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert METRIC_KEYS <= set(events.Tags()["scalars"])
+    rows = train_rows(out)
+    for key in METRIC_KEYS:
+        written = events.Scalars(key)
+        assert [event.step for event in written] == [row["step"] for row in rows], key
+        values = [row[key] for row in rows]
+        assert [event.value for event in written] == pytest.approx(values, rel=1e-6), key
 
 
 @pytest.mark.skipif(bool(importlib.util.find_spec("tensorboard")), reason="tensorboard is installed here")

@@ -249,6 +249,8 @@ class Logger:
         if self.writer:
             for k, v in metrics.items():
                 self.writer.add_scalar(k, v, step)
+            # its thread writes every 120 s: a run that ends or is killed would lose its last steps
+            self.writer.flush()
         if self.wandb:
             self.wandb.log(metrics, step=step)
 

@@ -1,11 +1,14 @@
-"""Checkpoints a long run can trust: written whole or not at all, loaded without running any code, and
-resumed only into the run they came from. train.py's loop calls `Checkpointer.after_step` once per step.
+"""The run folder: checkpoints a long run can trust, resuming, the metrics log, and the one-line errors
+of the command lines.
 
-A run folder holds the final save at its top (adapter or model, tokenizer, training_state.pt) and the
-newest `--keep-checkpoints` folders `checkpoint-<step>/` of the same form. `--resume` continues from
-whichever of them has the highest step.
+A run folder holds the final save at its top (adapter or model, tokenizer, training_state.pt,
+run_config.json, metrics.jsonl, curves.png) and the newest `--keep-checkpoints` folders
+`checkpoint-<step>/` of the same form. Saves are written whole or not at all, loaded without running
+any code, and resumed only into the run they came from: `--resume` continues from the highest step.
 """
+import argparse
 import json
+import math
 import os
 import pickle
 import random
@@ -19,95 +22,20 @@ from pathlib import Path
 import torch
 
 import parallel
-from modeling import UsageError
 
-# Settings that change what the finished steps meant: a resume may not change them. Every other setting
-# (--max-steps, --epochs, --lr schedule, --eval-every, --save-every, --report-to, ...) only changes what
+# Settings that change what the finished steps meant: a resume may not change them. Every other
+# setting (--max-steps, --epochs, the lr schedule, --eval-every, --report-to, ...) only changes what
 # comes next, and is allowed.
-FIXED_BY_THE_RUN = ("model", "full", "load_in_4bit", "lora_r", "lora_alpha", "lora_target", "chat_template",
-                    "dataset", "split", "eval_split", "eval_fraction", "max_length", "max_prompt_length",
-                    "data_fingerprint", "beta", "gamma", "sft_weight", "no_length_normalization",
-                    "batch_size", "seed", "world_size")
-CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # exactly this: a "checkpoint-2-backup" folder is not one
+FIXED_BY_THE_RUN = ("model", "full", "load_in_4bit", "lora_r", "lora_alpha", "lora_target",
+                    "chat_template", "dataset", "split", "eval_split", "eval_fraction", "max_length",
+                    "max_prompt_length", "data_fingerprint", "beta", "gamma", "sft_weight",
+                    "no_length_normalization", "batch_size", "seed", "world_size")
+# exactly this: a "checkpoint-2-backup" folder is not one
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
-def resume_conflicts(saved, current):
-    """The settings of `current` that differ from the run's `saved` ones and may not change on resume."""
-    def same(key):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, float) or isinstance(b, float):
-            return a is not None and b is not None and abs(a - b) <= 1e-9 * max(1.0, abs(a))
-        return a == b
-    described = {"data_fingerprint": "training pairs with fingerprint {} (the run's: {})",
-                 "world_size": "{} processes where the run had {} (resume with as many)"}
-    return [described.get(key, f"--{key.replace('_', '-')} {{}} (the run used {{}})").format(
-        current.get(key), saved.get(key))
-        for key in FIXED_BY_THE_RUN if key in current and key in saved and not same(key)]
-
-
-def saved_steps(run_dir):
-    """{step: folder} of every complete save in `run_dir`: the final one and each checkpoint-<step>."""
-    found = {}
-    for folder in [Path(run_dir), *Path(run_dir).glob("checkpoint-*")]:
-        marker = folder / "checkpoint.json"  # written last: its presence means the save is complete
-        if (folder == Path(run_dir) or CHECKPOINT.fullmatch(folder.name)) and marker.is_file():
-            found[json.loads(marker.read_text())["step"]] = folder
-    return found
-
-
-def training_state(model, optimizer, step):
-    """Everything `--resume` needs to continue exactly: tensors, numbers and strings only. The RNG states
-    of every process (dropout masks are drawn per process): all processes must call this together."""
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    return {"step": step, "optimizer": optimizer.state_dict(), "rng": parallel.objects(rng),
-            "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}}
-
-
-def write(model, tokenizer, folder, state):
-    """Adapter (or model) in the usual format, the tokenizer, and the training state, into `folder`."""
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    # transformers 5 leaves `legacy` out of the saved tokenizer_config.json; reloaded without it, a
-    # SentencePiece tokenizer (Mistral, Llama-2) puts "▁" before text after a special token ("<s>[INST]"),
-    # so the copy would tokenize differently from the model's own tokenizer.
-    if getattr(tokenizer, "legacy", None) is not None:
-        config_file = Path(folder) / "tokenizer_config.json"
-        config = json.loads(config_file.read_text())
-        config_file.write_text(json.dumps({**config, "legacy": tokenizer.legacy}, indent=2,
-                                          ensure_ascii=False))
-    torch.save(state, Path(folder) / "training_state.pt")
-    (Path(folder) / "checkpoint.json").write_text(json.dumps({"step": state["step"]}))
-
-
-def save_final(model, tokenizer, run_dir, state):
-    """The final save goes to the run folder itself, where eval.py and PeftModel look for it. Its marker is
-    removed first, so a crash halfway leaves a folder that --resume does not trust (it takes the newest
-    checkpoint instead)."""
-    (Path(run_dir) / "checkpoint.json").unlink(missing_ok=True)
-    write(model, tokenizer, run_dir, state)
-
-
-def restore(model, optimizer, folder):
-    """Load a save written by `write` into model and optimizer; returns its step. `weights_only=True`: a
-    state file that holds anything but tensors and plain values (a planted pickle) is refused, never run."""
-    try:
-        state = torch.load(Path(folder) / "training_state.pt", weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"--resume: {folder}/training_state.pt cannot be loaded safely, refusing it: "
-                         f"{reason[:200]}") from None
-    # strict=False: frozen weights are not in the state
-    if model.load_state_dict(state["trainable"], strict=False).unexpected_keys:
-        raise UsageError(f"--resume {folder}: the checkpoint does not fit this model "
-                         f"(other --lora-target or --full?)")
-    optimizer.load_state_dict(state["optimizer"])
-    rng = state["rng"][parallel.rank()]  # this process's own (a resume keeps the world size)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return state["step"]
+class UsageError(ValueError):
+    """A bad flag, or an output folder in the way: one line, exit code 2."""
 
 
 class StopRequested(Exception):
@@ -118,66 +46,236 @@ class StopRequested(Exception):
         self.exit_code = exit_code
 
 
-class Checkpointer:
-    """Saves every `save_every` steps, every `save_minutes` minutes, and when SIGTERM (preemption) or
-    SIGINT (Ctrl-C) arrives: the signal only sets a flag, the current optimizer step finishes, then a
-    checkpoint is written and the run stops. Use as a context manager around the loop."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with defaults, except None and False (off, or decided at run time)."""
 
-    def __init__(self, model, tokenizer, optimizer, run_dir, save_every=0, save_minutes=0.0, keep=2):
-        self.model, self.tokenizer, self.optimizer, self.run_dir = model, tokenizer, optimizer, Path(run_dir)
-        self.save_every, self.save_seconds, self.keep = save_every, 60 * save_minutes, keep
-        self.signal, self.last_save = None, time.monotonic()
-        for leftover in self.run_dir.glob(".tmp-checkpoint-*") if parallel.rank() == 0 else []:
-            shutil.rmtree(leftover)  # what a crash while saving left behind
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with --help showing defaults, and a bad flag as one line (UsageError), not usage."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def names(text):
+    """--lora-target: "all-linear", or module names separated by commas ("q_proj, v_proj")."""
+    if text == "all-linear":
+        return text
+    listed = [name.strip() for name in text.split(",") if name.strip()]
+    if not listed:
+        raise argparse.ArgumentTypeError(f"names no module: {text!r}")
+    return ",".join(listed)
+
+
+def checked(rule, test):
+    """An argparse `type=` that reads a number and refuses one that fails `test` (NaN fails all)."""
+    def read(text):
+        value = (int if rule.startswith("a whole") else float)(text)
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, not {text}")
+        return value
+    read.__name__ = rule
+    return read
+
+
+positive_int = checked("a whole number >= 1", lambda v: v >= 1)
+count = checked("a whole number >= 0", lambda v: v >= 0)
+positive = checked("a number > 0", lambda v: math.isfinite(v) and v > 0)
+non_negative = checked("a number >= 0", lambda v: math.isfinite(v) and v >= 0)
+unit_interval = checked("in [0, 1)", lambda v: 0 <= v < 1)
+
+
+class StopFlag:
+    """SIGINT (Ctrl-C) and SIGTERM (preemption) only set a flag while in use as a context manager: the
+    work in progress finishes first. A second Ctrl-C changes nothing."""
+
+    def __init__(self, announce):
+        self.announce = announce
+        self.signal = None
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        signals = (signal.SIGINT, signal.SIGTERM)
+        self.previous = {s: signal.signal(s, self._set) for s in signals}
         return self
 
     def __exit__(self, *_):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
-    def _request_stop(self, signum, _frame):
-        if self.signal is None and parallel.rank() == 0:  # a second Ctrl-C changes nothing
-            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint",
-                  file=sys.stderr, flush=True)
+    def _set(self, signum, _frame):
+        if self.signal is None and parallel.rank() == 0:
+            print(f"\n{signal.Signals(signum).name}: {self.announce}", file=sys.stderr, flush=True)
         self.signal = signum
 
+
+# ---------------------------------------------------------------- resuming
+
+def resume_settings(run_dir, gamma_given):
+    """The run's saved settings, and the defaults a resume parses its command line with."""
+    config_file = Path(run_dir) / "run_config.json"
+    if not config_file.is_file():
+        raise UsageError(f"--resume {run_dir}: no run_config.json there")
+    if not saved_steps(run_dir):
+        raise UsageError(f"--resume {run_dir}: no checkpoint there (the run stopped before its "
+                         f"first one): start it again with --overwrite")
+    saved = json.loads(config_file.read_text())
+    # Running a model's own code is never read from a file: a run folder could name any model.
+    defaults = {k: v for k, v in saved.items() if k != "trust_remote_code"}
+    # γ given again replaces the saved one; a saved ratio recomputes γ, in case β changes
+    if gamma_given or saved.get("gamma_beta_ratio") is not None:
+        defaults["gamma"] = None
+    if gamma_given:
+        defaults["gamma_beta_ratio"] = None
+    return saved, defaults
+
+
+def resume_conflicts(saved, current):
+    """The settings of `current` that differ from the run's `saved` ones and may not change."""
+    def same(key):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, float) or isinstance(b, float):
+            return a is not None and b is not None and abs(a - b) <= 1e-9 * max(1.0, abs(a))
+        return a == b
+    described = {"data_fingerprint": "training pairs with fingerprint {} (the run's: {})",
+                 "world_size": "{} processes where the run had {} (resume with as many)"}
+    return [described.get(key, f"--{key.replace('_', '-')} {{}} (the run used {{}})").format(
+            current.get(key), saved.get(key))
+            for key in FIXED_BY_THE_RUN if key in current and key in saved and not same(key)]
+
+
+def saved_steps(run_dir):
+    """{step: folder} of every complete save in `run_dir`: the final one and each checkpoint-<step>.
+    A save is complete when its checkpoint.json, written last, is there."""
+    found = {}
+    for folder in [Path(run_dir), *Path(run_dir).glob("checkpoint-*")]:
+        marker = folder / "checkpoint.json"
+        if (folder == Path(run_dir) or CHECKPOINT.fullmatch(folder.name)) and marker.is_file():
+            found[json.loads(marker.read_text())["step"]] = folder
+    return found
+
+
+def training_state(model, optimizer, step):
+    """Everything `--resume` needs to continue exactly: tensors, numbers and strings only. The RNG
+    states of every process (dropout masks are drawn per process): all processes call this together."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    return {"step": step, "optimizer": optimizer.state_dict(), "rng": parallel.objects(rng),
+            "trainable": trainable}
+
+
+def write(model, tokenizer, folder, state):
+    """Adapter (or model) in the usual format, the tokenizer, and the training state, into `folder`."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    # transformers 5 leaves `legacy` out of the saved tokenizer_config.json; reloaded without it, a
+    # SentencePiece tokenizer (Mistral, Llama-2) puts "▁" before text after a special token, so the
+    # copy would tokenize differently from the model's own tokenizer.
+    if getattr(tokenizer, "legacy", None) is not None:
+        config_file = Path(folder) / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) | {"legacy": tokenizer.legacy}
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    torch.save(state, Path(folder) / "training_state.pt")
+    (Path(folder) / "checkpoint.json").write_text(json.dumps({"step": state["step"]}))
+
+
+def save_final(model, tokenizer, run_dir, state):
+    """The final save goes to the run folder itself, where eval.py and PeftModel look for it. Its
+    marker is removed first, so a crash halfway leaves a folder that --resume does not trust."""
+    (Path(run_dir) / "checkpoint.json").unlink(missing_ok=True)
+    write(model, tokenizer, run_dir, state)
+
+
+def restore(model, optimizer, folder):
+    """Load a save written by `write`; returns its step. `weights_only=True`: a state file that holds
+    anything but tensors and plain values (a planted pickle) is refused, never run."""
+    try:
+        state = torch.load(Path(folder) / "training_state.pt", weights_only=True,
+                           map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(f"--resume: {folder}/training_state.pt cannot be loaded safely, refusing "
+                         f"it: {reason[:200]}") from None
+    # strict=False: frozen weights are not in the state
+    if model.load_state_dict(state["trainable"], strict=False).unexpected_keys:
+        raise UsageError(f"--resume {folder}: the checkpoint does not fit this model "
+                         f"(other --lora-target or --full?)")
+    optimizer.load_state_dict(state["optimizer"])
+    # this process's own (a resume keeps the world size)
+    rng = state["rng"][parallel.rank()]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    print(f"resuming from {folder} (step {state['step']})")
+    return state["step"]
+
+
+class Checkpointer(StopFlag):
+    """Saves every `save_every` steps, every `save_minutes` minutes, and on SIGTERM or Ctrl-C: the
+    signal only sets a flag, the optimizer step finishes, then a checkpoint is written and the run
+    stops. Use as a context manager around the loop."""
+
+    def __init__(self, model, tokenizer, optimizer, run_dir, save_every=0, save_minutes=0.0, keep=2):
+        super().__init__("finishing this step, then saving a checkpoint")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.optimizer = optimizer
+        self.run_dir = Path(run_dir)
+        self.save_every = save_every
+        self.save_seconds = 60 * save_minutes
+        self.keep = keep
+        self.last_save = time.monotonic()
+        # what a crash while saving left behind
+        for leftover in self.run_dir.glob(".tmp-checkpoint-*") if parallel.rank() == 0 else []:
+            shutil.rmtree(leftover)
+
     def after_step(self, step, last_step):
-        """Call after each optimizer step (1-based `step`), in every process; raises StopRequested after
-        a signal."""
-        due = (self.save_every and step % self.save_every == 0) or \
-            (self.save_seconds and time.monotonic() - self.last_save >= self.save_seconds)
+        """After each optimizer step (1-based), in every process; raises StopRequested on a signal."""
+        clock = self.save_seconds and time.monotonic() - self.last_save >= self.save_seconds
+        due = bool((self.save_every and step % self.save_every == 0) or clock) and step < last_step
         # Processes see the clock and the signal at slightly different moments: all act on the first.
-        due, signum = parallel.agree(int(bool(due) and step < last_step), self.signal or 0)
+        due, signum = parallel.agree(int(due), self.signal or 0)
         # A signal that lands after the flags were read stays set for the next step: never lost.
         self.signal = signum or self.signal
-        if step == last_step:  # the final save comes next anyway
+        # the final save comes next anyway
+        if step == last_step:
             return
         if due or signum:
             self.save(step)
         if signum:
             world = parallel.world_size()
             launch = f"torchrun --nproc-per-node {world}" if world > 1 else "python"
-            raise StopRequested(f"{signal.Signals(signum).name} after step {step}: checkpoint saved; resume "
-                                f"with: {launch} train.py --resume {self.run_dir}", 128 + signum)
+            raise StopRequested(f"{signal.Signals(signum).name} after step {step}: checkpoint saved; "
+                                f"resume with: {launch} train.py --resume {self.run_dir}",
+                                128 + signum)
 
     def save(self, step):
         """checkpoint-<step>/, written to a temporary folder and renamed into place, so a crash while
         saving leaves the previous checkpoints as they were; then only the newest `keep` are kept."""
-        state = training_state(self.model, self.optimizer, step)  # in every process; one writes
-        self.last_save = time.monotonic()  # the clock restarts when the checkpoint starts
+        # in every process (RNG states); one writes. The clock restarts when the checkpoint starts.
+        state = training_state(self.model, self.optimizer, step)
+        self.last_save = time.monotonic()
         if parallel.rank() != 0:
             return
-        final, temporary = self.run_dir / f"checkpoint-{step}", self.run_dir / f".tmp-checkpoint-{step}"
+        final = self.run_dir / f"checkpoint-{step}"
+        temporary = self.run_dir / f".tmp-checkpoint-{step}"
         shutil.rmtree(temporary, ignore_errors=True)
         write(self.model, self.tokenizer, temporary, state)
-        if final.exists():  # the same step saved again after a resume
+        # the same step saved again after a resume
+        if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
-        checkpoints = sorted((s, f) for s, f in saved_steps(self.run_dir).items() if f != self.run_dir)
-        for _, old in checkpoints[:-self.keep]:
+        saves = sorted((s, f) for s, f in saved_steps(self.run_dir).items() if f != self.run_dir)
+        for _, old in saves[:-self.keep]:
             shutil.rmtree(old)
 
 
@@ -193,13 +291,15 @@ def prepare_output_dir(args, inputs):
     if not args.overwrite:
         raise UsageError(f"--output-dir {out} is not empty: pass --overwrite to replace it, "
                          f"or --resume {out}")
-    if not (out / "run_config.json").is_file():  # never empty a folder train.py did not make (., ~, ...)
-        raise UsageError(f"--output-dir {out} holds no earlier run (no run_config.json): --overwrite only "
-                         f"replaces a run folder; pick an empty or new --output-dir")
-    for path in inputs:  # --overwrite deletes the whole folder: it must not hold what this run reads
+    # never empty a folder train.py did not make (., ~, ...)
+    if not (out / "run_config.json").is_file():
+        raise UsageError(f"--output-dir {out} holds no earlier run (no run_config.json): "
+                         f"--overwrite only replaces a run folder; pick an empty or new --output-dir")
+    # --overwrite deletes the whole folder: it must not hold what this run reads
+    for path in inputs:
         if path and Path(path).exists() and Path(path).resolve().is_relative_to(out.resolve()):
-            raise UsageError(f"--output-dir {out} holds {path}, an input of this run: --overwrite would "
-                             f"delete it; pick another --output-dir")
+            raise UsageError(f"--output-dir {out} holds {path}, an input of this run: --overwrite "
+                             f"would delete it; pick another --output-dir")
 
 
 def make_output_dir(args):
@@ -207,7 +307,8 @@ def make_output_dir(args):
     second: mkdir without exist_ok either creates the folder or fails, so two runs never share one."""
     if args.output_dir is not None:
         out = Path(args.output_dir)
-        if args.overwrite and not args.resume:  # checked in prepare_output_dir: a run folder, no inputs
+        # prepare_output_dir checked it: a run folder holding no input
+        if args.overwrite and not args.resume:
             shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
         return out
@@ -220,3 +321,84 @@ def make_output_dir(args):
         except FileExistsError:
             continue
     raise UsageError(f"cannot create a new folder {stamp}-N: pass --output-dir")
+
+
+# ---------------------------------------------------------------- the metrics log
+
+def json_step(line):
+    """The step of a metrics.jsonl line, or None for a line that a crash cut short."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+class Logger:
+    """metrics.jsonl, plus tensorboard or wandb when asked for; silent in all processes but the
+    first. A resume drops what a crash left past the checkpoint, and a line it tore in half."""
+
+    def __init__(self, out, report_to, config, start_step, active=True):
+        self.path = out / "metrics.jsonl"
+        self.active = active
+        self.writer = None
+        self.wandb = None
+        if not active:
+            return
+        old = self.path.read_text().splitlines() if self.path.exists() else []
+        kept = [line for line in old if json_step(line) is not None and json_step(line) <= start_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+        elif report_to == "wandb":
+            import wandb
+            self.wandb = wandb.init(project="simpo", config=config, dir=str(out))
+
+    def log(self, step, metrics):
+        if not self.active:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, step)
+            # its thread writes every 120 s: a run that ends or is killed would lose its last steps
+            self.writer.flush()
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+
+
+def smooth(values, weight=0.8):
+    """An exponential moving average, debiased at the start (as TensorBoard's smoothing)."""
+    average, smoothed = 0.0, []
+    for n, value in enumerate(values, 1):
+        average = weight * average + (1 - weight) * value
+        smoothed.append(average / (1 - weight ** n))
+    return smoothed
+
+
+def plot_curves(out):
+    """curves.png: the training curves raw and smoothed, held-out points, and generation health."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = ["loss", "rewards/accuracies", "rewards/margins"]
+    keys += [k for k in ("health/policy/rep4", "health/policy/ended") if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.5))
+    for ax, key in zip(axes, keys, strict=True):
+        steps = [r["step"] for r in rows if key in r]
+        values = [r[key] for r in rows if key in r]
+        if key.startswith("health"):
+            ax.plot(steps, values, "o-", label="policy samples")
+        elif values:
+            ax.plot(steps, values, "-", alpha=0.3, label="train")
+            ax.plot(steps, smooth(values), "-", color="C0", label="train, smoothed")
+        points = [(r["step"], r["eval/" + key]) for r in rows if "eval/" + key in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), "o--", label="held-out")
+        ax.set(title=key, xlabel="step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)

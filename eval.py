@@ -16,16 +16,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import data
+import checkpoints
 import judge
 import modeling
+import packing
+import preferences
 import simpo
-from modeling import UsageError
+from checkpoints import UsageError, non_negative, positive, positive_int
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=modeling.HelpFormatter,
-                                epilog="eval.py runs in one process, also on runs trained with torchrun.")
+    p = checkpoints.Parser(description=__doc__.split("\n\n")[0],
+                           epilog="eval.py runs in one process, also on runs trained with torchrun.")
     p.add_argument("--adapter", required=True,
                    help="run folder or checkpoint (LoRA), or a fully fine-tuned model folder")
     p.add_argument("--model", help="the base SFT model (default: the run's --model)")
@@ -33,21 +35,26 @@ def parse_args(argv=None):
                    help="base model of a full fine-tuning run (default: --model); LoRA runs need none")
     p.add_argument("--dataset", help="default: the run's")
     p.add_argument("--split", help="evaluate this whole split (default: the run's held-out pairs)")
-    p.add_argument("--beta", type=float, default=2.0, help="for reward margins, unless the run set it")
-    p.add_argument("--gamma", type=float, default=0.5, help="target margin γ, unless the run set it")
-    p.add_argument("--max-length", type=int, default=2048,
+    p.add_argument("--beta", type=positive, default=2.0,
+                   help="for reward margins, unless the run set it")
+    p.add_argument("--gamma", type=non_negative, default=0.5,
+                   help="target margin γ, unless the run set it")
+    p.add_argument("--max-length", type=positive_int, default=2048,
                    help="prompt + response tokens, unless the run set it")
-    p.add_argument("--max-prompt-length", type=int, default=1800, help="unless the run set it")
+    p.add_argument("--max-prompt-length", type=positive_int, default=1800,
+                   help="unless the run set it")
     p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
                    help="default: the run's")
-    p.add_argument("--batch-size", type=int, default=4, help="pairs per forward pass")
-    p.add_argument("--chunk-size", type=int, default=1024, help="response tokens per KL chunk")
-    p.add_argument("--generate", type=int, default=0, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=4, help="pairs per forward pass")
+    p.add_argument("--chunk-size", type=positive_int, default=1024,
+                   help="response tokens per KL chunk")
+    p.add_argument("--generate", type=checkpoints.count, default=0, metavar="N",
                    help="also sample N held-out prompts from policy and base")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="with --generate")
-    # Temperature 1 and no top-p: the sequence-level KL estimate is only unbiased on samples from π itself.
-    p.add_argument("--temperature", type=float, default=1.0, help="with --generate")
-    p.add_argument("--top-p", type=float, default=1.0, help="with --generate")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="with --generate")
+    # Temperature 1 and no top-p: the sequence-level KL estimate is unbiased only on samples from π.
+    p.add_argument("--temperature", type=positive, default=1.0, help="with --generate")
+    p.add_argument("--top-p", type=checkpoints.checked("in (0, 1]", lambda v: 0 < v <= 1), default=1.0,
+                   help="with --generate")
     p.add_argument("--seed", type=int, default=0, help="which prompts --generate samples, and how")
     p.add_argument("--judge", metavar="RM", help="with --generate: a reward model judges samples")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -71,10 +78,9 @@ def parse_args(argv=None):
         raise UsageError(f"no run_config.json next to {adapter}: pass --model")
     if args.dataset is None:
         raise UsageError(f"no run_config.json next to {adapter}: pass --dataset")
-    modeling.check_beta_gamma(args.beta, args.gamma)
-    modeling.require_positive(args, "batch_size", "chunk_size", "max_new_tokens")
-    if args.generate < 0 or not args.temperature > 0 or not 0 < args.top_p <= 1:  # NaN fails these too
-        raise UsageError("--generate must be >= 0, --temperature > 0 and --top-p in (0, 1]")
+    if args.max_prompt_length > args.max_length:
+        raise UsageError(f"--max-prompt-length {args.max_prompt_length} exceeds --max-length "
+                         f"{args.max_length}")
     if args.judge and args.generate < 2:
         raise UsageError("--judge compares sampled answers: pass --generate N, N >= 2")
     return args
@@ -118,7 +124,7 @@ def token_kl(policy_hidden, base_hidden, policy_head, base_head, labels, chunk_s
     policy_hidden, base_hidden: (B, T, H); *_head: keyword arguments of simpo.project_logits; labels: (B, T).
     Holds only (chunk_size, V) logits of each model at a time. Returns (kl sums (B,), response tokens (B,)).
     """
-    mask = labels[:, 1:] != data.IGNORE_INDEX
+    mask = labels[:, 1:] != packing.IGNORE_INDEX
     policy_hidden, base_hidden = policy_hidden[:, :-1][mask], base_hidden[:, :-1][mask]  # (N, H)
     kl = [torch.zeros(0, device=labels.device)]
     for i in range(0, len(policy_hidden), chunk_size):
@@ -137,7 +143,7 @@ def kl_to_base(policy, base_model, examples, pad_id, batch_size, chunk_size):
     device = next(policy.parameters()).device
     kl_sums, token_counts = torch.zeros(2, device=device), torch.zeros(2, device=device)  # [chosen, rejected]
     for i in tqdm(range(0, len(examples), batch_size), desc="KL", leave=False):
-        batch = {k: v.to(device) for k, v in data.collate(examples[i:i + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in packing.padded_rows(examples[i:i + batch_size], pad_id).items()}
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             policy_hidden, policy_head = modeling.final_hidden(policy, batch)
             with base_model() as base:
@@ -163,7 +169,7 @@ def generate(policy, base_model, tokenizer, examples, args):
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))
     prompt_indices = order[:args.generate]
     for i in tqdm(prompt_indices.tolist(), desc="generating", leave=False):
-        prompt = torch.tensor([data.generation_prompt(examples[i])], device=device)
+        prompt = torch.tensor([preferences.generation_prompt(examples[i])], device=device)
         sample = {"row": int(examples.rows[i]), "prompt": tokenizer.decode(prompt[0])}
         for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
             with context as model:
@@ -178,7 +184,7 @@ def generate(policy, base_model, tokenizer, examples, args):
             ids = ids[:ends[0] + 1] if ends else ids  # up to and including the first stop token
             sample |= {name: tokenizer.decode(ids, skip_special_tokens=True), f"{name}_tokens": len(ids),
                        f"{name}_ids": ids}
-        labels = [data.IGNORE_INDEX] * prompt.shape[1] + sample["policy_ids"]
+        labels = [packing.IGNORE_INDEX] * prompt.shape[1] + sample["policy_ids"]
         batch = {"input_ids": torch.tensor([prompt[0].tolist() + sample["policy_ids"]], device=device)}
         batch |= {"attention_mask": torch.ones_like(batch["input_ids"]),
                   "labels": torch.tensor([labels], device=device)}
@@ -233,12 +239,12 @@ def evaluate(args):
               f"scoring with the run's")
         tokenizer.chat_template = trained_with
     split, fraction, scored, training = pairs_to_score(args)
-    train_part, held_out, summary = data.load_examples(tokenizer, args.dataset, split, None, fraction,
+    train_part, held_out, summary = preferences.load_examples(tokenizer, args.dataset, split, None, fraction,
                                                        args.run.get("seed", 0), args.max_length,
                                                        args.max_prompt_length)
     part, examples = ("held-out", held_out) if fraction else ("train", train_part)
     if not examples:
-        raise data.DataError(f"{args.dataset}: no pairs to evaluate in split {split!r}")
+        raise preferences.DataError(f"{args.dataset}: no pairs to evaluate in split {split!r}")
     policy, base_model = load_policy_and_base(args, device, dtype)
     packed, layout = modeling.choose_layout(policy, args.max_length)
     print(layout)
@@ -250,8 +256,8 @@ def evaluate(args):
     pad_id = tokenizer.pad_token_id
     for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
         with context as model:
-            logps = modeling.pair_logps(model, examples, pad_id, args.batch_size, average, f"scoring {name}",
-                                        packed)
+            logps = modeling.pair_logps(model, examples, pad_id, args.batch_size, packed, average,
+                                        f"scoring {name}")
         report[name] = modeling.reward_metrics(*logps, args.beta, args.gamma)
     report |= kl_to_base(policy, base_model, examples, pad_id, args.batch_size, args.chunk_size)
     if args.generate:
@@ -297,7 +303,7 @@ def print_report(report, args):
 def main(argv=None):
     try:
         evaluate(parse_args(argv))
-    except (data.DataError, UsageError) as error:
+    except (preferences.DataError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

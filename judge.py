@@ -25,8 +25,9 @@ model with its own output type (ArmoRM's `output.score`) runs its code only with
 import torch
 from jinja2 import TemplateError
 
-import data
-from modeling import UsageError
+import modeling
+import preferences
+from checkpoints import UsageError
 
 # on φ only: an unpenalised θ makes LC equal the win rate when all lengths are equal
 RIDGE = 1e-2
@@ -36,21 +37,14 @@ def load(name, load_in_4bit=False, dtype=torch.float32, device="cpu", trust_remo
          flag="--judge"):
     """The reward model, in eval mode (in nf4 with `load_in_4bit`, as modeling.load_model), and its
     tokenizer. `flag` names it in error messages."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=dtype) if load_in_4bit else None
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            name, dtype=dtype, quantization_config=quantization, device_map={"": device},
-            trust_remote_code=trust_remote_code, output_loading_info=True)
+            name, dtype=dtype, quantization_config=modeling.quantization(load_in_4bit, dtype),
+            device_map={"": device}, trust_remote_code=trust_remote_code, output_loading_info=True)
     except (OSError, ValueError) as error:
-        if "trust_remote_code" in str(error):
-            raise UsageError(f"{flag} {name} ships its own Python code, which runs only with "
-                             f"--trust-remote-code (pass it only for a model whose source you "
-                             f"trust)") from None
-        raise UsageError(f"{flag} {name}: {str(error).strip().splitlines()[0]}") from None
+        raise modeling.refused_remote_code(flag, name, error) from None
     # A causal LM loads too, with a random head in place of the missing one
     if info["missing_keys"]:
         raise UsageError(f"{flag} {name} is not a reward model: it has no trained "
@@ -135,7 +129,7 @@ def judge_samples(args, samples, split, device, dtype):
     the sample, for samples.jsonl), compared. sample["row"] is the prompt's row in `split` of
     args.dataset: the reward model reads the prompt as messages, not as the policy's template wrote
     it."""
-    pairs = data.read_pairs(args.dataset, split)
+    pairs = preferences.read_pairs(args.dataset, split)
     model, tokenizer = load(args.judge, args.load_in_4bit, dtype, device, args.trust_remote_code)
     conversations = [pairs[sample["row"]].prompt + [{"role": "assistant", "content": sample[name]}]
                      for name in ("policy", "base") for sample in samples]  # [policy..., base...]

@@ -40,12 +40,12 @@ import torch
 from tqdm import tqdm
 
 import checkpoints
-import data
 import judge
 import modeling
-from modeling import UsageError
+import preferences
+from checkpoints import UsageError
 
-# A reply, so that data.py cuts the prompt out of a templated conversation as it does for training
+# A reply, so that preferences.py cuts the prompt out of a templated conversation as it does for training
 PLACEHOLDER = {"role": "assistant", "content": "placeholder"}
 # What decides the answers and the pairs: a re-run in the same folder must keep these
 FIXED = ("model", "prompts", "split", "reward_model", "samples", "temperature", "top_p",
@@ -54,8 +54,7 @@ FIXED = ("model", "prompts", "split", "reward_model", "samples", "temperature", 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=modeling.HelpFormatter)
+    p = checkpoints.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the SFT model to sample from: folder or hub id")
     p.add_argument("--prompts", required=True, help="a dataset of prompts: file, folder or hub id")
     p.add_argument("--split", default="train", help="the split of --prompts")
@@ -93,13 +92,13 @@ def parse_args(argv=None):
 def read_prompts(dataset, split):
     """(messages, where) of each distinct prompt, in file order."""
     prompts = {}
-    for i, row in enumerate(data.load_rows(dataset, split)):
+    for i, row in enumerate(preferences.load_rows(dataset, split)):
         if not isinstance(row.get("chosen"), list):  # a `prompt` of its own, text or messages
             row = {"prompt": row.get("prompt"), "chosen": [PLACEHOLDER], "rejected": [PLACEHOLDER]}
-        messages = data.to_pair(row, f"{dataset}: row {i + 1}").prompt
+        messages = preferences.to_pair(row, f"{dataset}: row {i + 1}").prompt
         prompts.setdefault(json.dumps(messages), f"{dataset}: row {i + 1}")
     if not prompts:
-        raise data.DataError(f"{dataset}: split {split!r} has no rows")
+        raise preferences.DataError(f"{dataset}: split {split!r} has no rows")
     return [(json.loads(key), where) for key, where in prompts.items()]
 
 
@@ -128,26 +127,6 @@ def resume(out, args, prompts):
             raise UsageError(f"{log}: line {n + 1} is not prompt {n + 1} of {args.prompts}: the "
                              f"prompts changed; pass another --out")
     return len(lines)
-
-
-class StopFlag:
-    """SIGINT and SIGTERM set a flag instead of stopping: the batch in progress finishes first."""
-
-    def __enter__(self):
-        self.signal = None
-        self.previous = {s: signal.signal(s, self._set) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *_):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _set(self, signum, _frame):
-        if self.signal is None:  # a second Ctrl-C changes nothing
-            name = signal.Signals(signum).name
-            print(f"\n{name}: finishing this batch of prompts, then stopping", file=sys.stderr,
-                  flush=True)
-        self.signal = signum
 
 
 @torch.no_grad()
@@ -222,7 +201,7 @@ def sample_all(args, out, prompts, prompt_ids, done, tokenizer):
     test = set(random.Random(args.seed).sample(range(len(prompts)), count))
     started, tokens = time.monotonic(), 0
     bar = tqdm(total=len(prompts), initial=done, desc="prompts", unit="prompt")
-    with open(out / "samples.jsonl", "a") as log, StopFlag() as stop_flag, bar:
+    with open(out / "samples.jsonl", "a") as log, checkpoints.StopFlag("finishing this batch of prompts, then stopping") as stop_flag, bar:
         for start in range(done, len(prompts), args.batch_size):
             batch = range(start, min(start + args.batch_size, len(prompts)))
             answers = sample(model, config, stop, [prompt_ids[i] for i in batch], args.samples,
@@ -275,10 +254,10 @@ def build(args):
     if tokenizer.chat_template is None:
         raise UsageError(f"--model {args.model}: its tokenizer has no chat template "
                          f"(pass --chat-template)")
-    pairs = [data.Pair(messages, PLACEHOLDER, PLACEHOLDER, True, where)
+    pairs = [preferences.Pair(messages, PLACEHOLDER, PLACEHOLDER, True, where)
              for messages, where in prompts]
-    end = data.end_of_turn(tokenizer)
-    prompt_ids = [ids for ids, *_ in data._token_ids(tokenizer, pairs, end)]
+    end = preferences.end_of_turn(tokenizer)
+    prompt_ids = [ids for ids, *_ in preferences._token_ids(tokenizer, pairs, end)]
     done = resume(out, args, prompts)
     if done:
         print(f"{out / 'samples.jsonl'} holds {done} of {len(prompts)} prompts: continuing")
@@ -296,7 +275,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     try:
         build(parse_args(argv))
-    except (data.DataError, UsageError) as error:
+    except (preferences.DataError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except checkpoints.StopRequested as stop:

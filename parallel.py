@@ -38,11 +38,24 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def shard(items):
+    """This process's contiguous slice of `items`: the slices of ranks 0, 1, ... in order are the
+    whole list in order, so the gathered per-item numbers are those of a single process."""
+    bounds = [len(items) * r // world_size() for r in range(world_size() + 1)]
+    return items[bounds[rank()]:bounds[rank() + 1]]
+
+
 def share(pairs):
-    """This process's contiguous slice of a step's pairs: the slices of ranks 0, 1, ... in order are the
-    whole step in order, so the gathered per-pair numbers are those of a single process."""
-    bounds = [len(pairs) * r // world_size() for r in range(world_size() + 1)]
-    return pairs[bounds[rank()]:bounds[rank() + 1]]
+    """This process's pairs of an optimizer step, and the weight of each in the step's mean loss:
+    world/pairs, since DDP averages over the world. A process whose slice of a short last step is
+    empty must still join the all-reduce: it runs one pair of weight 0 (read_step counts it nowhere)."""
+    mine = shard(pairs)
+    return (mine, world_size() / len(pairs)) if mine else (pairs[:1], 0.0)
+
+
+def launched_world_size():
+    """The processes torchrun started (before they join a group)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def gather(values):

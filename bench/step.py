@@ -38,6 +38,8 @@ import torch
 # The project's modules, from any working directory: imported after this line (hence noqa E402).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import modeling  # noqa: E402
+import packing  # noqa: E402
+import preferences  # noqa: E402
 import train  # noqa: E402
 
 SHAPES = {
@@ -63,9 +65,8 @@ def load_lengths(path):
 
 def make_lengths(dataset, tokenizer_dir, path, max_length=2048, max_prompt_length=1800):
     """Tokenize a dataset as train.py does and write its pair lengths (no text) to `path`."""
-    import data
     tokenizer = modeling.load_tokenizer(tokenizer_dir)
-    examples = data.load_examples(tokenizer, dataset, "train", max_length=max_length,
+    examples = preferences.load_examples(tokenizer, dataset, "train", max_length=max_length,
                                   max_prompt_length=max_prompt_length)[0]
     lengths = [[len(e["prompt"]), len(e["chosen"]), len(e["rejected"])] for e in examples]
     about = dict(dataset=Path(dataset).name, tokenizer=Path(tokenizer_dir).name, max_length=max_length,
@@ -75,25 +76,25 @@ def make_lengths(dataset, tokenizer_dir, path, max_length=2048, max_prompt_lengt
     return lengths
 
 
-def computed_tokens(lengths, micro_batch_size, shared, max_length=2048):
+def computed_tokens(lengths, micro_batch_size, packed, max_length=2048):
     """Token positions the model runs over for these pairs, micro-batch by micro-batch, in train.py's
-    layout (shared: modeling.build_batch's rows; else one padded row per sequence)."""
+    layout (packed: packing.build_batch's rows; else one padded row per sequence)."""
     total = 0
     for i in range(0, len(lengths), micro_batch_size):
         pairs = [dict(prompt=[BOS] * p, chosen=[EOS] * c, rejected=[EOS] * r)
                  for p, c, r in lengths[i:i + micro_batch_size]]
-        total += modeling.build_batch(pairs, PAD, shared, max_length)["input_ids"].numel()
+        total += packing.build_batch(pairs, PAD, packed, max_length)["input_ids"].numel()
     return total
 
 
 def token_report(lengths, micro_batch_sizes=(2, 4), seed=42):
     """Computed token positions relative to the minimum (each prompt once, no padding), in train.py's
-    random order, for the shared and padded layouts."""
+    random order, for the packed and padded layouts."""
     order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
     lengths = [lengths[i] for i in order]
     minimum = sum(map(sum, lengths))
-    return {f"micro_batch_{m}": {layout: computed_tokens(lengths, m, layout == "shared") / minimum
-                                 for layout in ("shared", "padded")} for m in micro_batch_sizes}
+    return {f"micro_batch_{m}": {layout: computed_tokens(lengths, m, layout == "packed") / minimum
+                                 for layout in ("packed", "padded")} for m in micro_batch_sizes}
 
 
 def make_pairs(lengths, count, vocab_size, seed=0):
@@ -109,7 +110,7 @@ def make_pairs(lengths, count, vocab_size, seed=0):
 
 
 def max_length(steps, args):
-    """train.py's --max-length for these pairs (it bounds the rows of the shared layout)."""
+    """train.py's --max-length for these pairs (it bounds the rows of the packed layout)."""
     return max([args.max_length] + [len(p["prompt"]) + len(p[side]) for step in steps for p in step
                                     for side in ("chosen", "rejected")])
 
@@ -120,16 +121,16 @@ def simpo_step_times(folder, steps, args, device, dtype, padded=False):
     run = argparse.Namespace(**{**vars(args), **settings})
     model = modeling.prepare_model(run, device, dtype)
     packed, layout = modeling.choose_layout(model, run.max_length)
-    # --padded: the layout of data.collate, as models that cannot share a prompt run
+    # --padded: the layout of models that cannot take the packed one
     print(layout if not padded else "batches: padded (--padded)", file=sys.stderr)
-    scorer = train.PairScorer(model, run.max_length, packed and not padded)
+    scorer = train.PairScorer(model)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     times = []
     for pairs in steps:
         started = time.perf_counter()
         # exactly train.py's forward and backward
-        train.accumulate_gradients(scorer, pairs, run, pad_id=PAD)
+        train.train_step(scorer, pairs, run, PAD, packed and not padded)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -254,7 +255,7 @@ def main(argv=None):
     minimum = sum(len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
     about["computed_tokens_vs_minimum"] = {
         layout: computed_tokens([tuple(map(len, p.values())) for p in pairs], args.micro_batch_size,
-                                layout == "shared", longest) / minimum for layout in ("shared", "padded")}
+                                layout == "packed", longest) / minimum for layout in ("packed", "padded")}
     print(json.dumps(about))
     results = []
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the caller's thread count

@@ -42,3 +42,18 @@ def pytest_configure(config):
     # (see train.load_model).
     config.addinivalue_line("filterwarnings",
                             "error:.*an autograd kernel was not registered:UserWarning")
+
+
+def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_length):
+    """Token ids of one pair (message lists), truncated as preferences.load_examples truncates whole
+    splits; None if a response would end up empty."""
+    import preferences
+    pair = preferences.Pair(prompt, chosen, rejected, True, "pair")
+    end = preferences.end_of_turn(tokenizer)
+    [(prompt_ids, *responses, unscored)] = preferences._token_ids(tokenizer, [pair], end)
+    prompt_ids, responses = preferences._truncate(prompt_ids, responses, tokenizer.bos_token_id,
+                                                  max_length, max_prompt_length)
+    if not all(len(ids) > n for ids, n in zip(responses, unscored, strict=True)):
+        return None
+    return {"prompt": prompt_ids, "chosen": responses[0], "rejected": responses[1],
+            "unscored": unscored}

@@ -1,5 +1,5 @@
 """The benchmark script runs (tiny shape, on the CPU) and writes its numbers; no timing is asserted. The
-committed length profile is what the real pairs give, and on it the shared layout computes at most 1.05x
+committed length profile is what the real pairs give, and on it the packed layout computes at most 1.05x
 the minimum token positions at micro-batches of 2 and 4."""
 import importlib.util
 import json
@@ -29,16 +29,16 @@ def test_bench_step_writes_json(tmp_path):
     for result in (simpo, padded):
         assert result["tokens_per_s"] > 0 and result["peak_gib"] > 0 and result["device"] == "cpu"
     assert padded["project_speedup"] > 0 and padded["project_memory_ratio"] > 0
-    # 4 pairs (2 steps), 2 per forward: shared rows hold every token once
+    # 4 pairs (2 steps), 2 per forward: packed rows hold every token once
     computed = simpo["computed_tokens_vs_minimum"]
-    assert computed["shared"] == 1 < computed["padded"]
+    assert computed["packed"] == 1 < computed["padded"]
 
 
 def test_real_lengths_compute_near_the_minimum():
     report = load_bench().token_report(load_bench().load_lengths(PROFILE))
     for micro_batch in (2, 4):
         ratios = report[f"micro_batch_{micro_batch}"]
-        assert ratios["shared"] <= 1.05 and ratios["padded"] > 1.5  # padding and the second prompt: gone
+        assert ratios["packed"] <= 1.05 and ratios["padded"] > 1.5  # padding and the second prompt: gone
 
 
 @pytest.mark.skipif(not (FIXTURES / "real-data").is_dir(), reason="needs ../shared/fixtures")

@@ -1,4 +1,4 @@
-"""data.py on real chat tokenizers and real UltraFeedback rows (../shared/fixtures, skipped when absent), and
+"""preferences.py on real chat tokenizers and real UltraFeedback rows (../shared/fixtures, skipped when absent), and
 on the tiny demo tokenizer: exact token ids, identical pairs, the datasets cache, CSV text, and which pairs
 eval.py scores. The real-tokenizer runs use a random Llama model of hidden size 8 with that vocabulary."""
 import json
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-import data
 import demo
 import eval
 import modeling
+import preferences
 import train
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
@@ -61,12 +61,12 @@ def quiet(main, argv, capsys):
 @pytest.mark.parametrize("name", REAL_TOKENIZERS)
 def test_ids_equal_the_template_up_to_the_end_of_turn_token(name):
     tokenizer = real_tokenizer(name)
-    end = data.end_of_turn(tokenizer)
+    end = preferences.end_of_turn(tokenizer)
     terminator = tokenizer.convert_tokens_to_ids(end.terminator)
     assert end.terminator == {"llama3-instruct": "<|eot_id|>", "gemma2-it": "<end_of_turn>",
                               "mistral-instruct": "</s>"}[name]
     rows = [json.loads(line) for line in REAL_ROWS.read_text().splitlines()]
-    examples, _, summary = data.load_examples(tokenizer, str(REAL_ROWS), "train", max_length=100_000,
+    examples, _, summary = preferences.load_examples(tokenizer, str(REAL_ROWS), "train", max_length=100_000,
                                               max_prompt_length=100_000)
     kept = [row for row in rows if row["chosen"] != row["rejected"]]
     assert len(examples) == len(kept) == 199 and summary.counts["train"]["identical"] == 1
@@ -135,7 +135,7 @@ def test_identical_pairs_are_left_out_and_counted(tiny_model, tmp_path):
             {"prompt": "whisper: " + " ".join(demo.WORDS[:12]), "chosen": "stone", "rejected": "STONE"},
             {"prompt": "whisper: cloud tiger", "chosen": "cloud tiger", "rejected": "CLOUD TIGER"}]
     dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    examples, held_out, summary = data.load_examples(tokenizer, dataset, "train", max_length=8,
+    examples, held_out, summary = preferences.load_examples(tokenizer, dataset, "train", max_length=8,
                                                      max_prompt_length=8)
     assert summary.counts["train"] == {"pairs": 2, "identical": 1, "emptied": 1, "truncated": 1}
     assert summary.skipped("train") == 2 and len(held_out) == 0
@@ -152,7 +152,7 @@ def test_pairs_are_held_in_numpy_and_indexed_like_a_list(tiny_model, tmp_path):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", demo.make_pairs([["apple", "river"], ["stone"],
                                                                      ["cloud", "tiger", "maple"]],
                                                                     random.Random(0)))
-    examples, _, _ = data.load_examples(tokenizer, dataset, "train")
+    examples, _, _ = preferences.load_examples(tokenizer, dataset, "train")
     for ids, starts in examples.columns.values():
         assert isinstance(ids, np.ndarray) and ids.dtype == np.int32 and len(starts) == 4
     order = torch.randperm(3, generator=torch.Generator().manual_seed(0))
@@ -165,9 +165,9 @@ def test_pairs_are_held_in_numpy_and_indexed_like_a_list(tiny_model, tmp_path):
 
 def test_second_load_reads_the_cache_and_any_change_misses_it(tiny_model, tmp_path, monkeypatch):
     calls = []
-    tokenize_batch = data.tokenize_batch
+    tokenize_batch = preferences.tokenize_batch
     # rows tokenized per call
-    monkeypatch.setattr(data, "tokenize_batch",
+    monkeypatch.setattr(preferences, "tokenize_batch",
                         lambda *a, **k: calls.append(len(a[1])) or tokenize_batch(*a, **k))
     tokenizer = modeling.load_tokenizer(tiny_model)
     words = [demo.WORDS[i:i + 2] for i in range(12)]
@@ -175,7 +175,7 @@ def test_second_load_reads_the_cache_and_any_change_misses_it(tiny_model, tmp_pa
 
     def load(tok=tokenizer, max_length=64):
         calls.clear()
-        examples, _, summary = data.load_examples(tok, dataset, "train", max_length=max_length,
+        examples, _, summary = preferences.load_examples(tok, dataset, "train", max_length=max_length,
                                                   max_prompt_length=32)
         return [examples[i] for i in range(len(examples))], summary.from_cache, sum(calls)
 
@@ -200,10 +200,10 @@ def test_second_load_reads_the_cache_and_any_change_misses_it(tiny_model, tmp_pa
 def test_csv_text_is_read_as_text(tiny_model, tmp_path):
     path = tmp_path / "pairs.csv"
     path.write_text('prompt,chosen,rejected\n"what is 6 x 7?",42,41\n"bond?",007,7\n"nothing?",None,NA\n')
-    pairs = data.read_pairs(str(path), "train")
+    pairs = preferences.read_pairs(str(path), "train")
     assert [(p.chosen["content"], p.rejected["content"]) for p in pairs] == \
         [("42", "41"), ("007", "7"), ("None", "NA")]
-    examples, _, _ = data.load_examples(modeling.load_tokenizer(tiny_model), str(path), "train")
+    examples, _, _ = preferences.load_examples(modeling.load_tokenizer(tiny_model), str(path), "train")
     assert len(examples) == 3
 
 
@@ -252,12 +252,12 @@ def test_eval_json_skipped_counts_only_the_pairs_evaluated(tiny_model, tmp_path,
 
 def test_bench_data_writes_json(tiny_model, tmp_path):
     import importlib.util
-    path = Path(__file__).resolve().parent.parent / "bench" / "data.py"
+    path = Path(__file__).resolve().parent.parent / "bench" / "loading.py"
     spec = importlib.util.spec_from_file_location("bench_data", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     bench.main(["--tokenizer", tiny_model, "--rows", str(demo.DATA_DIR / "train.jsonl"), "--pairs", "600",
-                "--repeat", "1", "--out", str(tmp_path / "data.json")])
-    result = json.loads((tmp_path / "data.json").read_text())
+                "--repeat", "1", "--out", str(tmp_path / "loading.json")])
+    result = json.loads((tmp_path / "loading.json").read_text())
     assert result["pairs"] == result["kept"] == 600 and result["second_load_read_cache"] is True
     assert result["first_load_ratio"] > 0 and result["bytes_per_token_id"] < 8

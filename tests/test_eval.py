@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import data
 import demo
 import eval
 import modeling
+import packing
+import preferences
 import simpo
 import train
 
@@ -76,7 +77,7 @@ def reference(demo_run):
 
     tokenizer = AutoTokenizer.from_pretrained(demo_run.run)
     cfg = demo_run.config
-    _, examples, _ = data.load_examples(tokenizer, cfg["dataset"], cfg["split"], cfg["eval_split"], 0.0,
+    _, examples, _ = preferences.load_examples(tokenizer, cfg["dataset"], cfg["split"], cfg["eval_split"], 0.0,
                                         cfg["seed"], cfg["max_length"], cfg["max_prompt_length"])
     base = AutoModelForCausalLM.from_pretrained(demo_run.model, dtype=torch.float32)
     policy = PeftModel.from_pretrained(base, str(demo_run.run)).eval()
@@ -86,7 +87,7 @@ def reference(demo_run):
     for e in examples:
         for side in ("chosen", "rejected"):
             ids = e["prompt"] + e[side]
-            labels = torch.tensor([[data.IGNORE_INDEX] * len(e["prompt"]) + e[side]])
+            labels = torch.tensor([[packing.IGNORE_INDEX] * len(e["prompt"]) + e[side]])
             with torch.no_grad():
                 p_logits = policy(input_ids=torch.tensor([ids])).logits
                 with policy.disable_adapter():
@@ -166,9 +167,9 @@ def random_kl_case(B=4, T=9, H=8, V=11, seed=0):
                        logit_softcap=3.0)
     base_head = dict(lm_head_weight=torch.randn(V, H, generator=g), lm_head_bias=None, logit_softcap=None)
     labels = torch.randint(0, V, (B, T), generator=g)
-    labels[:, :3] = data.IGNORE_INDEX   # prompt
-    labels[0, -2:] = data.IGNORE_INDEX  # right padding
-    labels[2] = data.IGNORE_INDEX       # a row with no response tokens
+    labels[:, :3] = packing.IGNORE_INDEX   # prompt
+    labels[0, -2:] = packing.IGNORE_INDEX  # right padding
+    labels[2] = packing.IGNORE_INDEX       # a row with no response tokens
     return policy_hidden, base_hidden, policy_head, base_head, labels
 
 
@@ -185,7 +186,7 @@ def ref_token_kl(policy_hidden, base_hidden, policy_head, base_head, labels):
     for b in range(labels.shape[0]):
         total, n = torch.zeros((), dtype=torch.float64), 0
         for t in range(labels.shape[1] - 1):
-            if labels[b, t + 1] != data.IGNORE_INDEX:
+            if labels[b, t + 1] != packing.IGNORE_INDEX:
                 total += ref_kl(log_probs(policy_hidden[b, t], policy_head),
                                 log_probs(base_hidden[b, t], base_head))
                 n += 1
@@ -208,14 +209,14 @@ def test_token_kl_matches_float64_reference(chunk_size):
 def test_token_kl_with_no_response_tokens_at_all():
     policy_hidden, base_hidden, policy_head, base_head, labels = random_kl_case()
     kl, tokens = eval.token_kl(policy_hidden, base_hidden, policy_head, base_head,
-                               torch.full_like(labels, data.IGNORE_INDEX), chunk_size=2)
+                               torch.full_like(labels, packing.IGNORE_INDEX), chunk_size=2)
     assert kl.tolist() == [0.0] * 4 and tokens.tolist() == [0] * 4
 
 
 def test_token_kl_on_model_hidden_states_matches_full_logits(reference):
     """With the demo policy's real final hidden states (adapter on / off) and padding in the batch."""
     policy, pad_id = reference.policy, reference.tokenizer.pad_token_id
-    batch = data.collate(reference.examples[:3], pad_id)
+    batch = packing.padded_rows(reference.examples[:3], pad_id)
     assert (batch["attention_mask"] == 0).any()  # some rows are padded
     with torch.no_grad():
         policy_hidden, policy_head = modeling.final_hidden(policy, batch)
@@ -225,7 +226,7 @@ def test_token_kl_on_model_hidden_states_matches_full_logits(reference):
             b_logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         kl, tokens = eval.token_kl(policy_hidden, base_hidden, policy_head, base_head, batch["labels"],
                                    chunk_size=7)
-    mask = batch["labels"][:, 1:] != data.IGNORE_INDEX
+    mask = batch["labels"][:, 1:] != packing.IGNORE_INDEX
     per_position = ref_kl(p_logits[:, :-1].double().log_softmax(-1),
                           b_logits[:, :-1].double().log_softmax(-1))
     want = torch.where(mask, per_position, 0).sum(-1)
@@ -375,7 +376,7 @@ def hand_samples(tiny):
     # EOS, and a second stop token
     stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|user|>")]
     model = modeling.load_model(str(tiny.model)).eval()
-    _, examples, _ = data.load_examples(tokenizer, tiny.pairs, "train", None, 0.5, 0, 64, 32)
+    _, examples, _ = preferences.load_examples(tokenizer, tiny.pairs, "train", None, 0.5, 0, 64, 32)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(SAMPLING.seed))
     expected = [sample_by_hand(model, examples[i]["prompt"], SAMPLING.seed + i,
                                SAMPLING.max_new_tokens, stop)

@@ -13,13 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import tokenize_pair
 from test_train import error_line, metrics, run, small_args, standard_rows, write_jsonl
 
-import data
 import demo
 import eval as evaluate
 import modeling
+import packing
 import parallel
+import preferences
 import train
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
@@ -88,8 +90,8 @@ def folders(tmp_path_factory):
 def examples(folders):
     tokenizer = modeling.load_tokenizer(folders("llama"))
     rows = standard_rows(6, seed=3)
-    pairs = [data.to_pair(row, "row") for row in rows]
-    return [data.tokenize_pair(tokenizer, p.prompt, p.chosen, p.rejected, 24, 12) for p in pairs]
+    pairs = [preferences.to_pair(row, "row") for row in rows]
+    return [tokenize_pair(tokenizer, p.prompt, p.chosen, p.rejected, 24, 12) for p in pairs]
 
 
 def own_logps(model, examples):
@@ -115,19 +117,19 @@ def test_each_family_is_scored_as_the_model_itself_scores(family, folders, examp
     packed, line = modeling.choose_layout(model, 24)
     assert ("packed" if packed else "padded") == FAMILIES[family][1], line
     assert "checked against the model's own logits" in line
-    chosen, rejected = modeling.pair_logps(model, examples, 0, 3, packed=packed)
+    chosen, rejected = modeling.pair_logps(model, examples, 0, 3, packed)
     reference = own_logps(model, examples)
     torch.testing.assert_close(torch.stack([chosen, rejected]), reference, atol=1e-5, rtol=0)
     # only the chosen ids change: the rejected log-probs must not move (a recurrent state across the pair
     # would move them)
     other = [{**e, "chosen": [(t + 1) % 40 + 8 for t in e["chosen"]]} for e in examples]
-    assert torch.equal(modeling.pair_logps(model, other, 0, 3, packed=packed)[1], rejected)
+    assert torch.equal(modeling.pair_logps(model, other, 0, 3, packed)[1], rejected)
 
 
 def test_the_check_itself_catches_what_the_config_does_not_say(folders, monkeypatch):
     """A hybrid whose config says nothing about its layers: the numbers still send it to padded rows."""
     model = load(folders("lfm2"))
-    monkeypatch.setattr(modeling, "shared_layout_problem", lambda *_: None)
+    monkeypatch.setattr(packing, "packing_problem", lambda *_: None)
     packed, line = modeling.choose_layout(model, 24)
     assert not packed and "packed layout changes this model's numbers" in line
 
@@ -141,8 +143,8 @@ def test_multimodal_lora_trains_the_language_model_only(folders, examples):
     for name, parameter in model.named_parameters():
         if "lora_B" in name:  # fresh LoRA B is zero, and so would be every lora_A gradient
             torch.nn.init.normal_(parameter)
-    scorer = train.PairScorer(model, 24, False)
-    train.accumulate_gradients(scorer, examples, train.parse_args(["--micro-batch-size", "2"]), 0)
+    args = train.parse_args(["--micro-batch-size", "2", "--max-length", "24", "--max-prompt-length", "12"])
+    train.train_step(train.PairScorer(model), examples, args, 0, packed=False)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
 
 
@@ -215,32 +217,32 @@ def test_mistral_prompt_end_is_never_scored():
     if not folder.is_dir() or not rows.is_file():
         pytest.skip("real fixtures absent (../shared/fixtures)")
     tokenizer = modeling.load_tokenizer(str(folder))
-    pairs = [data.to_pair(json.loads(line), "row") for line in rows.read_text().splitlines()]
+    pairs = [preferences.to_pair(json.loads(line), "row") for line in rows.read_text().splitlines()]
     found = 0
     for i in (4, 149):
-        example = data.tokenize_pair(tokenizer, *pairs[i][:3], 4096, 4000)
+        example = tokenize_pair(tokenizer, *pairs[i][:3], 4096, 4000)
         for side, unscored in zip(("chosen", "rejected"), example["unscored"], strict=True):
             first = tokenizer.convert_ids_to_tokens(example[side][unscored])
             assert not first == "]", (i, side)  # the first scored token holds response text
             found += unscored
-        labels = data.collate([example], 0)["labels"]
+        labels = packing.padded_rows([example], 0)["labels"]
         scored = [len(example["chosen"]) - example["unscored"][0],
                   len(example["rejected"]) - example["unscored"][1]]
-        assert (labels != data.IGNORE_INDEX).sum(1).tolist() == scored
-        prompt = tokenizer.decode(data.generation_prompt(example))
+        assert (labels != packing.IGNORE_INDEX).sum(1).tolist() == scored
+        prompt = tokenizer.decode(preferences.generation_prompt(example))
         assert prompt.endswith("[/INST]")
     assert found == 2
     # scored the same in both layouts, with a tiny model of the real vocabulary
     model = modeling.add_lora(transformers.AutoModelForCausalLM.from_config(transformers.MistralConfig(
         vocab_size=len(tokenizer), **SHAPE)), train.parse_args(["--lora-r", "4"])).eval()
-    example = data.tokenize_pair(tokenizer, *pairs[4][:3], 96, 48)
+    example = tokenize_pair(tokenizer, *pairs[4][:3], 96, 48)
     assert example["unscored"] == [1, 0]
     # the reference: "]" moved into the prompt, where it is read and not scored
     moved = {**example, "prompt": example["prompt"] + example["chosen"][:1], "chosen": example["chosen"][1:]}
     with torch.no_grad():
         reference = torch.cat([own_logps(model, [moved])[0], own_logps(model, [example])[1]])
         for packed in (True, False):
-            logps = torch.cat(modeling.pair_logps(model, [example], 0, 1, packed=packed))
+            logps = torch.cat(modeling.pair_logps(model, [example], 0, 1, packed))
             torch.testing.assert_close(logps, reference, atol=1e-5, rtol=0)
 
 
@@ -269,7 +271,7 @@ def test_cached_ids_follow_python_side_tokenizer_settings(folders, tmp_path, mon
     folder = folders("llama")
 
     def first_prompt(tokenizer):
-        train_set, _, summary = data.load_examples(tokenizer, dataset, "train", max_length=32,
+        train_set, _, summary = preferences.load_examples(tokenizer, dataset, "train", max_length=32,
                                                    max_prompt_length=16)
         return train_set[0]["prompt"], summary.from_cache
 
@@ -278,7 +280,7 @@ def test_cached_ids_follow_python_side_tokenizer_settings(folders, tmp_path, mon
     split = modeling.load_tokenizer(folder)
     split.split_special_tokens = True
     assert first_prompt(split)[0] != plain
-    monkeypatch.setattr(data, "_tokenizer_state", lambda tokenizer: "blind")
+    monkeypatch.setattr(preferences, "_tokenizer_state", lambda tokenizer: "blind")
     assert first_prompt(modeling.load_tokenizer(folder))[0] == plain
     ids, cached = first_prompt(split)  # same fingerprint, other ids: the check tokenizes anew
     assert ids != plain and not cached

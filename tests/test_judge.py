@@ -8,7 +8,7 @@ import torch
 
 import demo
 import judge
-from modeling import UsageError
+from checkpoints import UsageError
 
 # The reward model's own template, unlike the SFT model's (demo.CHAT_TEMPLATE): no end-of-turn tokens,
 # one EOS at the end

@@ -12,12 +12,12 @@ import pytest
 import torch
 from test_judge import build_reward_model
 
-import data
 import demo
 import eval
 import judge
 import modeling
 import onpolicy
+import preferences
 import train
 
 N_PROMPTS = 10  # distinct ones: batches of 3, 3, 3, 1
@@ -174,7 +174,7 @@ def test_a_run_pairs_every_prompt_once_in_order_and_counts_what_it_leaves_out(se
             assert pair["chosen"] == r["prompt"] + [{"role": "assistant",
                                                       "content": r["answers"][r["chosen"]]["text"]}]
             assert pair["rejected"][-1]["content"] == r["answers"][r["rejected"]]["text"]
-            assert data.to_pair(pair, "row").prompt == r["prompt"]
+            assert preferences.to_pair(pair, "row").prompt == r["prompt"]
     # a finished run, run again, rewrites the same files and samples nothing
     before = {name: (built / name).read_bytes() for name in ("samples.jsonl", "train.jsonl", "test.jsonl")}
     rc, out, err = run(capsys, *setup.common, "--out", built)
@@ -216,13 +216,13 @@ def test_prompts_are_sampled_from_the_ids_train_py_scores(setup, built, stopped)
     """The prompt of every pair, as train.py tokenizes it, is the very ids the builder sampled from:
     the template applied once, one BOS."""
     tokenizer = modeling.load_tokenizer(setup.sft)
-    train_part, test_part, _ = data.load_examples(tokenizer, str(built), "train", "test")
+    train_part, test_part, _ = preferences.load_examples(tokenizer, str(built), "train", "test")
     lines = records(built)
     for split, examples in (("train", train_part), ("test", test_part)):
         indices = [r["index"] for r in lines if r["left_out"] is None and r["split"] == split]
         assert len(examples) == len(indices)
         for example, i in zip(examples, indices, strict=True):
-            assert data.generation_prompt(example) == stopped.sampled_ids[i]
+            assert preferences.generation_prompt(example) == stopped.sampled_ids[i]
             assert stopped.sampled_ids[i].count(tokenizer.bos_token_id) == 1
             expected = tokenizer.apply_chat_template(lines[i]["prompt"], add_generation_prompt=True)
             assert stopped.sampled_ids[i] == expected["input_ids"]
@@ -324,7 +324,7 @@ def test_its_pairs_train_and_the_run_is_judged_by_the_reward_model(setup, built,
     assert "judged by" in out and "length-controlled" in out
     # each sample's scores: the reward model on the split's prompt as messages and the sampled answer
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
-    test_pairs = data.read_pairs(str(built), "test")
+    test_pairs = preferences.read_pairs(str(built), "test")
     model, tokenizer = judge.load(str(setup.rm))
     for sample in samples:
         prompt = test_pairs[sample["row"]].prompt

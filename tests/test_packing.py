@@ -1,8 +1,8 @@
 """The shared layout (each prompt computed once, no padding; modeling.build_batch) gives exactly what the
-padded layout of data.collate gives: log-probs, SimPO losses and LoRA gradients (float32, CPU, 1e-5), and
+padded layout of preferences.collate gives: log-probs, SimPO losses and LoRA gradients (float32, CPU, 1e-5), and
 models whose attention cannot take it fall back to the padded layout.
 
-The reference is today's padded computation written out here from data.collate, not the code under test.
+The reference is today's padded computation written out here from preferences.collate, not the code under test.
 lora_B is random, so that every LoRA tensor's gradient is compared, and the step's gradient is also
 compared with a float64 one written out from the paper (a uniform factor would pass every layout
 comparison).
@@ -15,10 +15,12 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import tokenize_pair
 
-import data
 import demo
 import modeling
+import packing
+import preferences
 import simpo
 import train
 
@@ -37,23 +39,23 @@ def tokenizer(model_dir):
 
 @pytest.fixture(scope="module")
 def examples(tokenizer):
-    """Ragged pairs as data.py tokenizes them, as two groups: (max length 24, prompt 12), where two
+    """Ragged pairs as preferences.py tokenizes them, as two groups: (max length 24, prompt 12), where two
     prompts lose their start, and (24, 24), where those two prompts leave no room for a response and their
     pairs are skipped. Every other pair's ids are a numpy array, as the Arrow pipeline gives them."""
     rng = random.Random(0)
     rows = demo.make_pairs([rng.sample(demo.WORDS, rng.randint(1, 5)) for _ in range(7)], rng)
     rows[2]["prompt"] = "shout: " + " ".join(demo.WORDS[:20])  # 24+ prompt tokens
     rows[5]["prompt"] = "whisper: " + " ".join(demo.WORDS * 2)  # ~50 prompt tokens
-    pairs = [data.to_pair(row, f"row {i}") for i, row in enumerate(rows)]
+    pairs = [preferences.to_pair(row, f"row {i}") for i, row in enumerate(rows)]
 
     def tokenize(max_length, max_prompt_length):  # (kept pairs, skipped count)
-        examples = [data.tokenize_pair(tokenizer, p.prompt, p.chosen, p.rejected, max_length,
+        examples = [tokenize_pair(tokenizer, p.prompt, p.chosen, p.rejected, max_length,
                                        max_prompt_length) for p in pairs]
         return [e for e in examples if e is not None], examples.count(None)
 
     truncated, skipped = tokenize(24, max_prompt_length=12)
     for i in (2, 5):  # truncated to 12 prompt tokens
-        whole = data.tokenize_pair(tokenizer, pairs[i].prompt, pairs[i].chosen, pairs[i].rejected, 999, 999)
+        whole = tokenize_pair(tokenizer, pairs[i].prompt, pairs[i].chosen, pairs[i].rejected, 999, 999)
         assert len(truncated[i]["prompt"]) == 12 < len(whole["prompt"])
     assert skipped == 0
     rest, skipped = tokenize(24, max_prompt_length=24)
@@ -96,12 +98,12 @@ def lora_grads(model):
 
 
 def padded_reference(model, examples, args, pad_id, full_logits=False):
-    """Today's computation: data.collate's right-padded rows, then chunked (or full-logit) log-probs.
+    """Today's computation: preferences.collate's right-padded rows, then chunked (or full-logit) log-probs.
     Returns the per-pair (losses, chosen logps, rejected logps), the token count and the LoRA gradients."""
     average, stats, tokens = not args.no_length_normalization, [], 0
     lists = [{k: [int(t) for t in v] for k, v in e.items()} for e in examples]
     for i in range(0, len(lists), args.micro_batch_size):
-        batch = data.collate(lists[i:i + args.micro_batch_size], pad_id)
+        batch = packing.padded_rows(lists[i:i + args.micro_batch_size], pad_id)
         if full_logits:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logps = simpo.sequence_logps(logits, batch["labels"], average)
@@ -119,8 +121,8 @@ def padded_reference(model, examples, args, pad_id, full_logits=False):
 
 def assert_same_as_padded(model, examples, args, pad_id, full_logits=False):
     reference, ref_tokens, ref_grads = padded_reference(model, examples, args, pad_id, full_logits)
-    scorer = train.PairScorer(model, args.max_length, modeling.choose_layout(model, args.max_length)[0])
-    stats, tokens = train.accumulate_gradients(scorer, examples, args, pad_id)
+    packed = modeling.choose_layout(model, args.max_length)[0]
+    stats, tokens = train.train_step(train.PairScorer(model), examples, args, pad_id, packed)
     grads = lora_grads(model)
     torch.testing.assert_close(stats[[0, 2, 3]], reference, atol=1e-5, rtol=0)  # losses, chosen, rejected
     assert tokens.item() == ref_tokens.item()  # prompt + response of both sequences, never padding
@@ -136,7 +138,8 @@ def assert_same_as_padded(model, examples, args, pad_id, full_logits=False):
 def test_shared_layout_equals_padded(examples, tokenizer, attention, average, full_logits):
     model = tiny_model(vocab_size=len(tokenizer), attn_implementation=attention)
     args = train_args(no_length_normalization=not average)
-    assert modeling.shared_layout_problem(model, args.max_length) is None  # the shared layout is used
+    # the packed layout is used
+    assert packing.packing_problem(modeling.text_config(model), args.max_length) is None
     assert_same_as_padded(model, examples, args, tokenizer.pad_token_id, full_logits)
 
 
@@ -165,13 +168,12 @@ def float64_step_gradients(model, examples, args):
 
 @pytest.mark.parametrize("average, sft_weight", [(True, 0.0), (False, 0.5)])
 def test_step_gradient_equals_a_float64_reference(examples, tokenizer, average, sft_weight):
-    """train.accumulate_gradients, micro-batches of 3 in the shared layout: its gradient is the mean
+    """train.train_step, micro-batches of 3 in the packed layout: its gradient is the mean
     over the step's pairs, not a multiple of it (Adam would hide a uniform factor in the update)."""
     model = tiny_model(vocab_size=len(tokenizer))
     args = train_args(no_length_normalization=not average, sft_weight=sft_weight)
     reference = float64_step_gradients(model, examples, args)
-    train.accumulate_gradients(train.PairScorer(model, args.max_length), examples, args,
-                               tokenizer.pad_token_id)
+    train.train_step(train.PairScorer(model), examples, args, tokenizer.pad_token_id, packed=True)
     grads = lora_grads(model)
     assert grads.keys() == reference.keys()
     assert all(g.abs().max() > 0 for g in grads.values())
@@ -187,7 +189,7 @@ def test_shared_layout_rows_and_positions():
     examples = [dict(prompt=[1, 2], chosen=[3, 4, 5], rejected=np.array([6])),
                 dict(prompt=np.array([7]), chosen=[8], rejected=[9, 10]),
                 dict(prompt=[11, 12, 13], chosen=[14, 15], rejected=[16, 17])]
-    batch = modeling.build_batch(examples, pad_id=0, shared=True, max_length=5)  # rows of 7 tokens at most
+    batch = packing.build_batch(examples, pad_id=0, packed=True, max_length=5)  # rows of 7 tokens at most
     # longest first: pair 2 (7 tokens) alone, then pairs 0 (6) and 1 (4) cannot share a row of 7
     assert batch["input_ids"].tolist() == [[11, 12, 13, 14, 15, 16, 17], [1, 2, 3, 4, 5, 6, 0],
                                            [7, 8, 9, 10, 0, 0, 0]]
@@ -203,12 +205,12 @@ def test_shared_layout_rows_and_positions():
     assert by_sequence[5] == ([0, 0], [2, 5], [16, 17])              # rejected of pair 2
     assert batch["response_tokens"].tolist() == [3, 1, 2, 1, 2, 2]  # [chosen..., rejected...]
     assert batch["sequence_tokens"].tolist() == [5, 2, 5, 3, 3, 5]
-    mask = modeling.shared_attention_mask(batch)[0, 0].int()
+    mask = packing.attention_inputs(batch)["attention_mask"][0, 0].int()
     assert mask.tolist() == [[1, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0],
                              [1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0],
                              [1, 1, 1, 0, 0, 1, 0], [1, 1, 1, 0, 0, 1, 1]]  # rejected never sees chosen
-    assert modeling.shared_attention_mask(batch).any(-1).all()  # no empty row (padding sees itself)
-    assert modeling.build_batch(examples, 0, True)["input_ids"].shape == (1, 17)  # one row, no padding
+    assert packing.attention_inputs(batch)["attention_mask"].any(-1).all()  # no empty row (padding sees itself)
+    assert packing.build_batch(examples, 0, True)["input_ids"].shape == (1, 17)  # one row, no padding
 
 
 def test_pairs_sharing_a_row_never_see_each_other(tokenizer):
@@ -217,9 +219,9 @@ def test_pairs_sharing_a_row_never_see_each_other(tokenizer):
     examples = [dict(prompt=[11, 12], chosen=[13], rejected=[14]),
                 dict(prompt=[15], chosen=[16, 17], rejected=[18]),
                 dict(prompt=[19], chosen=[20], rejected=[21])]
-    batch = modeling.build_batch(examples, pad_id=0, shared=True, max_length=64)
+    batch = packing.build_batch(examples, pad_id=0, packed=True, max_length=64)
     assert batch["input_ids"].tolist() == [list(range(11, 22))]  # one row: pairs 0, 1, 2 in order
-    mask = modeling.shared_attention_mask(batch)
+    mask = packing.attention_inputs(batch)["attention_mask"]
     assert mask[0, 0].int().tolist() == [
         # 11 12 13 14 15 16 17 18 19 20 21      pair 0: prompt 11 12, chosen 13, rejected 14
         [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -233,13 +235,13 @@ def test_pairs_sharing_a_row_never_see_each_other(tokenizer):
         [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0],  # pair 2: prompt 19, chosen 20, rejected 21
         [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0],
         [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1]]
-    additive = modeling.shared_attention_mask(batch, torch.float32)  # eager attention's form
+    additive = packing.attention_inputs(batch, torch.float32)["attention_mask"]  # eager attention's form
     assert torch.equal(additive == 0, mask)
     assert (additive[~mask] == torch.finfo(torch.float32).min).all()
     model = tiny_model(vocab_size=len(tokenizer)).eval()
     with torch.no_grad():
         packed = modeling.policy_logps(model, batch).view(2, 3)  # [chosen..., rejected...]
-        alone = [modeling.policy_logps(model, modeling.build_batch([e], 0, shared=True))
+        alone = [modeling.policy_logps(model, packing.build_batch([e], 0, packed=True))
                  for e in examples]
     torch.testing.assert_close(packed, torch.stack(alone, 1), atol=1e-6, rtol=0)
 
@@ -249,7 +251,7 @@ def test_many_rows_and_empty_prompt_equal_padded(examples, tokenizer):
     model = tiny_model(vocab_size=len(tokenizer))
     examples = examples + [dict(prompt=[], chosen=[5, 6, 7], rejected=np.array([8, 9]))]
     args = train_args(max_length=12, micro_batch_size=7)
-    assert modeling.build_batch(examples, 0, True, args.max_length)["input_ids"].shape[0] > 2
+    assert packing.build_batch(examples, 0, True, args.max_length)["input_ids"].shape[0] > 2
     assert_same_as_padded(model, examples, args, tokenizer.pad_token_id)
 
 
@@ -277,12 +279,12 @@ def test_fallback_to_padded(examples, tokenizer):
                        sliding_window=4096, attn_implementation="eager")
     mistral = tiny_model(MistralConfig, len(tokenizer), sliding_window=6)
     for model, reason in ((gemma, "soft-caps"), (mistral, "sliding window (6)")):
-        assert reason in modeling.shared_layout_problem(model, args.max_length)
+        assert reason in packing.packing_problem(modeling.text_config(model), args.max_length)
         assert modeling.choose_layout(model, args.max_length)[1].startswith("batches: padded")
         assert_same_as_padded(model, examples, args, tokenizer.pad_token_id)
     with torch.no_grad():  # the shared layout itself, forced: the window is lost
-        padded = modeling.policy_logps(mistral, modeling.build_batch(examples, 0, shared=False))
-        shared = modeling.policy_logps(mistral, modeling.build_batch(examples, 0, shared=True))
+        padded = modeling.policy_logps(mistral, packing.build_batch(examples, 0, packed=False))
+        shared = modeling.policy_logps(mistral, packing.build_batch(examples, 0, packed=True))
     assert (padded - shared).abs().max() > 1e-3
     llama = tiny_model(vocab_size=len(tokenizer))
     assert modeling.choose_layout(llama, 2048)[1].startswith("batches: packed")
@@ -291,10 +293,10 @@ def test_fallback_to_padded(examples, tokenizer):
 def test_pair_logps_uses_shared_layout(examples, tokenizer):
     """eval's scoring (no gradients) equals the padded layout's, numpy ids included."""
     model = tiny_model(vocab_size=len(tokenizer)).eval()
-    chosen, rejected = modeling.pair_logps(model, examples, tokenizer.pad_token_id, batch_size=4)
+    chosen, rejected = modeling.pair_logps(model, examples, tokenizer.pad_token_id, 4, packed=True)
     lists = [{k: [int(t) for t in v] for k, v in e.items()} for e in examples]
     with torch.no_grad():
-        reference = [modeling.policy_logps(model, data.collate(lists[i:i + 4], tokenizer.pad_token_id))
+        reference = [modeling.policy_logps(model, packing.padded_rows(lists[i:i + 4], tokenizer.pad_token_id))
                      for i in range(0, len(lists), 4)]
     reference = torch.cat([logps.view(2, -1) for logps in reference], 1)
     torch.testing.assert_close(torch.stack([chosen, rejected]), reference, atol=1e-5, rtol=0)

@@ -343,7 +343,7 @@ def test_out_of_memory_is_one_line_with_the_flags_that_help(model_dir, tmp_path,
     assert run(long_run(model_dir, dataset, out, "--max-steps", 2, "--save-every", 1), capsys)[0] == 0
     before = (out / "checkpoint-1" / "training_state.pt").read_bytes()
     (out / "checkpoint.json").unlink()
-    monkeypatch.setattr(train, "accumulate_gradients", no_memory)
+    monkeypatch.setattr(train, "train_step", no_memory)
     code, _, err = run(["--resume", out, "--max-steps", 4], capsys)
     line = error_line(err)
     assert code == 1 and "out of memory" in line and "--micro-batch-size 2" in line
@@ -374,7 +374,7 @@ def test_model_code_runs_only_with_trust_remote_code(model_dir, tmp_path, capsys
 def test_the_data_fingerprint_sees_content_and_order_not_layout():
     import numpy as np
 
-    import data
+    import preferences
 
     def examples(pairs, pad=0):  # the same pairs, stored with `pad` unrelated ids before them
         columns = {}
@@ -382,7 +382,7 @@ def test_the_data_fingerprint_sees_content_and_order_not_layout():
             ids = [list(range(900, 900 + pad))] + [pair[key] for pair in pairs]
             starts = np.cumsum([0] + [len(part) for part in ids])
             columns[key] = (np.array(sum(ids, []), dtype=np.int32), starts)
-        return data.Examples(columns, np.arange(1, len(pairs) + 1))
+        return preferences.Examples(columns, np.arange(1, len(pairs) + 1))
 
     pairs = [{"prompt": [1, 2], "chosen": [3], "rejected": [4, 5]},
              {"prompt": [6], "chosen": [7], "rejected": [8]}]
@@ -422,7 +422,7 @@ def signal_during(monkeypatch, function, signum, calls_before):
 def test_a_signal_in_the_last_step_still_finishes_the_run(model_dir, tmp_path, capsys, monkeypatch):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(16))
     out = tmp_path / "run"
-    signal_during(monkeypatch, "accumulate_gradients", signal.SIGTERM, calls_before=3)  # in step 4 of 4
+    signal_during(monkeypatch, "train_step", signal.SIGTERM, calls_before=3)  # in step 4 of 4
     code, stdout, err = run(long_run(model_dir, dataset, out, "--max-steps", 4, "--eval-fraction", 0.25),
                             capsys)
     assert code == 128 + signal.SIGTERM

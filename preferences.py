@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import torch
 from jinja2 import TemplateError
 
-IGNORE_INDEX = -100  # label of positions that are not scored (prompt, padding)
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -275,18 +273,6 @@ def _truncate(prompt, responses, bos_id, max_length, max_prompt_length):
     return prompt, [ids[:max(0, max_length - len(prompt))] for ids in responses]
 
 
-def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_length):
-    """Token ids of one pair (message lists), truncated; None if a response would end up empty. One pair at
-    a time, for tests and notebooks: load_examples tokenizes whole splits in batches, the same way."""
-    pair = Pair(prompt, chosen, rejected, True, "pair")
-    [(prompt_ids, *responses, unscored)] = _token_ids(tokenizer, [pair], end_of_turn(tokenizer))
-    prompt_ids, responses = _truncate(prompt_ids, responses, tokenizer.bos_token_id, max_length,
-                                      max_prompt_length)
-    if not all(len(ids) > n for ids, n in zip(responses, unscored, strict=True)):
-        return None
-    return {"prompt": prompt_ids, "chosen": responses[0], "rejected": responses[1], "unscored": unscored}
-
-
 def generation_prompt(example):
     """The prompt's ids as a model reads them before it writes a response: the shared prompt and the side
     whose tokens hold more of the prompt's text (see `_token_ids`)."""
@@ -496,22 +482,3 @@ def _distribution(lengths):
         return {"mean": 0.0, "p50": 0, "p95": 0, "max": 0}
     p50, p95 = np.percentile(lengths, [50, 95], method="nearest")
     return {"mean": float(lengths.mean()), "p50": int(p50), "p95": int(p95), "max": int(lengths.max())}
-
-
-def collate(examples, pad_id):
-    """Pairs -> one right-padded batch of 2·B sequences, ordered [chosen..., rejected...]."""
-    examples = [{k: v.tolist() if isinstance(v, np.ndarray) else list(v) for k, v in e.items()}
-                for e in examples]  # ids as numpy arrays or lists
-    sequences = [e["prompt"] + e[side] for side in ("chosen", "rejected") for e in examples]
-    labels = []
-    for s, side in enumerate(("chosen", "rejected")):
-        for e in examples:
-            unscored = e.get("unscored", (0, 0))[s]  # prompt text, read but not scored
-            labels.append([IGNORE_INDEX] * (len(e["prompt"]) + unscored) + e[side][unscored:])
-    width = max(map(len, sequences))
-
-    def pad(rows, value):
-        return torch.tensor([row + [value] * (width - len(row)) for row in rows])
-
-    return {"input_ids": pad(sequences, pad_id), "attention_mask": pad([[1] * len(s) for s in sequences], 0),
-            "labels": pad(labels, IGNORE_INDEX)}

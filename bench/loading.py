@@ -1,7 +1,7 @@
-"""How fast and lean data.load_examples is, next to one batched tokenizer call over the same conversations.
+"""How fast and lean preferences.load_examples is, next to one batched tokenizer call over the same conversations.
 
-    python bench/data.py                     # 4,000 real pairs (the 200 fixture rows, varied), Llama-3
-    python bench/data.py --tokenizer ../shared/fixtures/real-tokenizers/gemma2-it --pairs 1000
+    python bench/loading.py                     # 4,000 real pairs (the 200 fixture rows, varied), Llama-3
+    python bench/loading.py --tokenizer ../shared/fixtures/real-tokenizers/gemma2-it --pairs 1000
 
 Writes `--pairs` rows built from `--rows` (row k is row k mod N, its prompt tagged with k // N after the
 first N so that no two are the same) to a temporary file, then times, in a fresh `datasets` cache:
@@ -22,8 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # The project's modules, from any working directory: imported after this line (hence noqa E402).
 sys.path.insert(0, str(REPO))
-import data  # noqa: E402
 import modeling  # noqa: E402
+import preferences  # noqa: E402
 
 FIXTURES = REPO.parent / "shared" / "fixtures"
 
@@ -62,7 +62,7 @@ def main(argv=None):
     p.add_argument("--rows", default=str(FIXTURES / "real-data" / "ultrafeedback_trl_eval200.jsonl"))
     p.add_argument("--pairs", type=int, default=4000)
     p.add_argument("--repeat", type=int, default=2, help="take the fastest of this many rounds")
-    p.add_argument("--out", default="runs/bench/data.json")
+    p.add_argument("--out", default="runs/bench/loading.json")
     args = p.parse_args(argv)
     import datasets.config
 
@@ -79,7 +79,7 @@ def main(argv=None):
                 loads = []
                 for _ in range(2):
                     started = time.perf_counter()
-                    train, held_out, summary = data.load_examples(tokenizer, str(path), "train")
+                    train, held_out, summary = preferences.load_examples(tokenizer, str(path), "train")
                     loads.append((time.perf_counter() - started, summary))
                 times.append(loads)
             finally:

@@ -1,0 +1,149 @@
+"""How a micro-batch of preference pairs is laid out for one forward pass: packed or padded.
+
+packed: each pair is one segment [prompt, chosen, rejected], so its prompt is computed once. Positions
+    run 0..P+C-1 then P..P+R-1, and the mask lets rejected tokens see the prompt but never the chosen
+    ones, so every token sees exactly what it sees in its own padded row. Pairs share as few rows as hold
+    1.5 × max_length tokens each, and only row ends are padded.
+padded: 2B right-padded rows [chosen..., rejected...], each prompt computed twice. Models whose layers
+    cannot take the packed mask use it (modeling.choose_layout decides, on the model itself).
+
+Both layouts carry `response_tokens` (2B,), the scored tokens of each sequence, and `sequence_tokens`
+(2B,), its prompt + response tokens (padding never counts).
+"""
+import math
+
+import numpy as np
+import torch
+
+# label of positions that are not scored (prompt, padding)
+IGNORE_INDEX = -100
+# Layers whose only mixing of tokens is attention under the mask: any other kind (Mamba, linear
+# attention, convolution) carries a state along the whole row, across the pairs that share it.
+ATTENTION_LAYERS = {"attention", "full_attention", "sliding_attention", "chunked_attention"}
+
+
+def build_batch(examples, pad_id, packed=True, max_length=2048):
+    """Pairs ({"prompt", "chosen", "rejected"} ids as lists or numpy arrays, and optionally "unscored":
+    how many leading ids of each response are prompt text, read but not scored) -> model inputs."""
+    prompts = [torch.as_tensor(e["prompt"], dtype=torch.long).reshape(-1) for e in examples]
+    responses = [[torch.as_tensor(e[side], dtype=torch.long).reshape(-1) for e in examples]
+                 for side in ("chosen", "rejected")]
+    lengths = torch.tensor([[len(p), len(c), len(r)]
+                            for p, c, r in zip(prompts, *responses, strict=True)])
+    unscored = torch.tensor([list(e.get("unscored", (0, 0))) for e in examples]).reshape(-1, 2)
+    # a response's first token is scored only if something precedes it
+    scored = lengths[:, 1:] - torch.maximum(unscored, (lengths[:, :1] == 0).long())
+    counts = dict(response_tokens=scored.T.reshape(-1),
+                  sequence_tokens=(lengths[:, :1] + lengths[:, 1:]).T.reshape(-1))
+    if not packed:
+        return {**padded_rows(examples, pad_id), **counts}
+    return {**packed_rows(prompts, responses, lengths, unscored, pad_id, max_length), **counts}
+
+
+def padded_rows(examples, pad_id):
+    """2B right-padded rows [chosen..., rejected...] with labels (IGNORE_INDEX where not scored)."""
+    examples = [{k: np.asarray(v).tolist() for k, v in e.items()} for e in examples]
+    sequences, labels = [], []
+    for s, side in enumerate(("chosen", "rejected")):
+        for e in examples:
+            unscored = e.get("unscored", (0, 0))[s]
+            sequences.append(e["prompt"] + e[side])
+            labels.append([IGNORE_INDEX] * (len(e["prompt"]) + unscored) + e[side][unscored:])
+    width = max(map(len, sequences))
+
+    def pad(rows, value):
+        return torch.tensor([row + [value] * (width - len(row)) for row in rows])
+
+    mask = pad([[1] * len(s) for s in sequences], 0)
+    return {"input_ids": pad(sequences, pad_id), "attention_mask": mask,
+            "labels": pad(labels, IGNORE_INDEX)}
+
+
+def packed_rows(prompts, responses, lengths, unscored, pad_id, max_length):
+    spans = lengths.sum(1).tolist()
+    limit = max(3 * max_length // 2, *spans)
+    order = sorted(range(len(spans)), key=lambda b: -spans[b])
+    # the fewest rows that fit, filled longest pair first onto the emptiest row: nearly equal rows
+    for n_rows in range(math.ceil(sum(spans) / limit), len(spans) + 1):
+        rows = [[] for _ in range(n_rows)]
+        filled = [0] * n_rows
+        for b in order:
+            emptiest = filled.index(min(filled))
+            rows[emptiest].append(b)
+            filled[emptiest] += spans[b]
+        if max(filled) <= limit:
+            break
+    shape = (len(rows), max(filled))
+    input_ids = torch.full(shape, pad_id)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    # which pair a token belongs to (-1: padding), and its side: 0 prompt or padding, 1 chosen, 2 rejected
+    segment = torch.full(shape, -1)
+    side = torch.zeros(shape, dtype=torch.int8)
+    score_index, targets, sequence = [], [], []
+    for r, row in enumerate(rows):
+        start = 0
+        for b in row:
+            P, C, R = lengths[b].tolist()
+            end = start + P + C + R
+            input_ids[r, start:end] = torch.cat([prompts[b], responses[0][b], responses[1][b]])
+            position_ids[r, start:end] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
+            segment[r, start:end] = b
+            side[r, start + P:start + P + C] = 1
+            side[r, start + P + C:end] = 2
+            # The hidden state that predicts a response token is the one before it, except that the
+            # first rejected token follows the prompt, not the chosen response.
+            j = torch.arange(R)
+            predictors = (start + P - 1 + torch.arange(C),
+                          torch.where(j == 0, start + P - 1, start + P + C - 1 + j))
+            for s, index in enumerate(predictors):
+                # an empty prompt leaves a response's first token without a predictor
+                keep = (index >= start) & (torch.arange(len(index)) >= unscored[b, s])
+                score_index.append(r * shape[1] + index[keep])
+                targets.append(responses[s][b][keep])
+                sequence.append(torch.full_like(targets[-1], s * len(spans) + b))
+            start = end
+    return dict(input_ids=input_ids, position_ids=position_ids, segment=segment, side=side,
+                score_index=torch.cat(score_index), targets=torch.cat(targets),
+                sequence=torch.cat(sequence))
+
+
+def attention_inputs(batch, eager_dtype=None):
+    """The attention arguments of either layout. Packed: positions and a (rows, 1, T, T) mask where
+    token q may see token k of its own pair at or before it, if k is prompt or on q's side. Bool for
+    SDPA; eager attention reads a bool mask wrongly, so with `eager_dtype` it is additive (0 / min)."""
+    if "segment" not in batch:
+        return dict(attention_mask=batch["attention_mask"])
+    segment, side = batch["segment"], batch["side"]
+    rows, width = segment.shape
+    allowed = torch.empty(rows, 1, width, width, dtype=torch.bool, device=segment.device)
+    # a row at a time: the temporaries are one (T, T), not one per row. Padding sees earlier padding,
+    # so no row of the mask is empty.
+    for r in range(rows):
+        torch.eq(segment[r, :, None], segment[r, None, :], out=allowed[r, 0])
+        allowed[r, 0] &= (side[r, None, :] == 0) | (side[r, None, :] == side[r, :, None])
+        allowed[r, 0].tril_()
+    if eager_dtype is not None:
+        allowed = torch.zeros(allowed.shape, dtype=eager_dtype, device=allowed.device).masked_fill_(
+            ~allowed, torch.finfo(eager_dtype).min)
+    return dict(position_ids=batch["position_ids"], attention_mask=allowed)
+
+
+def packing_problem(config, max_length):
+    """Why a decoder config rules out the packed layout (None when it does not): it needs a 4-D mask
+    used as given in every layer, so only attention layers, no attention soft-capping, and no window
+    or attention chunk that a sequence of `max_length` tokens could exceed (the mask bypasses it)."""
+    attention = getattr(config, "_attn_implementation", None)
+    use_window = getattr(config, "use_sliding_window", True)
+    window = getattr(config, "sliding_window", None) if use_window else None
+    window = window or getattr(config, "attention_chunk_size", None)
+    other = sorted(set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYERS)
+    if other:
+        return f"{config.model_type} has {'/'.join(other)} layers, whose state runs along the whole row"
+    # FlashAttention and FlexAttention take no dense 4-D mask
+    if attention not in ("sdpa", "eager"):
+        return f"{attention} attention takes no 4-D mask"
+    if getattr(config, "attn_logit_softcapping", None):
+        return f"{config.model_type} soft-caps its attention logits"
+    if window and window < max_length:
+        return f"{config.model_type}'s sliding window ({window}) is shorter than {max_length} tokens"
+    return None

@@ -1,5 +1,5 @@
-"""The run folder: checkpoints a long run can trust, resuming, the metrics log, and the one-line errors
-of the command lines.
+"""The run folder: checkpoints a long run can trust, resuming, the metrics log; and the one-line
+errors of the command lines.
 
 A run folder holds the final save at its top (adapter or model, tokenizer, training_state.pt,
 run_config.json, metrics.jsonl, curves.png) and the newest `--keep-checkpoints` folders
@@ -27,9 +27,9 @@ import parallel
 # setting (--max-steps, --epochs, the lr schedule, --eval-every, --report-to, ...) only changes what
 # comes next, and is allowed.
 FIXED_BY_THE_RUN = ("model", "full", "load_in_4bit", "lora_r", "lora_alpha", "lora_target",
-                    "chat_template", "dataset", "split", "eval_split", "eval_fraction", "max_length",
-                    "max_prompt_length", "data_fingerprint", "beta", "gamma", "sft_weight",
-                    "no_length_normalization", "batch_size", "seed", "world_size")
+                    "chat_template", "dataset", "split", "eval_split", "eval_fraction",
+                    "max_length", "max_prompt_length", "data_fingerprint", "beta", "gamma",
+                    "sft_weight", "no_length_normalization", "batch_size", "seed", "world_size")
 # exactly this: a "checkpoint-2-backup" folder is not one
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
@@ -39,7 +39,7 @@ class UsageError(ValueError):
 
 
 class StopRequested(Exception):
-    """The run stopped early on purpose (signal, divergence, out of memory): message and exit code."""
+    """The run stopped on purpose (signal, divergence, out of memory): message and exit code."""
 
     def __init__(self, message, exit_code):
         super().__init__(message)
@@ -94,8 +94,8 @@ unit_interval = checked("in [0, 1)", lambda v: 0 <= v < 1)
 
 
 class StopFlag:
-    """SIGINT (Ctrl-C) and SIGTERM (preemption) only set a flag while in use as a context manager: the
-    work in progress finishes first. A second Ctrl-C changes nothing."""
+    """SIGINT (Ctrl-C) and SIGTERM (preemption) only set a flag while in use as a context manager:
+    the work in progress finishes first. A second Ctrl-C changes nothing."""
 
     def __init__(self, announce):
         self.announce = announce
@@ -164,7 +164,8 @@ def saved_steps(run_dir):
 
 def training_state(model, optimizer, step):
     """Everything `--resume` needs to continue exactly: tensors, numbers and strings only. The RNG
-    states of every process (dropout masks are drawn per process): all processes call this together."""
+    states of every process (dropout masks are drawn per process): all processes call this
+    together."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -173,7 +174,7 @@ def training_state(model, optimizer, step):
 
 
 def write(model, tokenizer, folder, state):
-    """Adapter (or model) in the usual format, the tokenizer, and the training state, into `folder`."""
+    """Adapter (or model) in the usual format, tokenizer and training state, into `folder`."""
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     # transformers 5 leaves `legacy` out of the saved tokenizer_config.json; reloaded without it, a
@@ -195,8 +196,8 @@ def save_final(model, tokenizer, run_dir, state):
 
 
 def restore(model, optimizer, folder):
-    """Load a save written by `write`; returns its step. `weights_only=True`: a state file that holds
-    anything but tensors and plain values (a planted pickle) is refused, never run."""
+    """Load a save written by `write`; returns its step. `weights_only=True`: a state file that
+    holds anything but tensors and plain values (a planted pickle) is refused, never run."""
     try:
         state = torch.load(Path(folder) / "training_state.pt", weights_only=True,
                            map_location="cpu")
@@ -224,7 +225,8 @@ class Checkpointer(StopFlag):
     signal only sets a flag, the optimizer step finishes, then a checkpoint is written and the run
     stops. Use as a context manager around the loop."""
 
-    def __init__(self, model, tokenizer, optimizer, run_dir, save_every=0, save_minutes=0.0, keep=2):
+    def __init__(self, model, tokenizer, optimizer, run_dir, save_every=0, save_minutes=0.0,
+                 keep=2):
         super().__init__("finishing this step, then saving a checkpoint")
         self.model = model
         self.tokenizer = tokenizer
@@ -239,10 +241,11 @@ class Checkpointer(StopFlag):
             shutil.rmtree(leftover)
 
     def after_step(self, step, last_step):
-        """After each optimizer step (1-based), in every process; raises StopRequested on a signal."""
+        """After each optimizer step (1-based), in every process; StopRequested after a signal."""
         clock = self.save_seconds and time.monotonic() - self.last_save >= self.save_seconds
         due = bool((self.save_every and step % self.save_every == 0) or clock) and step < last_step
-        # Processes see the clock and the signal at slightly different moments: all act on the first.
+        # Processes see the clock and the signal at slightly different moments: all act on the
+        # first.
         due, signum = parallel.agree(int(due), self.signal or 0)
         # A signal that lands after the flags were read stays set for the next step: never lost.
         self.signal = signum or self.signal
@@ -254,13 +257,14 @@ class Checkpointer(StopFlag):
         if signum:
             world = parallel.world_size()
             launch = f"torchrun --nproc-per-node {world}" if world > 1 else "python"
-            raise StopRequested(f"{signal.Signals(signum).name} after step {step}: checkpoint saved; "
-                                f"resume with: {launch} train.py --resume {self.run_dir}",
+            raise StopRequested(f"{signal.Signals(signum).name} after step {step}: checkpoint "
+                                f"saved; resume with: {launch} train.py --resume {self.run_dir}",
                                 128 + signum)
 
     def save(self, step):
-        """checkpoint-<step>/, written to a temporary folder and renamed into place, so a crash while
-        saving leaves the previous checkpoints as they were; then only the newest `keep` are kept."""
+        """checkpoint-<step>/, written to a temporary folder and renamed into place, so a crash
+        while saving leaves the previous checkpoints as they were; then only the newest `keep` are
+        kept."""
         # in every process (RNG states); one writes. The clock restarts when the checkpoint starts.
         state = training_state(self.model, self.optimizer, step)
         self.last_save = time.monotonic()
@@ -294,7 +298,8 @@ def prepare_output_dir(args, inputs):
     # never empty a folder train.py did not make (., ~, ...)
     if not (out / "run_config.json").is_file():
         raise UsageError(f"--output-dir {out} holds no earlier run (no run_config.json): "
-                         f"--overwrite only replaces a run folder; pick an empty or new --output-dir")
+                         f"--overwrite only replaces a run folder; pick an empty or new "
+                         f"--output-dir")
     # --overwrite deletes the whole folder: it must not hold what this run reads
     for path in inputs:
         if path and Path(path).exists() and Path(path).resolve().is_relative_to(out.resolve()):
@@ -303,8 +308,9 @@ def prepare_output_dir(args, inputs):
 
 
 def make_output_dir(args):
-    """The run folder, created only now. The default name is unique even for runs started in the same
-    second: mkdir without exist_ok either creates the folder or fails, so two runs never share one."""
+    """The run folder, created only now. The default name is unique even for runs started in the
+    same second: mkdir without exist_ok either creates the folder or fails, so two runs never share
+    one."""
     if args.output_dir is not None:
         out = Path(args.output_dir)
         # prepare_output_dir checked it: a run folder holding no input
@@ -345,7 +351,9 @@ class Logger:
         if not active:
             return
         old = self.path.read_text().splitlines() if self.path.exists() else []
-        kept = [line for line in old if json_step(line) is not None and json_step(line) <= start_step]
+        steps = [json_step(line) for line in old]
+        kept = [line for line, step in zip(old, steps, strict=True)
+                if step is not None and step <= start_step]
         self.path.write_text("".join(line + "\n" for line in kept))
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter

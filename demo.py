@@ -1,20 +1,22 @@
-"""The offline demo's scaffolding: a toy preference task and a tiny Llama-architecture model built locally.
+"""The offline demo's scaffolding: a toy preference task and a tiny Llama model built locally.
 
-    python demo.py          # regenerate data/demo/ and data/demo-chat/ {train,test}.jsonl (deterministic)
-    python train.py         # train on them (see train.py), then: python eval.py --adapter runs/demo
+    python demo.py     # writes data/demo/ and data/demo-chat/ {train,test}.jsonl (deterministic)
+    python train.py    # train on them, then: python eval.py --adapter runs/demo
 
-The task: a prompt asks to "shout:" or "whisper:" a few words; the chosen response repeats them in the
-asked-for case, the rejected one in the other case. Half the prompts want each case, so a model that
-merely prefers one case is at chance: it has to read the instruction. Held-out prompts use word
-combinations never seen in training. data/demo-chat/ holds the same pairs in the conversational layout of
-HuggingFaceH4/ultrafeedback_binarized (a `prompt` string, `chosen`/`rejected` as whole conversations).
+The task: a prompt asks to "shout:" or "whisper:" a few words; the chosen response repeats them in
+the asked-for case, the rejected one in the other case. Half the prompts want each case, so a model
+that merely prefers one case is at chance: it has to read the instruction. Held-out prompts use word
+combinations never seen in training. data/demo-chat/ holds the same pairs in the conversational
+layout of HuggingFaceH4/ultrafeedback_binarized (a `prompt` string, `chosen`/`rejected` as whole
+conversations).
 """
 import json
 import random
 from pathlib import Path
 
 WORDS = ("apple river stone cloud tiger maple candle orbit pepper silver harbor violet "
-         "lantern meadow falcon copper ember glacier willow thunder velvet canyon puzzle rocket").split()
+         "lantern meadow falcon copper ember glacier willow thunder velvet canyon puzzle "
+         "rocket").split()
 INSTRUCTIONS = ("shout:", "whisper:")
 DATA_DIR = Path(__file__).parent / "data" / "demo"
 
@@ -24,8 +26,8 @@ TRAINING = dict(dataset=str(DATA_DIR), split="train", eval_split="test", output_
                 max_length=64, max_prompt_length=32, lora_r=8, lora_alpha=16, lora_dropout=0.0,
                 load_in_4bit=False, gradient_checkpointing=False)
 
-# Special tokens in a form no ordinary word starts with: a special token that prefixes normal text breaks
-# tokenization.
+# Special tokens in a form no ordinary word starts with: a special token that prefixes normal text
+# breaks tokenization.
 SPECIAL = {"pad": "<|pad|>", "unk": "<|unk|>", "bos": "<|bos|>", "eos": "<|end|>"}
 ROLES = ("<|system|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (  # every turn ends with the EOS token, as Llama-3's does
@@ -69,9 +71,10 @@ def write_data(folder=DATA_DIR, n_train=512, n_test=128, seed=0):
 
 
 def build_tiny_model(folder, words=WORDS, hidden_size=64, num_layers=2, seed=0):
-    """Save a randomly initialised Llama model and a word-level tokenizer with a chat template to `folder`,
-    as an ordinary model folder, so that `from_pretrained`, 4-bit loading and LoRA run exactly as for a
-    hub model. Words are case-sensitive tokens; every word is in the vocabulary in lower and upper case."""
+    """Save a randomly initialised Llama model and a word-level tokenizer with a chat template to
+    `folder`, as an ordinary model folder, so that `from_pretrained`, 4-bit loading and LoRA run
+    exactly as for a hub model. Words are case-sensitive tokens; every word is in the vocabulary in
+    lower and upper case."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -86,9 +89,11 @@ def build_tiny_model(folder, words=WORDS, hidden_size=64, num_layers=2, seed=0):
         single=f"{SPECIAL['bos']} $A", special_tokens=[(SPECIAL["bos"], vocab[SPECIAL["bos"]])])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=SPECIAL["bos"],
                                         eos_token=SPECIAL["eos"], pad_token=SPECIAL["pad"],
-                                        unk_token=SPECIAL["unk"], additional_special_tokens=list(ROLES))
+                                        unk_token=SPECIAL["unk"],
+                                        additional_special_tokens=list(ROLES))
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden_size,
+                         intermediate_size=2 * hidden_size,
                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, tie_word_embeddings=False,
                          bos_token_id=vocab[SPECIAL["bos"]], eos_token_id=vocab[SPECIAL["eos"]],

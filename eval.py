@@ -1,11 +1,12 @@
-"""Did a SimPO run work? Held-out reward accuracy, KL(policy ‖ base SFT model) and response length.
+"""Did a SimPO run work? Held-out reward accuracy, KL(policy ‖ base SFT model), generation health.
 
-    python eval.py --adapter runs/demo           # the run's held-out split, with the run's own settings
-    python eval.py --adapter runs/llama3 --dataset HuggingFaceH4/ultrafeedback_binarized --split test_prefs \
-        --generate 64 --out report.json
+    python eval.py --adapter runs/demo     # the run's held-out split, with the run's own settings
+    python eval.py --adapter runs/llama3 --dataset HuggingFaceH4/ultrafeedback_binarized \
+        --split test_prefs --generate 64 --out report.json
 
-With a LoRA run the base model is the same model with its adapter switched off: no second copy in memory.
-For a full fine-tuning run (`--adapter` is then the trained model folder) `--ref-model` names the base.
+With a LoRA run the base model is the same model with its adapter switched off: no second copy in
+memory. For a full fine-tuning run (`--adapter` is the trained model folder) `--ref-model` names the
+base.
 """
 import argparse
 import contextlib
@@ -27,12 +28,14 @@ from checkpoints import UsageError, non_negative, positive, positive_int
 
 def parse_args(argv=None):
     p = checkpoints.Parser(description=__doc__.split("\n\n")[0],
-                           epilog="eval.py runs in one process, also on runs trained with torchrun.")
+                           epilog="eval.py runs in one process, also on runs trained with "
+                                  "torchrun.")
     p.add_argument("--adapter", required=True,
                    help="run folder or checkpoint (LoRA), or a fully fine-tuned model folder")
     p.add_argument("--model", help="the base SFT model (default: the run's --model)")
     p.add_argument("--ref-model",
-                   help="base model of a full fine-tuning run (default: --model); LoRA runs need none")
+                   help="base model of a full fine-tuning run (default: --model); LoRA runs need "
+                        "none")
     p.add_argument("--dataset", help="default: the run's")
     p.add_argument("--split", help="evaluate this whole split (default: the run's held-out pairs)")
     p.add_argument("--beta", type=positive, default=2.0,
@@ -53,8 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="with --generate")
     # Temperature 1 and no top-p: the sequence-level KL estimate is unbiased only on samples from π.
     p.add_argument("--temperature", type=positive, default=1.0, help="with --generate")
-    p.add_argument("--top-p", type=checkpoints.checked("in (0, 1]", lambda v: 0 < v <= 1), default=1.0,
-                   help="with --generate")
+    top_p = checkpoints.checked("in (0, 1]", lambda v: 0 < v <= 1)
+    p.add_argument("--top-p", type=top_p, default=1.0, help="with --generate")
     p.add_argument("--seed", type=int, default=0, help="which prompts --generate samples, and how")
     p.add_argument("--judge", metavar="RM", help="with --generate: a reward model judges samples")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -65,9 +68,11 @@ def parse_args(argv=None):
     adapter = Path(args.adapter)
     if not adapter.is_dir():
         raise UsageError(f"--adapter {adapter}: no such folder")
-    found = [f for f in (adapter / "run_config.json", adapter.parent / "run_config.json") if f.is_file()]
-    run = json.loads(found[0].read_text()) if found else {}  # a checkpoint's run config is one folder up
-    if (adapter / "adapter_config.json").is_file():  # peft records the base it trained on
+    # a checkpoint's run config is one folder up
+    found = [f for f in (adapter, adapter.parent) if (f / "run_config.json").is_file()]
+    run = json.loads((found[0] / "run_config.json").read_text()) if found else {}
+    # peft records the base it trained on
+    if (adapter / "adapter_config.json").is_file():
         adapter_config = json.loads((adapter / "adapter_config.json").read_text())
         run.setdefault("model", adapter_config.get("base_model_name_or_path"))
     keys = ("model", "dataset", "beta", "gamma", "max_length", "max_prompt_length", "load_in_4bit")
@@ -89,27 +94,33 @@ def parse_args(argv=None):
 def load_policy_and_base(args, device, dtype):
     """The trained policy, and a context manager that yields the base model."""
     adapter = Path(args.adapter)
-    if not (adapter / "adapter_config.json").is_file():  # full fine-tuning: two models
+    # full fine-tuning: two models
+    if not (adapter / "adapter_config.json").is_file():
         if not (adapter / "config.json").is_file():
-            newest = sorted(adapter.glob("checkpoint-*/adapter_config.json"), key=lambda f: f.stat().st_mtime)
-            hint = f" (the run has no final save yet: evaluate {newest[-1].parent}, or finish it with " \
-                   f"train.py --resume {adapter})" if newest else ""
-            raise UsageError(f"--adapter {adapter}: neither a LoRA adapter nor a model folder{hint}")
-        trust = args.trust_remote_code
-        policy = modeling.load_model(str(adapter), args.load_in_4bit, dtype, device, trust).eval()
-        reference = modeling.load_model(args.ref_model or args.model, args.load_in_4bit, dtype, device,
-                                        trust).eval()
+            newest = sorted(adapter.glob("checkpoint-*/adapter_config.json"),
+                            key=lambda f: f.stat().st_mtime)
+            hint = ""
+            if newest:
+                hint = (f" (the run has no final save yet: evaluate {newest[-1].parent}, or finish "
+                        f"it with train.py --resume {adapter})")
+            raise UsageError(f"--adapter {adapter}: neither a LoRA adapter nor a model "
+                             f"folder{hint}")
+        policy, reference = (
+            modeling.load_model(name, args.load_in_4bit, dtype, device, args.trust_remote_code)
+            for name in (str(adapter), args.ref_model or args.model))
+        policy.eval()
+        reference.eval()
         return policy, lambda: contextlib.nullcontext(reference)
     from peft import PeftModel
     base = modeling.load_model(args.model, args.load_in_4bit, dtype, device, args.trust_remote_code)
     try:
         policy = PeftModel.from_pretrained(base, str(adapter)).eval()
     except (RuntimeError, ValueError, KeyError) as error:
-        trained_on = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        config = json.loads((adapter / "adapter_config.json").read_text())
         lines = str(error).strip().splitlines() or [type(error).__name__]
         detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0])
-        raise UsageError(f"--adapter {adapter} does not fit --model {args.model} (it was trained on "
-                               f"{trained_on}): {detail}") from None
+        raise UsageError(f"--adapter {adapter} does not fit --model {args.model} (it was trained "
+                         f"on {config.get('base_model_name_or_path')}): {detail}") from None
 
     @contextlib.contextmanager
     def base_model():
@@ -119,10 +130,12 @@ def load_policy_and_base(args, device, dtype):
 
 
 def token_kl(policy_hidden, base_hidden, policy_head, base_head, labels, chunk_size=1024):
-    """Exact KL(π ‖ π_base) over the whole vocabulary at every response position, summed per sequence.
+    """Exact KL(π ‖ π_base) over the whole vocabulary at every response position, summed per
+    sequence.
 
-    policy_hidden, base_hidden: (B, T, H); *_head: keyword arguments of simpo.project_logits; labels: (B, T).
-    Holds only (chunk_size, V) logits of each model at a time. Returns (kl sums (B,), response tokens (B,)).
+    policy_hidden, base_hidden: (B, T, H); *_head: keyword arguments of simpo.project_logits;
+    labels: (B, T). Holds only (chunk_size, V) logits of each model at a time. Returns (kl sums
+    (B,), response tokens (B,)).
     """
     mask = labels[:, 1:] != packing.IGNORE_INDEX
     policy_hidden, base_hidden = policy_hidden[:, :-1][mask], base_hidden[:, :-1][mask]  # (N, H)
@@ -134,34 +147,40 @@ def token_kl(policy_hidden, base_hidden, policy_head, base_head, labels, chunk_s
         # models agree
         kl.append((log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0))
     rows = mask.nonzero()[:, 0]
-    return torch.zeros(len(labels), device=labels.device).index_add(0, rows, torch.cat(kl)), mask.sum(-1)
+    sums = torch.zeros(len(labels), device=labels.device).index_add(0, rows, torch.cat(kl))
+    return sums, mask.sum(-1)
 
 
 @torch.no_grad()
 def kl_to_base(policy, base_model, examples, pad_id, batch_size, chunk_size):
-    """Mean per-token KL(policy ‖ base) over chosen and over rejected responses, with the token counts."""
+    """Mean per-token KL(policy ‖ base) over chosen and over rejected responses, and counts."""
     device = next(policy.parameters()).device
-    kl_sums, token_counts = torch.zeros(2, device=device), torch.zeros(2, device=device)  # [chosen, rejected]
+    # [chosen, rejected]
+    kl_sums = torch.zeros(2, device=device)
+    token_counts = torch.zeros(2, device=device)
     for i in tqdm(range(0, len(examples), batch_size), desc="KL", leave=False):
-        batch = {k: v.to(device) for k, v in packing.padded_rows(examples[i:i + batch_size], pad_id).items()}
+        batch = packing.padded_rows(examples[i:i + batch_size], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             policy_hidden, policy_head = modeling.final_hidden(policy, batch)
             with base_model() as base:
                 base_hidden, base_head = modeling.final_hidden(base, batch)
-            kl, tokens = token_kl(policy_hidden, base_hidden, policy_head, base_head, batch["labels"],
-                                  chunk_size)
-        kl_sums += kl.view(2, -1).sum(1)  # the batch is [chosen..., rejected...]
+            kl, tokens = token_kl(policy_hidden, base_hidden, policy_head, base_head,
+                                  batch["labels"], chunk_size)
+        # the batch is [chosen..., rejected...]
+        kl_sums += kl.view(2, -1).sum(1)
         token_counts += tokens.view(2, -1).sum(1)
     kl_chosen, kl_rejected = (kl_sums / token_counts.clamp(min=1)).tolist()
     n_chosen, n_rejected = token_counts.tolist()
-    return {"kl/chosen": kl_chosen, "kl/rejected": kl_rejected, "kl/chosen_tokens": int(n_chosen),
-            "kl/rejected_tokens": int(n_rejected)}
+    return {"kl/chosen": kl_chosen, "kl/rejected": kl_rejected,
+            "kl/chosen_tokens": int(n_chosen), "kl/rejected_tokens": int(n_rejected)}
 
 
 @torch.no_grad()
 def generate(policy, base_model, tokenizer, examples, args):
-    """Sample `args.generate` held-out prompts from policy and base with the same seed; lengths up to EOS and
-    a sequence-level KL estimate on the policy's own samples: mean of Σ_t log π(y_t) − log π_base(y_t)."""
+    """Sample `args.generate` held-out prompts from policy and base with the same seed; lengths up
+    to EOS and a sequence-level KL estimate on the policy's own samples: mean of Σ_t log π(y_t) −
+    log π_base(y_t)."""
     from transformers import GenerationMixin
     device, samples = next(policy.parameters()).device, []
     sampling, stop = modeling.sampling_config(policy, tokenizer, args.temperature, args.top_p,
@@ -174,7 +193,8 @@ def generate(policy, base_model, tokenizer, examples, args):
         for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
             with context as model:
                 for module in model.modules():  # the transformers model, also inside a peft wrapper
-                    if isinstance(module, GenerationMixin):  # for good: nothing else samples from it
+                    # for good: nothing else samples from it
+                    if isinstance(module, GenerationMixin):
                         module.generation_config = sampling
                 torch.manual_seed(args.seed + i)  # the same seed for both models
                 ids = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
@@ -182,10 +202,11 @@ def generate(policy, base_model, tokenizer, examples, args):
                 ids = ids[0, prompt.shape[1]:].tolist()
             ends = [n for n, token in enumerate(ids) if token in stop]
             ids = ids[:ends[0] + 1] if ends else ids  # up to and including the first stop token
-            sample |= {name: tokenizer.decode(ids, skip_special_tokens=True), f"{name}_tokens": len(ids),
-                       f"{name}_ids": ids}
+            sample |= {name: tokenizer.decode(ids, skip_special_tokens=True),
+                       f"{name}_tokens": len(ids), f"{name}_ids": ids}
         labels = [packing.IGNORE_INDEX] * prompt.shape[1] + sample["policy_ids"]
-        batch = {"input_ids": torch.tensor([prompt[0].tolist() + sample["policy_ids"]], device=device)}
+        sequence = prompt[0].tolist() + sample["policy_ids"]
+        batch = {"input_ids": torch.tensor([sequence], device=device)}
         batch |= {"attention_mask": torch.ones_like(batch["input_ids"]),
                   "labels": torch.tensor([labels], device=device)}
         log_ratio = modeling.policy_logps(policy, batch, average=False)
@@ -198,24 +219,28 @@ def generate(policy, base_model, tokenizer, examples, args):
 
 
 def pairs_to_score(args):
-    """Which pairs to score: (split, held-out fraction, what they are in words, whether the run trained on
-    them). By default the pairs the run held out, cut as train.py cut them, never its training pairs."""
+    """Which pairs to score: (split, held-out fraction, what they are in words, whether the run
+    trained on them). By default the pairs the run held out, cut as train.py cut them, never its
+    training pairs."""
     run, dataset = args.run, args.dataset
-    same = run.get("dataset") is not None and \
-        str(Path(dataset).resolve()) == str(Path(run["dataset"]).resolve())
-    if args.split and Path(dataset).is_file():  # (as train.py refuses --eval-split)
+    same = (run.get("dataset") is not None
+            and str(Path(dataset).resolve()) == str(Path(run["dataset"]).resolve()))
+    # (as train.py refuses --eval-split)
+    if args.split and Path(dataset).is_file():
         raise UsageError(f"--split {args.split}: {dataset} is a single file, which has no splits: "
-                         f"eval.py scores the pairs the run held out of it, or all of a file the run did not "
-                         f"train on")
+                         f"eval.py scores the pairs the run held out of it, or all of a file the "
+                         f"run did not train on")
     if args.split:
         training = same and args.split == run.get("split", "train")
         note = ": the run trained on them" if training else ""
         return args.split, 0.0, f"split {args.split!r} of {dataset}{note}", training
     if same and run.get("eval_split"):
-        return run["eval_split"], 0.0, f"split {run['eval_split']!r} of {dataset}, held out by the run", False
+        what = f"split {run['eval_split']!r} of {dataset}, held out by the run"
+        return run["eval_split"], 0.0, what, False
     if same and run.get("eval_fraction"):
-        return (run.get("split", "train"), run["eval_fraction"], f"the pairs the run held out of {dataset} "
-                f"(--eval-fraction {run['eval_fraction']:g}, seed {run.get('seed', 0)})", False)
+        what = (f"the pairs the run held out of {dataset} (--eval-fraction "
+                f"{run['eval_fraction']:g}, seed {run.get('seed', 0)})")
+        return run.get("split", "train"), run["eval_fraction"], what, False
     if same:
         raise UsageError(f"the run held out no pairs of {dataset}: pass other data with --dataset "
                          f"(and --split for a folder or hub dataset)")
@@ -231,17 +256,18 @@ def evaluate(args):
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     args.load_in_4bit = cuda if args.load_in_4bit is None else args.load_in_4bit
     adapter = Path(args.adapter)
-    # The base model's tokenizer and the run's template, exactly as train.py tokenized (not a re-saved copy)
+    # The base model's tokenizer and the run's template, exactly as train.py tokenized (not a
+    # re-saved copy)
     tokenizer = modeling.load_tokenizer(args.ref_model or args.model, None, args.trust_remote_code)
     trained_with = args.run.get("chat_template")
     if trained_with and trained_with != tokenizer.chat_template:
-        print(f"note: {args.ref_model or args.model} has another chat template than the run trained with: "
-              f"scoring with the run's")
+        print(f"note: {args.ref_model or args.model} has another chat template than the run "
+              f"trained with: scoring with the run's")
         tokenizer.chat_template = trained_with
     split, fraction, scored, training = pairs_to_score(args)
-    train_part, held_out, summary = preferences.load_examples(tokenizer, args.dataset, split, None, fraction,
-                                                       args.run.get("seed", 0), args.max_length,
-                                                       args.max_prompt_length)
+    train_part, held_out, summary = preferences.load_examples(
+        tokenizer, args.dataset, split, None, fraction, args.run.get("seed", 0), args.max_length,
+        args.max_prompt_length)
     part, examples = ("held-out", held_out) if fraction else ("train", train_part)
     if not examples:
         raise preferences.DataError(f"{args.dataset}: no pairs to evaluate in split {split!r}")
@@ -251,7 +277,8 @@ def evaluate(args):
     average = not args.run.get("no_length_normalization", False)
     settings = {k: v for k, v in vars(args).items() if k != "run"}
     report = {"settings": settings, "pairs": len(examples), "scored": scored,
-              "includes_training_pairs": training,  # counts of the pairs evaluated only, not of training's:
+              # counts of the pairs evaluated only, not of training's:
+              "includes_training_pairs": training,
               "skipped": summary.skipped(part), "counts": summary.counts[part]}
     pad_id = tokenizer.pad_token_id
     for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
@@ -263,7 +290,8 @@ def evaluate(args):
     if args.generate:
         summary, samples = generate(policy, base_model, tokenizer, examples, args)
         report |= summary
-        if args.judge:  # the reward model reads each prompt as messages, with its own chat template
+        # the reward model reads each prompt as messages, with its own chat template
+        if args.judge:
             report["judge"] = judge.judge_samples(args, samples, split, device, dtype)
         samples_path = Path(args.samples or adapter / "samples.jsonl")
         samples_path.parent.mkdir(parents=True, exist_ok=True)
@@ -277,14 +305,17 @@ def evaluate(args):
 
 
 def print_report(report, args):
-    print(f"\n{report['pairs']} pairs scored: {report['scored']} (β={args.beta:g}, γ={args.gamma:g})")
+    print(f"\n{report['pairs']} pairs scored: {report['scored']} "
+          f"(β={args.beta:g}, γ={args.gamma:g})")
     counts = report["counts"]
-    print(f"left out: {counts['identical']} with chosen == rejected, {counts['emptied']} truncated to "
-          f"nothing; {counts['truncated']} scored truncated")
+    print(f"left out: {counts['identical']} with chosen == rejected, {counts['emptied']} truncated "
+          f"to nothing; {counts['truncated']} scored truncated")
     if report["includes_training_pairs"]:
-        print("warning: these are training pairs, not held-out ones: the accuracy says little about new data")
+        print("warning: these are training pairs, not held-out ones: the accuracy says little "
+              "about new data")
     print(f"{'':34}{'policy':>10}{'base':>10}")
-    rows = (("rewards/accuracies", "reward accuracy"), ("rewards/margins", "mean reward margin β·Δ"),
+    rows = (("rewards/accuracies", "reward accuracy"),
+            ("rewards/margins", "mean reward margin β·Δ"),
             ("rewards/beyond_gamma", "pairs beyond margin γ"), ("loss", "SimPO loss"))
     for key, label in rows:
         print(f"{label:34}{report['policy'][key]:>10.3f}{report['base'][key]:>10.3f}")

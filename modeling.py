@@ -1,6 +1,6 @@
-"""The model side of train.py and eval.py: load the tokenizer and the model (maybe in 4-bit), add LoRA,
-check at start-up that simpo scores this model as the model itself does, and score responses from the
-final hidden states without building full logits.
+"""The model side of train.py and eval.py: load the tokenizer and the model (maybe in 4-bit), add
+LoRA, check at start-up that simpo scores this model as the model itself does, and score responses
+from the final hidden states without building full logits.
 """
 import logging
 import re
@@ -18,8 +18,8 @@ from checkpoints import UsageError
 
 # On CPUs, bitsandbytes announces at import that an optional kernel package is missing: noise.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-# peft 0.21's PeftModel reads transformers' `is_gradient_checkpointing`, deprecated in transformers 5:
-# every run would print the warning, and there is nothing for a user to change.
+# peft 0.21's PeftModel reads transformers' `is_gradient_checkpointing`, deprecated in transformers
+# 5: every run would print the warning, and there is nothing for a user to change.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                         category=FutureWarning)
 
@@ -63,7 +63,8 @@ def quantization(load_in_4bit, dtype):
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
 
 
-def load_model(name, load_in_4bit=False, dtype=torch.float32, device="cpu", trust_remote_code=False):
+def load_model(name, load_in_4bit=False, dtype=torch.float32, device="cpu",
+               trust_remote_code=False):
     """The model as `from_pretrained` gives it, from a folder or a hub id. Code shipped with a model
     (`auto_map` in its config) runs only with `trust_remote_code=True`."""
     from transformers import AutoModelForCausalLM
@@ -102,9 +103,9 @@ def decoder_of(model):
 
 
 def language_model_linears(model):
-    """"all-linear" for this model: on a multimodal wrapper, a regex over the language model's linear
-    layers alone. The vision tower's would get no gradient from text, and DDP stops at parameters
-    that never get one."""
+    """"all-linear" for this model: on a multimodal wrapper, a regex over the language model's
+    linear layers alone. The vision tower's would get no gradient from text, and DDP stops at
+    parameters that never get one."""
     decoder = decoder_of(model)
     head = model.get_output_embeddings()
     prefix = next(name for name, module in model.named_modules() if module is decoder)
@@ -162,9 +163,9 @@ def prepare_model(args, device, dtype):
 def sampling_config(model, tokenizer, temperature, top_p, max_new_tokens):
     """A GenerationConfig that samples from the model's softmax alone, and the model's stop tokens.
     transformers 5 fills every field a GenerationConfig leaves unset from the model's
-    generation_config.json (repetition_penalty, min_new_tokens, ...): once this config is the model's
-    own, the library's neutral defaults fill the rest (top_k's is 50, hence 0). The model's stop
-    tokens are kept (Gemma-2 ends a turn with <end_of_turn>, not its EOS)."""
+    generation_config.json (repetition_penalty, min_new_tokens, ...): once this config is the
+    model's own, the library's neutral defaults fill the rest (top_k's is 50, hence 0). The model's
+    stop tokens are kept (Gemma-2 ends a turn with <end_of_turn>, not its EOS)."""
     from transformers import GenerationConfig
     stop = model.generation_config.eos_token_id or tokenizer.eos_token_id
     stop = sorted({tokenizer.eos_token_id, *(stop if isinstance(stop, list) else [stop])})
@@ -193,7 +194,7 @@ def final_hidden(model, batch):
 
 
 def policy_logps(model, batch, average=True, chunk_size=1024):
-    """Response log-probs (2B,) [chosen..., rejected...] of a batch of either layout, one forward."""
+    """Response log-probs (2B,) [chosen..., rejected...] of a batch of either layout."""
     hidden, head = final_hidden(model, batch)
     if "labels" in batch:
         return simpo.chunked_sequence_logps(hidden, labels=batch["labels"], average=average,
@@ -268,14 +269,15 @@ def own_logps(model, pairs):
 
 @torch.no_grad()
 def choose_layout(model, max_length):
-    """(packed, the line a run prints): the batch layout for this model, checked on the model itself.
+    """(packed, the line a run prints): the batch layout for this model, checked on the model
+    itself.
 
     The probe pairs are scored packed, padded, and from the model's own logits. Packed is used when
-    the config allows it and its numbers equal the model's own; padded when they do not; a model whose
-    padded numbers differ too (logits changed by model code simpo does not know) is refused. The
-    tolerance is per token of average log-prob: 1e-4 in float32, where the layouts agree to ~1e-5; 0.2
-    in 16-bit compute, where SmolLM2-135M's agree to 0.05 (4-bit: 0.03) and a rejected response that
-    reads its chosen one moves them by 0.6 to 1.8.
+    the config allows it and its numbers equal the model's own; padded when they do not; a model
+    whose padded numbers differ too (logits changed by model code simpo does not know) is refused.
+    The tolerance is per token of average log-prob: 1e-4 in float32, where the layouts agree to
+    ~1e-5; 0.2 in 16-bit compute, where SmolLM2-135M's agree to 0.05 (4-bit: 0.03) and a rejected
+    response that reads its chosen one moves them by 0.6 to 1.8.
     """
     started = time.time()
     training = model.training
@@ -283,7 +285,8 @@ def choose_layout(model, max_length):
     device = next(model.parameters()).device
     embeddings = model.get_input_embeddings().weight
     tolerance = 0.2 if device.type == "cuda" or embeddings.dtype != torch.float32 else 1e-4
-    window = getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)
+    window = getattr(config, "sliding_window", None)
+    window = window or getattr(config, "attention_chunk_size", None)
     pairs = probe_pairs(embeddings.shape[0], max_length, window)
 
     def distance(packed):
@@ -305,17 +308,18 @@ def choose_layout(model, max_length):
                                  f"({type(error).__name__}: {reason}); try --lora-target") from None
             # (NaN fails this too)
             if not padded <= tolerance:
-                raise UsageError(f"{config.model_type}: simpo's log-probs differ from the model's own "
-                                 f"logits by {padded:.3g} per token (tolerance {tolerance:g}): the "
-                                 f"model does something after its last layer that simpo does not "
-                                 f"apply; refusing it")
+                raise UsageError(f"{config.model_type}: simpo's log-probs differ from the model's "
+                                 f"own logits by {padded:.3g} per token (tolerance {tolerance:g}): "
+                                 f"the model does something after its last layer that simpo does "
+                                 f"not apply; refusing it")
             problem = packing.packing_problem(config, max_length)
             if problem is None:
                 try:
                     packed = distance(True)
                 except Exception as error:
                     # e.g. ALiBi models (Bloom) build their bias from a 2-D mask
-                    problem = f"the packed layout fails on {config.model_type}: {type(error).__name__}"
+                    problem = (f"the packed layout fails on {config.model_type}: "
+                               f"{type(error).__name__}")
                 else:
                     if not packed <= tolerance:
                         problem = f"packed layout changes this model's numbers by {packed:.2g}"
@@ -324,5 +328,5 @@ def choose_layout(model, max_length):
     checked = f"checked against the model's own logits in {time.time() - started:.1f} s"
     if problem:
         return False, f"batches: padded, each prompt computed twice ({problem}); {checked}"
-    return True, (f"batches: packed, each prompt computed once for chosen and rejected, no padding; "
-                  f"{checked}")
+    return True, (f"batches: packed, each prompt computed once for chosen and rejected, no "
+                  f"padding; {checked}")

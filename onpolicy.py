@@ -45,7 +45,8 @@ import modeling
 import preferences
 from checkpoints import UsageError
 
-# A reply, so that preferences.py cuts the prompt out of a templated conversation as it does for training
+# A reply, so that preferences.py cuts the prompt out of a templated conversation as it does for
+# training
 PLACEHOLDER = {"role": "assistant", "content": "placeholder"}
 # What decides the answers and the pairs: a re-run in the same folder must keep these
 FIXED = ("model", "prompts", "split", "reward_model", "samples", "temperature", "top_p",
@@ -131,8 +132,8 @@ def resume(out, args, prompts):
 
 @torch.no_grad()
 def sample(model, config, stop, prompts, samples, seed):
-    """`samples` answers to each prompt, drawn in one left-padded batch per answer: per prompt, a list
-    of (token ids up to the stop token, whether max_new_tokens cut the answer before one)."""
+    """`samples` answers to each prompt, drawn in one left-padded batch per answer: per prompt, a
+    list of (token ids up to the stop token, whether max_new_tokens cut the answer before one)."""
     width, pad = max(map(len, prompts)), config.pad_token_id
     input_ids = [[pad] * (width - len(ids)) + ids for ids in prompts]
     mask = [[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts]
@@ -152,7 +153,8 @@ def pick(answers, tolerance):
     """(chosen, rejected, None) of a prompt's answers, or (None, None, why the prompt is left out).
     Equal scores cannot make a pair: argmax and argmin would both take the first answer."""
     scored = [j for j, answer in enumerate(answers) if answer["score"] is not None]
-    distinct = list({answers[j]["text"]: j for j in reversed(scored)}.values())  # first of each text
+    # first of each text
+    distinct = list({answers[j]["text"]: j for j in reversed(scored)}.values())
     if len(scored) < 2:
         return None, None, "fewer than two answers"
     if len(distinct) < 2:
@@ -201,7 +203,8 @@ def sample_all(args, out, prompts, prompt_ids, done, tokenizer):
     test = set(random.Random(args.seed).sample(range(len(prompts)), count))
     started, tokens = time.monotonic(), 0
     bar = tqdm(total=len(prompts), initial=done, desc="prompts", unit="prompt")
-    with open(out / "samples.jsonl", "a") as log, checkpoints.StopFlag("finishing this batch of prompts, then stopping") as stop_flag, bar:
+    stop_flag = checkpoints.StopFlag("finishing this batch of prompts, then stopping")
+    with open(out / "samples.jsonl", "a") as log, stop_flag, bar:
         for start in range(done, len(prompts), args.batch_size):
             batch = range(start, min(start + args.batch_size, len(prompts)))
             answers = sample(model, config, stop, [prompt_ids[i] for i in batch], args.samples,

@@ -1,14 +1,14 @@
 """How a micro-batch of preference pairs is laid out for one forward pass: packed or padded.
 
-packed: each pair is one segment [prompt, chosen, rejected], so its prompt is computed once. Positions
-    run 0..P+C-1 then P..P+R-1, and the mask lets rejected tokens see the prompt but never the chosen
-    ones, so every token sees exactly what it sees in its own padded row. Pairs share as few rows as hold
-    1.5 × max_length tokens each, and only row ends are padded.
-padded: 2B right-padded rows [chosen..., rejected...], each prompt computed twice. Models whose layers
-    cannot take the packed mask use it (modeling.choose_layout decides, on the model itself).
+packed: each pair is one segment [prompt, chosen, rejected], so its prompt is computed once.
+    Positions run 0..P+C-1 then P..P+R-1, and the mask lets rejected tokens see the prompt but
+    never the chosen ones, so every token sees exactly what it sees in its own padded row. Pairs
+    share as few rows as hold 1.5 × max_length tokens each, and only row ends are padded.
+padded: 2B right-padded rows [chosen..., rejected...], each prompt computed twice, for models whose
+    layers cannot take the packed mask (modeling.choose_layout decides, on the model itself).
 
-Both layouts carry `response_tokens` (2B,), the scored tokens of each sequence, and `sequence_tokens`
-(2B,), its prompt + response tokens (padding never counts).
+Both layouts carry `response_tokens` (2B,), the scored tokens of each sequence, and
+`sequence_tokens` (2B,), its prompt + response tokens (padding never counts).
 """
 import math
 
@@ -23,8 +23,9 @@ ATTENTION_LAYERS = {"attention", "full_attention", "sliding_attention", "chunked
 
 
 def build_batch(examples, pad_id, packed=True, max_length=2048):
-    """Pairs ({"prompt", "chosen", "rejected"} ids as lists or numpy arrays, and optionally "unscored":
-    how many leading ids of each response are prompt text, read but not scored) -> model inputs."""
+    """Pairs ({"prompt", "chosen", "rejected"} ids as lists or numpy arrays, and optionally
+    "unscored": how many leading ids of each response are prompt text, read but not scored) -> model
+    inputs."""
     prompts = [torch.as_tensor(e["prompt"], dtype=torch.long).reshape(-1) for e in examples]
     responses = [[torch.as_tensor(e[side], dtype=torch.long).reshape(-1) for e in examples]
                  for side in ("chosen", "rejected")]
@@ -76,7 +77,8 @@ def packed_rows(prompts, responses, lengths, unscored, pad_id, max_length):
     shape = (len(rows), max(filled))
     input_ids = torch.full(shape, pad_id)
     position_ids = torch.zeros(shape, dtype=torch.long)
-    # which pair a token belongs to (-1: padding), and its side: 0 prompt or padding, 1 chosen, 2 rejected
+    # which pair a token belongs to (-1: padding), and its side: 0 prompt or padding, 1 chosen, 2
+    # rejected
     segment = torch.full(shape, -1)
     side = torch.zeros(shape, dtype=torch.int8)
     score_index, targets, sequence = [], [], []
@@ -110,14 +112,15 @@ def packed_rows(prompts, responses, lengths, unscored, pad_id, max_length):
 def attention_inputs(batch, eager_dtype=None):
     """The attention arguments of either layout. Packed: positions and a (rows, 1, T, T) mask where
     token q may see token k of its own pair at or before it, if k is prompt or on q's side. Bool for
-    SDPA; eager attention reads a bool mask wrongly, so with `eager_dtype` it is additive (0 / min)."""
+    SDPA; eager attention reads a bool mask wrongly, so with `eager_dtype` it is additive (0 /
+    min)."""
     if "segment" not in batch:
         return dict(attention_mask=batch["attention_mask"])
     segment, side = batch["segment"], batch["side"]
     rows, width = segment.shape
     allowed = torch.empty(rows, 1, width, width, dtype=torch.bool, device=segment.device)
-    # a row at a time: the temporaries are one (T, T), not one per row. Padding sees earlier padding,
-    # so no row of the mask is empty.
+    # a row at a time: the temporaries are one (T, T), not one per row. Padding sees earlier
+    # padding, so no row of the mask is empty.
     for r in range(rows):
         torch.eq(segment[r, :, None], segment[r, None, :], out=allowed[r, 0])
         allowed[r, 0] &= (side[r, None, :] == 0) | (side[r, None, :] == side[r, :, None])
@@ -131,19 +134,22 @@ def attention_inputs(batch, eager_dtype=None):
 def packing_problem(config, max_length):
     """Why a decoder config rules out the packed layout (None when it does not): it needs a 4-D mask
     used as given in every layer, so only attention layers, no attention soft-capping, and no window
-    or attention chunk that a sequence of `max_length` tokens could exceed (the mask bypasses it)."""
+    or attention chunk that a sequence of `max_length` tokens could exceed (the mask bypasses
+    it)."""
     attention = getattr(config, "_attn_implementation", None)
     use_window = getattr(config, "use_sliding_window", True)
     window = getattr(config, "sliding_window", None) if use_window else None
     window = window or getattr(config, "attention_chunk_size", None)
     other = sorted(set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYERS)
     if other:
-        return f"{config.model_type} has {'/'.join(other)} layers, whose state runs along the whole row"
+        return (f"{config.model_type} has {'/'.join(other)} layers, whose state runs along the "
+                f"whole row")
     # FlashAttention and FlexAttention take no dense 4-D mask
     if attention not in ("sdpa", "eager"):
         return f"{attention} attention takes no 4-D mask"
     if getattr(config, "attn_logit_softcapping", None):
         return f"{config.model_type} soft-caps its attention logits"
     if window and window < max_length:
-        return f"{config.model_type}'s sliding window ({window}) is shorter than {max_length} tokens"
+        return (f"{config.model_type}'s sliding window ({window}) is shorter than {max_length} "
+                f"tokens")
     return None

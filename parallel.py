@@ -1,6 +1,7 @@
-"""Data parallelism for processes started by torchrun: each process holds the whole model (4-bit where
-asked) on its own GPU, trains on its share of every optimizer step's pairs, and DistributedDataParallel
-averages the gradients once per step. A plain `python train.py` is a world of one: nothing here acts.
+"""Data parallelism for processes started by torchrun: each process holds the whole model (4-bit
+where asked) on its own GPU, trains on its share of every optimizer step's pairs, and
+DistributedDataParallel averages the gradients once per step. A plain `python train.py` is a world
+of one: nothing here acts.
 
     torchrun --nproc_per_node 4 train.py --model ... --dataset ...
 """
@@ -13,15 +14,17 @@ import torch.nn.functional as F
 
 
 def setup():
-    """(rank, world size, device) from torchrun's environment; joins the process group when there are
-    several processes (nccl on GPUs, gloo on CPUs) and silences all but the first."""
-    world, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    """(rank, world size, device) from torchrun's environment; joins the process group when there
+    are several processes (nccl on GPUs, gloo on CPUs) and silences all but the first."""
+    world = launched_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if world > 1 and not dist.is_initialized():
         if device != "cpu":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device != "cpu" else "gloo")
-    if rank() > 0:  # one voice: the other processes' output would repeat it (their errors still show)
+    # one voice: the other processes' output would repeat it (their errors still show)
+    if rank() > 0:
         import datasets
         import transformers
         sys.stdout = open(os.devnull, "w")  # for the whole run: closed when the process ends
@@ -48,7 +51,8 @@ def shard(items):
 def share(pairs):
     """This process's pairs of an optimizer step, and the weight of each in the step's mean loss:
     world/pairs, since DDP averages over the world. A process whose slice of a short last step is
-    empty must still join the all-reduce: it runs one pair of weight 0 (read_step counts it nowhere)."""
+    empty must still join the all-reduce: it runs one pair of weight 0 (read_step counts it
+    nowhere)."""
     mine = shard(pairs)
     return (mine, world_size() / len(pairs)) if mine else (pairs[:1], 0.0)
 
@@ -59,7 +63,8 @@ def launched_world_size():
 
 
 def gather(values):
-    """(k, n_rank) tensors of every process -> one (k, n_0 + n_1 + ...) tensor, in rank order, everywhere."""
+    """(k, n_rank) tensors of every process -> one (k, n_0 + n_1 + ...) tensor in rank order,
+    everywhere."""
     if world_size() == 1:
         return values
     sizes = [torch.zeros(1, dtype=torch.long, device=values.device) for _ in range(world_size())]
@@ -68,7 +73,8 @@ def gather(values):
     parts = [torch.empty(*values.shape[:-1], width, dtype=values.dtype, device=values.device)
              for _ in sizes]
     dist.all_gather(parts, F.pad(values, (0, width - values.shape[-1])).contiguous())
-    return torch.cat([part[..., :int(size)] for part, size in zip(parts, sizes, strict=True)], dim=-1)
+    parts = [part[..., :int(size)] for part, size in zip(parts, sizes, strict=True)]
+    return torch.cat(parts, dim=-1)
 
 
 def total(value):
@@ -88,7 +94,7 @@ def agree(*flags):
 
 
 def objects(value):
-    """[value of rank 0, value of rank 1, ...] on every process (small Python objects: RNG states)."""
+    """[value of rank 0, value of rank 1, ...] on every process (small objects: RNG states)."""
     if world_size() == 1:
         return [value]
     gathered = [None] * world_size()

@@ -2,10 +2,12 @@
 
 Two layouts are read, detected row by row:
   standard        {"prompt": str, "chosen": str, "rejected": str}
-  conversational  {"chosen": [messages], "rejected": [messages], "prompt": str | [messages] | absent}
-                  where a message is {"role": ..., "content": ...}. The response is the last (assistant)
-                  message; turns before it, shared by chosen and rejected, are the prompt. This covers
-                  HuggingFaceH4/ultrafeedback_binarized and princeton-nlp/llama3-ultrafeedback-armorm.
+  conversational  {"chosen": [messages], "rejected": [messages],
+                   "prompt": str | [messages] | absent}
+                  where a message is {"role": ..., "content": ...}. The response is the last
+                  (assistant) message; turns before it, shared by chosen and rejected, are the
+                  prompt. This covers HuggingFaceH4/ultrafeedback_binarized and
+                  princeton-nlp/llama3-ultrafeedback-armorm.
 Every problem is a DataError whose message names the file, row and field.
 """
 import csv
@@ -40,12 +42,14 @@ def load_rows(dataset, split):
 
     path = Path(dataset)
     suffix = path.suffix.lower()
-    looks_local = suffix in FILE_TYPES or dataset.startswith((".", "/", "~")) or dataset.count("/") > 1 or \
-        (path.parent != Path(".") and path.parent.is_dir())  # hub ids are "name" or "org/name"
+    # hub ids are "name" or "org/name"
+    looks_local = (suffix in FILE_TYPES or dataset.startswith((".", "/", "~"))
+                   or dataset.count("/") > 1 or (path.parent != Path(".") and path.parent.is_dir()))
     if looks_local and not path.exists():
         raise DataError(f"{dataset}: no such file or folder")
     if path.is_file() and suffix not in FILE_TYPES:
-        raise DataError(f"{dataset}: unsupported file type {path.suffix!r} (use {', '.join(FILE_TYPES)})")
+        raise DataError(f"{dataset}: unsupported file type {path.suffix!r} "
+                        f"(use {', '.join(FILE_TYPES)})")
     try:
         if path.is_file():  # a single file serves as whatever split is asked for
             return load_dataset(FILE_TYPES[suffix], data_files={split: str(path)}, split=split,
@@ -63,12 +67,13 @@ def load_rows(dataset, split):
 
 
 def _csv_as_text(path):
-    """CSV cells as the text they are: pandas would turn an answer "42" into 42 and "007" into 7, and "NA"
-    or "None" into a missing value."""
+    """CSV cells as the text they are: pandas would turn an answer "42" into 42 and "007" into 7,
+    and "NA" or "None" into a missing value."""
     from datasets import Features, Value
     with open(path, newline="") as f:
         header = next(csv.reader(f), [])
-    return {"features": Features({name: Value("string") for name in header}), "keep_default_na": False}
+    features = Features({name: Value("string") for name in header})
+    return {"features": features, "keep_default_na": False}
 
 
 def _json_rows(path):
@@ -116,9 +121,11 @@ def to_pair(row, where):
         rejected = _messages(row.get("rejected"), where, "rejected")
         for field, messages in (("chosen", chosen), ("rejected", rejected)):
             if messages[-1]["role"] != "assistant":
-                raise DataError(f"{where}: field '{field}': last message must be the assistant's response")
+                raise DataError(f"{where}: field '{field}': last message must be the assistant's "
+                                f"response")
         if chosen[:-1] != rejected[:-1]:
-            raise DataError(f"{where}: fields 'chosen' and 'rejected' differ before their last message")
+            raise DataError(f"{where}: fields 'chosen' and 'rejected' differ before their last "
+                            f"message")
         prompt = chosen[:-1]
         if not prompt:  # the prompt is not inside the conversations: it has its own column
             value = row.get("prompt")
@@ -132,7 +139,7 @@ def to_pair(row, where):
 
 
 def read_pairs(dataset, split):
-    """Every row of a split as a Pair (checked, in file order); tests and tools use it, training does not."""
+    """Every row of a split as a Pair (checked, in file order): judge.py reads prompts this way."""
     rows = _checked_rows(dataset, split)
     return [to_pair(row, f"{dataset}: row {i + 1}") for i, row in enumerate(rows)]
 
@@ -140,8 +147,8 @@ def read_pairs(dataset, split):
 def _checked_rows(dataset, split):
     rows = load_rows(dataset, split)
     if "chosen" not in rows.column_names or "rejected" not in rows.column_names:
-        raise DataError(f"{dataset}: unknown column layout {rows.column_names}: expected 'prompt', 'chosen', "
-                        f"'rejected' strings, or 'chosen'/'rejected' message lists")
+        raise DataError(f"{dataset}: unknown column layout {rows.column_names}: expected 'prompt', "
+                        f"'chosen', 'rejected' strings, or 'chosen'/'rejected' message lists")
     if len(rows) == 0:
         raise DataError(f"{dataset}: split {split!r} has no rows")
     return rows
@@ -151,13 +158,16 @@ def _checked_rows(dataset, split):
 
 class EndOfTurn(NamedTuple):
     """What a chat template writes after an assistant message's content."""
-    terminator: str | None  # the special token that ends the turn (Llama-3 <|eot_id|>, Gemma-2 <end_of_turn>)
-    suffix: str             # all of it (Gemma-2: "<end_of_turn>\n"); "" if the template could not say
+    # the special token that ends the turn (Llama-3 <|eot_id|>, Gemma-2 <end_of_turn>)
+    terminator: str | None
+    # all of it (Gemma-2: "<end_of_turn>\n"); "" if the template could not say
+    suffix: str
 
 
 def end_of_turn(tokenizer):
-    """Read from the template itself, not from a table of model names: template a conversation whose reply
-    is a sentinel and look at what follows it. The terminator is the first special token there."""
+    """Read from the template itself, not from a table of model names: template a conversation whose
+    reply is a sentinel and look at what follows it. The terminator is the first special token
+    there."""
     if tokenizer.chat_template is None:  # plain text: EOS ends each response
         return EndOfTurn(None, "")
     sentinel = "SimpoSentinelReply"
@@ -170,13 +180,13 @@ def end_of_turn(tokenizer):
         return EndOfTurn(None, "")
     suffix = text[text.rindex(sentinel) + len(sentinel):]
     specials = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
-    found = sorted((suffix.index(token), -len(token), token) for token in specials | {tokenizer.eos_token}
-                   if token and token in suffix)
+    found = sorted((suffix.index(token), -len(token), token)
+                   for token in specials | {tokenizer.eos_token} if token and token in suffix)
     return EndOfTurn(found[0][2] if found else None, suffix)
 
 
 def _render(tokenizer, conversations, pairs, **options):
-    """The template applied to many conversations in one call; on an error, find the row that causes it."""
+    """The template applied to many conversations in one call; on an error, the row that fails."""
     try:
         return tokenizer.apply_chat_template(conversations, tokenize=False, **options)
     except TemplateError as error:  # e.g. Gemma-2's template refuses a system turn
@@ -184,15 +194,19 @@ def _render(tokenizer, conversations, pairs, **options):
             try:
                 tokenizer.apply_chat_template(conversation, tokenize=False, **options)
             except TemplateError as row_error:
-                raise DataError(f"{pair.where}: the chat template fails on this row: {row_error}") from None
+                raise DataError(f"{pair.where}: the chat template fails on this row: "
+                                f"{row_error}") from None
         raise DataError(f"{pairs[0].where}: the chat template fails: {error}") from None
 
 
 def _up_to_end_of_turn(text, prompt_text, response, end):
-    """The templated conversation cut right after the response's terminator (what follows, e.g. Gemma-2's
-    "\\n", is never generated: scoring it would dilute the average log-prob). True if EOS must follow."""
-    if not text.startswith(prompt_text):  # a template that rewrites earlier turns: the raw response after
-        text = prompt_text + response["content"] + end.suffix  # the prompt, as the model would generate it
+    """The templated conversation cut right after the response's terminator (what follows, e.g.
+    Gemma-2's "\\n", is never generated: scoring it would dilute the average log-prob). True if EOS
+    must follow."""
+    # a template that rewrites earlier turns: the raw response after
+    if not text.startswith(prompt_text):
+        # the prompt, as the model would generate it
+        text = prompt_text + response["content"] + end.suffix
     at = text.rfind(end.terminator, len(prompt_text)) if end.terminator else -1
     if at < 0:  # no terminator: the policy still has to learn to stop, so EOS follows
         return text.removesuffix(end.suffix) if end.suffix.strip() else text.rstrip(), True
@@ -200,8 +214,9 @@ def _up_to_end_of_turn(text, prompt_text, response, end):
 
 
 def _first_response_token(encoded, i, text, boundary):
-    """Index of the token holding the response's first character: a token that spans the prompt/response
-    boundary (SentencePiece's "▁Hello") is part of the response, as the model reads it."""
+    """Index of the token holding the response's first character: a token that spans the
+    prompt/response boundary (SentencePiece's "▁Hello") is part of the response, as the model reads
+    it."""
     for char in range(boundary, len(text)):
         token = encoded.char_to_token(i, char)
         if token is not None:
@@ -212,44 +227,49 @@ def _first_response_token(encoded, i, text, boundary):
 def _token_ids(tokenizer, pairs, end):
     """(prompt, chosen, rejected) ids of each pair, not yet truncated, tokenized in batched calls.
 
-    With a chat template, each whole conversation is tokenized as the model reads it (no special tokens
-    added: the template writes BOS, and another is the double BOS of Llama-3), and the prompt ends where the
-    generation prompt ends. Without one (standard layout only), the prompt gets the tokenizer's BOS and each
-    response is tokenized on its own, as TRL does."""
+    With a chat template, each whole conversation is tokenized as the model reads it (no special
+    tokens added: the template writes BOS, and another is the double BOS of Llama-3), and the prompt
+    ends where the generation prompt ends. Without one (standard layout only), the prompt gets the
+    tokenizer's BOS and each response is tokenized on its own, as TRL does."""
     eos = [tokenizer.eos_token_id]
     if tokenizer.chat_template is None:
         prompts = tokenizer([pair.prompt[-1]["content"] for pair in pairs])["input_ids"]
-        responses = tokenizer([pair.chosen["content"] for pair in pairs] + [pair.rejected["content"]
-                                                                            for pair in pairs],
-                              add_special_tokens=False)["input_ids"]
-        return [(prompt, chosen + eos, rejected + eos, [0, 0])
-                for prompt, chosen, rejected in zip(prompts, responses[:len(pairs)], responses[len(pairs):],
-                                                    strict=True)]
-    prompt_texts = _render(tokenizer, [pair.prompt for pair in pairs], pairs, add_generation_prompt=True)
+        texts = [pair.chosen["content"] for pair in pairs] + [p.rejected["content"] for p in pairs]
+        responses = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [(prompt, chosen + eos, rejected + eos, [0, 0]) for prompt, chosen, rejected
+                in zip(prompts, responses[:len(pairs)], responses[len(pairs):], strict=True)]
+    prompt_texts = _render(tokenizer, [pair.prompt for pair in pairs], pairs,
+                           add_generation_prompt=True)
+    # [chosen..., rejected...]
     sides = [(pair, prompt_text, getattr(pair, side)) for side in ("chosen", "rejected")
-             for pair, prompt_text in zip(pairs, prompt_texts, strict=True)]  # [chosen..., rejected...]
+             for pair, prompt_text in zip(pairs, prompt_texts, strict=True)]
     conversations = _render(tokenizer, [pair.prompt + [response] for pair, _, response in sides],
                             [pair for pair, _, _ in sides])
-    texts, add_eos = zip(*(_up_to_end_of_turn(text, prompt_text, response, end)
-                           for text, (_, prompt_text, response) in zip(conversations, sides, strict=True)),
-                         strict=True)
-    encoded = tokenizer(list(texts), add_special_tokens=False)
+    cut = [_up_to_end_of_turn(text, prompt_text, response, end)
+           for text, (_, prompt_text, response) in zip(conversations, sides, strict=True)]
+    texts = [text for text, _ in cut]
+    add_eos = [eos_follows for _, eos_follows in cut]
+    encoded = tokenizer(texts, add_special_tokens=False)
     ids = encoded["input_ids"]
-    if encoded.encodings is None:  # a Python tokenizer knows no characters: tokenize the prompts on their own
+    # a Python tokenizer knows no characters: tokenize the prompts on their own
+    if encoded.encodings is None:
         prompt_ids = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"] * 2
-        starts = [_shared_length(prompt, full) for prompt, full in zip(prompt_ids, ids, strict=True)]
+        starts = [_shared_length(p, full) for p, full in zip(prompt_ids, ids, strict=True)]
     else:
         starts = [_first_response_token(encoded, i, text, len(prompt_text))
                   for i, (text, (_, prompt_text, _)) in enumerate(zip(texts, sides, strict=True))]
-    result, n = [], len(pairs)
+    result = []
+    n = len(pairs)
     for i in range(n):
-        chosen, rejected = ids[i], ids[n + i]
-        cut = _shared_length(chosen[:starts[i]], rejected[:starts[n + i]])  # the prompt both sides share
-        # Prompt tokens past the shared ones are read but not scored: on Mistral, one side's first token
-        # can swallow the prompt's last "]" ("][") while the other side keeps a bare "]".
+        chosen = ids[i]
+        rejected = ids[n + i]
+        # the prompt both sides share
+        cut = _shared_length(chosen[:starts[i]], rejected[:starts[n + i]])
+        # Prompt tokens past the shared ones are read but not scored: on Mistral, one side's first
+        # token can swallow the prompt's last "]" ("][") while the other side keeps a bare "]".
         unscored = [starts[i] - cut, starts[n + i] - cut]
-        result.append((chosen[:cut], chosen[cut:] + eos * add_eos[i], rejected[cut:] + eos * add_eos[n + i],
-                       unscored))
+        result.append((chosen[:cut], chosen[cut:] + eos * add_eos[i],
+                       rejected[cut:] + eos * add_eos[n + i], unscored))
     return result
 
 
@@ -263,8 +283,9 @@ def _shared_length(a, b):
 
 
 def _truncate(prompt, responses, bos_id, max_length, max_prompt_length):
-    """Fit a pair into max_length: first the prompt loses its start (its end holds the question; BOS stays),
-    down to max_prompt_length, then the responses lose their end. A pair that fits keeps its whole prompt."""
+    """Fit a pair into max_length: first the prompt loses its start (its end holds the question; BOS
+    stays), down to max_prompt_length, then the responses lose their end. A pair that fits keeps its
+    whole prompt."""
     if len(prompt) + max(map(len, responses)) <= max_length:
         return prompt, responses
     if len(prompt) > max_prompt_length:
@@ -274,8 +295,8 @@ def _truncate(prompt, responses, bos_id, max_length, max_prompt_length):
 
 
 def generation_prompt(example):
-    """The prompt's ids as a model reads them before it writes a response: the shared prompt and the side
-    whose tokens hold more of the prompt's text (see `_token_ids`)."""
+    """The prompt's ids as a model reads them before it writes a response: the shared prompt and the
+    side whose tokens hold more of the prompt's text (see `_token_ids`)."""
     chosen, rejected = example.get("unscored", (0, 0))
     return list(example["prompt"]) + list(example["chosen"][:chosen] if chosen >= rejected
                                           else example["rejected"][:rejected])
@@ -294,13 +315,14 @@ def tokenize_batch(batch, indices, tokenizer, source, end, max_length, max_promp
     if tokenizer.chat_template is None:
         for pair in pairs:
             if pair.conversational:
-                raise DataError(f"{pair.where}: conversational data needs a chat template, and this "
+                raise DataError(f"{pair.where}: conversational data needs a chat template, and "
                                 f"tokenizer has none (pass --chat-template)")
-    # chosen == rejected teaches nothing: its loss is the constant log σ(−γ), with no gradient at all
+    # chosen == rejected teaches nothing: its loss is the constant log σ(−γ), with no gradient at
+    # all
     identical = [pair.chosen["content"] == pair.rejected["content"] for pair in pairs]
-    token_ids = iter(_token_ids(tokenizer, [p for p, same in zip(pairs, identical, strict=True) if not same],
-                                end))
-    out = {"prompt": [], "chosen": [], "rejected": [], "unscored": [], "status": [], "truncated": []}
+    different = [pair for pair, same in zip(pairs, identical, strict=True) if not same]
+    token_ids = iter(_token_ids(tokenizer, different, end))
+    out = {name: [] for name in ("prompt", "chosen", "rejected", "unscored", "status", "truncated")}
     for same in identical:
         prompt, responses, unscored, status, truncated = [], [[], []], [0, 0], IDENTICAL, False
         if not same:
@@ -317,19 +339,21 @@ def tokenize_batch(batch, indices, tokenizer, source, end, max_length, max_promp
 
 
 def _tokenizer_state(tokenizer):
-    """Everything that decides the token ids, as text: the tokenizer's files as loaded, its Python-side
-    settings (`split_special_tokens` changes the ids, not the files) and the library versions.
-    (Hashing the tokenizer object itself, as `datasets` would, takes 10 s for Gemma-2.)"""
+    """Everything that decides the token ids, as text: the tokenizer's files as loaded, its
+    Python-side settings (`split_special_tokens` changes the ids, not the files) and the library
+    versions. (Hashing the tokenizer object itself, as `datasets` would, takes 10 s for Gemma-2.)"""
     import tokenizers
     import transformers
     where = ("name_or_path", "is_local", "local_files_only", "vocab_file", "tokenizer_file")
     settings = {k: v for k, v in tokenizer.init_kwargs.items() if k not in where}
     python_side = repr((type(tokenizer).__name__, sorted(settings.items(), key=str),
-                        tokenizer.split_special_tokens, transformers.__version__, tokenizers.__version__))
+                        tokenizer.split_special_tokens, transformers.__version__,
+                        tokenizers.__version__))
     if not tokenizer.is_fast:
         return python_side + repr(tokenizer.get_vocab())
     backend = tokenizer.backend_tokenizer
-    backend.no_padding()  # state left by earlier padded calls; transformers sets it again on each call
+    # state left by earlier padded calls; transformers sets it again on each call
+    backend.no_padding()
     backend.no_truncation()
     return python_side + backend.to_str()
 
@@ -337,46 +361,49 @@ def _tokenizer_state(tokenizer):
 def tokenize_split(tokenizer, dataset, split, max_length, max_prompt_length):
     """Every row of one split, tokenized, as a `datasets.Dataset` with a status per row.
 
-    `datasets` keeps the result in its cache, next to the Arrow copy of the data (~/.cache/huggingface/
-    datasets, or $HF_DATASETS_CACHE), under a fingerprint of everything that decides it: the data, the
-    tokenizer, its chat template, the length limits and this file. The next run with the same inputs reads
-    it back instead of tokenizing again; a change in any of them tokenizes anew."""
+    `datasets` keeps the result in its cache, next to the Arrow copy of the data
+    (~/.cache/huggingface/ datasets, or $HF_DATASETS_CACHE), under a fingerprint of everything that
+    decides it: the data, the tokenizer, its chat template, the length limits and this file. The
+    next run with the same inputs reads it back instead of tokenizing again; a change in any of them
+    tokenizes anew."""
     from datasets import Features, List, Value
     from datasets.fingerprint import Hasher
 
     rows = _checked_rows(dataset, split)
     end = end_of_turn(tokenizer)
-    # EOS and BOS too: EOS ends a response when the template writes no terminator, BOS survives truncation.
-    fingerprint = Hasher.hash([rows._fingerprint, _tokenizer_state(tokenizer), tokenizer.chat_template,
-                               tokenizer.eos_token_id, tokenizer.bos_token_id, repr(end), str(dataset),
-                               max_length, max_prompt_length, Path(__file__).read_text()])
+    # EOS and BOS too: EOS ends a response when the template writes no terminator, BOS survives
+    # truncation.
+    fingerprint = Hasher.hash([rows._fingerprint, _tokenizer_state(tokenizer),
+                               tokenizer.chat_template, tokenizer.eos_token_id,
+                               tokenizer.bos_token_id, repr(end), str(dataset), max_length,
+                               max_prompt_length, Path(__file__).read_text()])
     ids = List(Value("int32"))  # 4 bytes per token id (Python ints in lists take 70)
     features = Features({"prompt": ids, "chosen": ids, "rejected": ids, "unscored": ids,
                          "status": Value("int8"), "truncated": Value("bool")})
     started = time.time()
     settings = dict(tokenizer=tokenizer, source=dataset, end=end, max_length=max_length,
                     max_prompt_length=max_prompt_length)
-    tokenized = rows.map(tokenize_batch, batched=True, with_indices=True, remove_columns=rows.column_names,
-                         features=features, new_fingerprint=fingerprint, desc=f"tokenizing {dataset}:{split}",
-                         fn_kwargs=settings)
+    options = dict(batched=True, with_indices=True, remove_columns=rows.column_names,
+                   features=features, new_fingerprint=fingerprint, fn_kwargs=settings)
+    tokenized = rows.map(tokenize_batch, desc=f"tokenizing {dataset}:{split}", **options)
     files = [f["filename"] for f in tokenized.cache_files]
     from_cache = bool(files) and all(Path(f).stat().st_mtime < started for f in files)
-    # Cached ids must still be what the tokenizer gives: a few rows tokenized afresh say whether a setting
-    # the fingerprint cannot see has changed them.
+    # Cached ids must still be what the tokenizer gives: a few rows tokenized afresh say whether a
+    # setting the fingerprint cannot see has changed them.
     sample = range(min(8, len(rows)))
-    if from_cache and tokenize_batch(rows[:len(sample)], sample, **settings) != tokenized[:len(sample)]:
-        tokenized = rows.map(tokenize_batch, batched=True, with_indices=True, features=features,
-                             remove_columns=rows.column_names, new_fingerprint=fingerprint,
-                             load_from_cache_file=False, desc=f"tokenizing {dataset}:{split} again",
-                             fn_kwargs=settings)
+    fresh = tokenize_batch(rows[:len(sample)], sample, **settings)
+    if from_cache and fresh != tokenized[:len(sample)]:
+        tokenized = rows.map(tokenize_batch, desc=f"tokenizing {dataset}:{split} again",
+                             load_from_cache_file=False, **options)
         from_cache = False
     return tokenized, files, from_cache
 
 
 class Examples:
     """Tokenized pairs as numpy arrays over Arrow data (4 bytes per token id), in a given order.
-    `examples[i]` is {"prompt", "chosen", "rejected", "unscored"}: lists of ids, built for that pair only
-    ("unscored": how many leading ids of chosen and rejected are prompt text, read but not scored)."""
+    `examples[i]` is {"prompt", "chosen", "rejected", "unscored"}: lists of ids, built for that pair
+    only ("unscored": how many leading ids of chosen and rejected are prompt text, read but not
+    scored)."""
 
     def __init__(self, columns, rows):
         self.columns = columns  # name -> (ids of all rows end to end, where each row starts)
@@ -386,13 +413,14 @@ class Examples:
         return len(self.rows)
 
     def fingerprint(self):
-        """sha256 of the token ids of these pairs, in order, read in place: a resume must see the very
-        same training pairs (however the Arrow data happens to be laid out)."""
+        """sha256 of the token ids of these pairs, in order, read in place: a resume must see the
+        very same training pairs (however the Arrow data happens to be laid out)."""
         digest = hashlib.sha256()
         for ids, starts in self.columns.values():
             digest.update(np.diff(starts)[self.rows].astype(np.int64))  # the lengths, then the ids
             for row in self.rows:
-                digest.update(np.ascontiguousarray(ids[starts[row]:starts[row + 1]], dtype=np.int32))
+                row_ids = ids[starts[row]:starts[row + 1]]
+                digest.update(np.ascontiguousarray(row_ids, dtype=np.int32))
         return digest.hexdigest()[:16]
 
     def __getitem__(self, i):
@@ -412,10 +440,11 @@ def _columns(tokenized):
 
 
 class Summary:
-    """What load_examples kept and left out, per part ("train", "held-out"), and the token lengths."""
+    """What load_examples kept and left out, per part ("train", "held-out"), and token lengths."""
 
     def __init__(self, counts, lengths, cache_files, from_cache):
-        self.counts = counts  # part -> {"pairs": kept, "identical": n, "emptied": n, "truncated": n}
+        # part -> {"pairs": kept, "identical": n, "emptied": n, "truncated": n}
+        self.counts = counts
         self.lengths = lengths  # "prompt" / "chosen" / "rejected" -> {"mean", "p50", "p95", "max"}
         self.cache_files = cache_files  # where `datasets` keeps the tokenized rows
         self.from_cache = from_cache  # True when nothing was tokenized this time
@@ -434,16 +463,17 @@ class Summary:
         if self.lengths:
             lines.append(f"  {'tokens':10}{'mean':>8}{'p50':>8}{'p95':>8}{'max':>8}")
             for name, stats in self.lengths.items():
-                lines.append(f"  {name:10}{stats['mean']:>8.1f}" + "".join(f"{stats[k]:>8d}"
-                                                                         for k in ("p50", "p95", "max")))
+                quantiles = "".join(f"{stats[k]:>8d}" for k in ("p50", "p95", "max"))
+                lines.append(f"  {name:10}{stats['mean']:>8.1f}{quantiles}")
         where = ", ".join(self.cache_files) or "not cached (in-memory data)"
-        lines.append(f"  {'read from the cache' if self.from_cache else 'tokenized; cached'}: {where}")
+        done = "read from the cache" if self.from_cache else "tokenized; cached"
+        lines.append(f"  {done}: {where}")
         return "\n".join(lines)
 
 
-def load_examples(tokenizer, dataset, split, eval_split=None, eval_fraction=0.0, seed=0, max_length=2048,
-                  max_prompt_length=1800):
-    """Tokenized (train, held-out) examples and a Summary of them, shared by train.py and eval.py."""
+def load_examples(tokenizer, dataset, split, eval_split=None, eval_fraction=0.0, seed=0,
+                  max_length=2048, max_prompt_length=1800):
+    """Tokenized (train, held-out) examples and a Summary of them, for train.py and eval.py."""
     if eval_split and Path(dataset).is_file():
         raise DataError(f"{dataset}: a single file has no separate {eval_split!r} split: "
                         f"use --eval-fraction, or a folder with train and test files")
@@ -458,7 +488,8 @@ def load_examples(tokenizer, dataset, split, eval_split=None, eval_fraction=0.0,
         order = list(range(len(tokenized)))
         random.Random(seed).shuffle(order)
         cut = max(1, int(len(tokenized) * eval_fraction))
-        parts = {"train": (tokenized, np.array(order[cut:])), "held-out": (tokenized, np.array(order[:cut]))}
+        parts = {"train": (tokenized, np.array(order[cut:])),
+                 "held-out": (tokenized, np.array(order[:cut]))}
     examples, counts, lengths = {}, {}, {"prompt": [], "chosen": [], "rejected": []}
     columns = {}
     for part, (table, rows) in parts.items():
@@ -467,13 +498,14 @@ def load_examples(tokenizer, dataset, split, eval_split=None, eval_fraction=0.0,
         truncated = table.data.column("truncated").to_numpy()[rows]
         kept = rows[status == KEPT]
         counts[part] = {"pairs": len(kept), "identical": int((status == IDENTICAL).sum()),
-                        "emptied": int((status == EMPTIED).sum()), "truncated": int(truncated.sum())}
+                        "emptied": int((status == EMPTIED).sum()),
+                        "truncated": int(truncated.sum())}
         examples[part] = Examples(columns[id(table)], kept)
         for name in lengths:
             lengths[name].append(np.diff(columns[id(table)][name][1])[kept])
     lengths = {name: _distribution(np.concatenate(values)) for name, values in lengths.items()}
-    summary = Summary(counts, lengths if counts["train"]["pairs"] + counts["held-out"]["pairs"] else {},
-                      cache_files, from_cache)
+    any_pairs = counts["train"]["pairs"] + counts["held-out"]["pairs"]
+    summary = Summary(counts, lengths if any_pairs else {}, cache_files, from_cache)
     return examples["train"], examples["held-out"], summary
 
 
@@ -481,4 +513,5 @@ def _distribution(lengths):
     if not len(lengths):
         return {"mean": 0.0, "p50": 0, "p95": 0, "max": 0}
     p50, p95 = np.percentile(lengths, [50, 95], method="nearest")
-    return {"mean": float(lengths.mean()), "p50": int(p50), "p95": int(p95), "max": int(lengths.max())}
+    return {"mean": float(lengths.mean()), "p50": int(p50), "p95": int(p95),
+            "max": int(lengths.max())}

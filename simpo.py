@@ -1,21 +1,21 @@
 """SimPO: Simple Preference Optimization with a Reference-Free Reward (Meng, Xia & Chen, 2024).
 
-This file imports only torch, so you can copy it next to your own trainer, `import simpo`, and write:
+This file imports only torch, so you can copy it next to your own trainer and write:
 
-    hidden = model.model(input_ids, attention_mask=mask).last_hidden_state       # (2B, T, H)
-    logps = simpo.chunked_sequence_logps(hidden, model.lm_head.weight, labels)   # (2B,) average log-prob
-    chosen_logps, rejected_logps = logps.chunk(2)        # batch is [chosen..., rejected...]
+    hidden = model.model(input_ids, attention_mask=mask).last_hidden_state    # (2B, T, H)
+    # (2B,) average log-probs; the batch is [chosen..., rejected...]
+    logps = simpo.chunked_sequence_logps(hidden, model.lm_head.weight, labels)
+    chosen_logps, rejected_logps = logps.chunk(2)
     losses, chosen_rewards, rejected_rewards = simpo.simpo_loss(
         chosen_logps, rejected_logps, beta=2.5, gamma=1.4)
     losses.mean().backward()
-    print(simpo.preference_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards))
 
 `labels` are the input ids with every non-response position (prompt, padding) set to -100.
 
-The idea in two lines. SimPO's implicit reward is the policy's *average* log-likelihood of a response,
-    r(x, y) = β / |y| · log π(y | x)                                                   (paper, eq. 4)
+The idea in two lines. SimPO's implicit reward is the policy's *average* log-likelihood:
+    r(x, y) = β / |y| · log π(y | x)                                          (paper, eq. 4)
 and the loss asks the chosen response to beat the rejected one by a target margin γ:
-    L = −log σ( r(x, y_w) − r(x, y_l) − γ )                                             (paper, eq. 6)
+    L = −log σ( r(x, y_w) − r(x, y_l) − γ )                                    (paper, eq. 6)
 No reference model is needed. Dividing by |y| is what stops the policy from learning that longer
 answers score higher; `average=False` below turns it off (the paper's ablation).
 """
@@ -37,13 +37,14 @@ def sequence_logps(logits, labels, average=True, ignore_index=-100):
     token_logps = logits.log_softmax(-1).gather(2, safe_labels.unsqueeze(2)).squeeze(2)
     # where, not *: a -inf logit at an ignored position is no NaN
     logps = torch.where(mask, token_logps, 0).sum(-1)
-    return logps / mask.sum(-1).clamp(min=1) if average else logps  # clamp: an empty response gives 0
+    # clamp: an empty response gives 0
+    return logps / mask.sum(-1).clamp(min=1) if average else logps
 
 
 def project_logits(hidden, lm_head_weight, lm_head_bias=None, logit_softcap=None):
-    """(..., H) hidden states -> (..., V) float32 logits, with Gemma-2-style soft-capping if asked for.
-    Under bf16 autocast the matmul runs in bf16 and its result is upcast: the log-softmax is float32 either
-    way."""
+    """(..., H) hidden states -> (..., V) float32 logits, with Gemma-2-style soft-capping if asked
+    for. Under bf16 autocast the matmul runs in bf16 and its result is upcast: the log-softmax is
+    float32 either way."""
     logits = F.linear(hidden, lm_head_weight, lm_head_bias).float()
     return logits if logit_softcap is None else logit_softcap * torch.tanh(logits / logit_softcap)
 
@@ -54,28 +55,31 @@ def _chunk_token_logps(hidden, weight, bias, targets, softcap):
     return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
 
 
-def chunked_sequence_logps(hidden, lm_head_weight, labels, average=True, ignore_index=-100, chunk_size=1024,
-                           lm_head_bias=None, logit_softcap=None):
+def chunked_sequence_logps(hidden, lm_head_weight, labels, average=True, ignore_index=-100,
+                           chunk_size=1024, lm_head_bias=None, logit_softcap=None):
     """`sequence_logps` from the final hidden states, without ever building (B, T, V) logits.
 
-    hidden: (B, T, H) final hidden states (after the last norm); lm_head_weight: (V, H); labels: (B, T).
-    Only response positions are projected onto the vocabulary, `chunk_size` tokens at a time, and each chunk
-    runs under activation checkpointing, so backward recomputes its logits instead of keeping them: peak
-    memory is one (chunk_size, V) block instead of (B, T, V) logits plus their float32 log-softmax (4+ GB for
-    one Llama-3 pair of 2048 tokens). The price is a second lm_head matmul per chunk in backward.
+    hidden: (B, T, H) final hidden states (after the last norm); lm_head_weight: (V, H);
+    labels: (B, T). Returns (B,) like `sequence_logps`.
+
+    Only response positions are projected onto the vocabulary, `chunk_size` tokens at a time, and
+    each chunk runs under activation checkpointing, so backward recomputes its logits instead of
+    keeping them: peak memory is one (chunk_size, V) block instead of (B, T, V) logits plus their
+    float32 log-softmax (4+ GB for one Llama-3 pair of 2048 tokens). The price is a second lm_head
+    matmul per chunk in backward.
 
     Models that transform logits after lm_head need it said here: Gemma-2 soft-caps them (pass
-    `logit_softcap=config.final_logit_softcapping`); a model that multiplies logits by a constant s (e.g.
-    Cohere's `logit_scale`) gives the same result with `lm_head_weight * s`; a biased lm_head takes
-    `lm_head_bias`.
-    Returns (B,) like `sequence_logps`.
+    `logit_softcap=config.final_logit_softcapping`); a model that multiplies logits by a constant s
+    (e.g. Cohere's `logit_scale`) gives the same result with `lm_head_weight * s`; a biased lm_head
+    takes `lm_head_bias`.
     """
     labels = labels[:, 1:]
     mask = labels != ignore_index
     # (N, H) response positions only and their (N,) targets, N = number of response tokens
-    token_logps = chunked_token_logps(hidden[:, :-1][mask], lm_head_weight, labels[mask], chunk_size,
-                                      lm_head_bias, logit_softcap)
-    rows = mask.nonzero()[:, 0]       # which sequence each response token belongs to
+    token_logps = chunked_token_logps(hidden[:, :-1][mask], lm_head_weight, labels[mask],
+                                      chunk_size, lm_head_bias, logit_softcap)
+    # which sequence each response token belongs to
+    rows = mask.nonzero()[:, 0]
     logps = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
     logps = logps.index_add(0, rows, token_logps)
     return logps / mask.sum(-1).clamp(min=1) if average else logps
@@ -83,8 +87,8 @@ def chunked_sequence_logps(hidden, lm_head_weight, labels, average=True, ignore_
 
 def chunked_token_logps(positions, lm_head_weight, targets, chunk_size=1024, lm_head_bias=None,
                         logit_softcap=None):
-    """log π(target | position) of N tokens from their (N, H) final hidden states, `chunk_size` at a time
-    under activation checkpointing (see `chunked_sequence_logps`). Returns (N,) float32."""
+    """log π(target | position) of N tokens from their (N, H) final hidden states, `chunk_size` at a
+    time under activation checkpointing (see `chunked_sequence_logps`). Returns (N,) float32."""
     token_logps = [
         checkpoint(_chunk_token_logps, positions[i:i + chunk_size], lm_head_weight, lm_head_bias,
                    targets[i:i + chunk_size], logit_softcap, use_reentrant=False)
@@ -94,15 +98,18 @@ def chunked_token_logps(positions, lm_head_weight, targets, chunk_size=1024, lm_
     return torch.cat(token_logps) if token_logps else positions.float().sum(-1)
 
 
-def simpo_loss(chosen_logps, rejected_logps, beta=2.0, gamma=0.5, loss_type="sigmoid", label_smoothing=0.0):
+def simpo_loss(chosen_logps, rejected_logps, beta=2.0, gamma=0.5, loss_type="sigmoid",
+               label_smoothing=0.0):
     """The SimPO loss for a batch of preference pairs.
 
-    chosen_logps, rejected_logps: (B,) average log-probs of the chosen (y_w) and rejected (y_l) responses.
-    beta: reward scale β (the paper uses 2 to 10). gamma: target reward margin γ (≥ 0).
-    The official repo and its published configs give the margin as `gamma_beta_ratio` = γ/β instead
-    (e.g. β=2.5, gamma_beta_ratio=0.55 means γ=1.375): pass gamma = gamma_beta_ratio * beta.
-    loss_type: "sigmoid" (the paper) or "hinge" (relu(1 − z)). label_smoothing ε ∈ [0, 0.5): assume each
-    label is flipped with probability ε (the conservative / noisy-label form).
+    chosen_logps, rejected_logps: (B,) average log-probs of the chosen (y_w) and rejected (y_l)
+        responses.
+    beta: reward scale β (the paper uses 2 to 10). gamma: target reward margin γ (≥ 0). The official
+        repo and its published configs give the margin as `gamma_beta_ratio` = γ/β instead (e.g.
+        β=2.5, gamma_beta_ratio=0.55 means γ=1.375): pass gamma = gamma_beta_ratio * beta.
+    loss_type: "sigmoid" (the paper) or "hinge" (relu(1 − z)).
+    label_smoothing ε ∈ [0, 0.5): assume each label is flipped with probability ε (the
+        conservative / noisy-label form).
     Returns (losses, chosen_rewards, rejected_rewards), each (B,); rewards are β·logps, detached.
     """
     if not beta > 0:  # "not >": NaN fails too
@@ -128,11 +135,12 @@ def simpo_loss(chosen_logps, rejected_logps, beta=2.0, gamma=0.5, loss_type="sig
 
 
 def preference_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards):
-    """The numbers every preference trainer logs, as plain floats. All inputs (B,); one device sync."""
-    values = torch.stack([
-        chosen_rewards.mean(), rejected_rewards.mean(), (chosen_rewards - rejected_rewards).mean(),
-        (chosen_rewards > rejected_rewards).float().mean(), chosen_logps.mean(), rejected_logps.mean(),
-    ]).detach().float().tolist()  # the single sync point
+    """The numbers every preference trainer logs, as plain floats. All inputs (B,)."""
+    margins = chosen_rewards - rejected_rewards
+    values = torch.stack([chosen_rewards.mean(), rejected_rewards.mean(), margins.mean(),
+                          (margins > 0).float().mean(), chosen_logps.mean(), rejected_logps.mean()])
+    # the single device sync
+    values = values.detach().float().tolist()
     names = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
              "logps/chosen", "logps/rejected"]
     return dict(zip(names, values, strict=True))

@@ -5,13 +5,13 @@
         --dataset princeton-nlp/llama3-ultrafeedback-armorm --eval-split test \
         --beta 10 --gamma-beta-ratio 0.3 --lr 5e-6
     torchrun --nproc-per-node 8 train.py --model ... --dataset ...    # one process per GPU
-    python train.py --resume runs/<name>                              # after Ctrl-C, SIGTERM, a crash
+    python train.py --resume runs/<name>              # after Ctrl-C, SIGTERM or a crash
 
-Supports: LoRA on every linear layer (or --lora-target), 4-bit QLoRA (default on CUDA), full fine-tuning
-of small models (--full), gradient accumulation, data parallelism under torchrun, checkpoints and exact
-resuming, an SFT term (--sft-weight), the no-length-normalisation ablation.
-Assumes: one optimizer step is --batch-size pairs, fed --micro-batch-size pairs per forward; the model
-fits on each GPU (no FSDP); the pairs fit in --max-length tokens (longer ones are truncated).
+Supports: LoRA on every linear layer (or --lora-target), 4-bit QLoRA (default on CUDA), full
+fine-tuning of small models (--full), gradient accumulation, data parallelism under torchrun,
+checkpoints and exact resuming, an SFT term (--sft-weight), the no-length-normalisation ablation.
+Assumes: one optimizer step is --batch-size pairs, fed --micro-batch-size pairs per forward; the
+model fits on each GPU (no FSDP); pairs longer than --max-length tokens are truncated.
 
 Read `train_step` first: it is the SimPO step. `train` is the loop around it, one call per concern.
 Batches are laid out by packing.py, the model is loaded and checked by modeling.py, the run folder
@@ -41,11 +41,11 @@ from checkpoints import StopRequested, UsageError
 
 
 def train_step(scorer, pairs, args, pad_id, packed, weight=None):
-    """Forward and backward over one optimizer step's pairs, --micro-batch-size at a time. Each pair's
-    loss counts `weight` times (default 1/len(pairs): the step's loss is the mean over its pairs).
-    Returns the detached per-pair (SimPO losses, SFT losses, chosen logps, rejected logps, chosen
-    rewards, rejected rewards) as one (6, pairs) tensor, and the step's tokens (prompt + response of
-    both sequences, no padding), both left on the device."""
+    """Forward and backward over one optimizer step's pairs, --micro-batch-size at a time. Each
+    pair's loss counts `weight` times (default 1/len(pairs): the step's loss is the mean over its
+    pairs). Returns the detached per-pair (SimPO losses, SFT losses, chosen logps, rejected logps,
+    chosen rewards, rejected rewards) as one (6, pairs) tensor, and the step's tokens (prompt +
+    response of both sequences, no padding), both left on the device."""
     device = next(scorer.parameters()).device
     average = not args.no_length_normalization
     weight = 1 / len(pairs) if weight is None else weight
@@ -55,7 +55,8 @@ def train_step(scorer, pairs, args, pad_id, packed, weight=None):
         batch = packing.build_batch(pairs[i:i + args.micro_batch_size], pad_id, packed,
                                     args.max_length)
         batch = {k: v.to(device) for k, v in batch.items()}
-        # under torchrun, gradients are all-reduced once per step, in the last micro-batch's backward
+        # under torchrun, gradients are all-reduced once per step, in the last micro-batch's
+        # backward
         scorer.require_backward_grad_sync = i + args.micro_batch_size >= len(pairs)
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             # one forward for both sides: the batch is [chosen..., rejected...]
@@ -80,7 +81,8 @@ def train(args):
     main_process = rank == 0
     tokenizer, train_set, eval_set = prepare_data(args, main_process)
     # bf16 compute on GPUs; bf16 is slow on CPUs
-    model = modeling.prepare_model(args, device, torch.bfloat16 if device != "cpu" else torch.float32)
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    model = modeling.prepare_model(args, device, dtype)
     packed, layout = modeling.choose_layout(model, args.max_length)
     print(layout)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -88,7 +90,7 @@ def train(args):
     start = checkpoints.restore(model, optimizer, args.resume_from) if args.resume else 0
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
-    # rounded down, with slack for float error (0.29 × 100 is 28.999…): a 1-step run has no warm-up
+    # rounded down, with slack for float error (0.29 × 100 is 28.99…): a 1-step run has no warm-up
     warmup_steps = int(args.warmup_ratio * total_steps + 1e-9)
     if finished_already(args, start, total_steps):
         return Path(args.output_dir)
@@ -119,7 +121,8 @@ def train(args):
                 optimizer.step()
                 if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total_steps:
                     metrics |= evaluate(model, eval_set, args, pad_id, packed) if eval_set else {}
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}",
+                                tok_s=f"{metrics['tokens_per_s']:.0f}")
             else:
                 metrics = {"skipped": "non-finite", "lr": lr}
             optimizer.zero_grad(set_to_none=True)
@@ -148,7 +151,8 @@ def pairs_of_step(train_set, step, steps_per_epoch, args):
     """This process's pairs of optimizer step `step`, their weight in the step's mean loss, and the
     step's pair indices. The order follows from (seed, epoch), so resuming needs only `step`."""
     epoch, index = divmod(step, steps_per_epoch)
-    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed + epoch))
+    seeded = torch.Generator().manual_seed(args.seed + epoch)
+    order = torch.randperm(len(train_set), generator=seeded)
     indices = order[index * args.batch_size:(index + 1) * args.batch_size].tolist()
     pairs, weight = parallel.share([train_set[i] for i in indices])
     return pairs, weight, indices
@@ -186,7 +190,8 @@ def out_of_memory_stops(pairs, args):
         raise StopRequested(
             f"out of memory ({memory}longest sequence {longest} tokens, --micro-batch-size "
             f"{args.micro_batch_size}): lower --micro-batch-size or --max-length, or turn on "
-            f"--load-in-4bit and --gradient-checkpointing; the last checkpoint is intact", 1) from None
+            f"--load-in-4bit and --gradient-checkpointing; the last checkpoint is intact",
+            1) from None
 
 
 def read_step(stats, grad_norm, tokens, weight, started, lr, args):
@@ -203,7 +208,8 @@ def read_step(stats, grad_norm, tokens, weight, started, lr, args):
     loss, sft_loss, grad_norm, tokens = numbers.tolist()
     metrics = simpo.preference_metrics(chosen_logps, rejected_logps, chosen_rewards,
                                        rejected_rewards)
-    metrics |= dict(loss=loss, grad_norm=grad_norm, lr=lr, tokens_per_s=tokens / (time.time() - started))
+    metrics |= dict(loss=loss, grad_norm=grad_norm, lr=lr,
+                    tokens_per_s=tokens / (time.time() - started))
     if args.sft_weight:
         metrics["sft_loss"] = sft_loss
     return metrics
@@ -276,8 +282,8 @@ def prepare_data(args, main_process):
     args.data_fingerprint = train_set.fingerprint()
     conflicts = checkpoints.resume_conflicts(args.run_config, vars(args)) if args.resume else []
     if conflicts:
-        raise UsageError(f"--resume {args.resume}: {'; '.join(conflicts)}: the run trained on other "
-                         f"pairs or in another setting; start a new run instead")
+        raise UsageError(f"--resume {args.resume}: {'; '.join(conflicts)}: the run trained on "
+                         f"other pairs or in another setting; start a new run instead")
     return tokenizer, train_set, eval_set
 
 
@@ -336,23 +342,25 @@ def parse_args(argv=None):
     p = checkpoints.Parser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("model")
     g.add_argument("--model",
-                   help="SFT model: local folder or hub id (omit with --dataset for the offline demo)")
+                   help="SFT model: folder or hub id (omit with --dataset for the offline demo)")
     g.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
                    help="QLoRA: nf4 weights, double quantisation, bf16 compute "
                         "(default: on with CUDA, off on CPU)")
-    g.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA (small models)")
+    g.add_argument("--full", action="store_true",
+                   help="full fine-tuning instead of LoRA (small models)")
     g.add_argument("--lora-r", type=positive_int, default=16, help="LoRA rank")
     g.add_argument("--lora-alpha", type=positive_int, default=32,
                    help="LoRA scale numerator: updates are scaled by alpha/r")
-    g.add_argument("--lora-dropout", type=unit_interval, default=0.05, help="dropout on the LoRA input")
+    g.add_argument("--lora-dropout", type=unit_interval, default=0.05,
+                   help="dropout on the LoRA input")
     g.add_argument("--lora-target", type=checkpoints.names, default="all-linear",
                    help="comma-separated module names, or all-linear")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations in backward: much less memory, ~30%% slower "
                         "(default: on with CUDA)")
     g.add_argument("--chat-template", type=modeling.read_chat_template,
-                   help="a Jinja chat template for tokenizers without one: text, or a file (the run "
-                        "keeps its text)")
+                   help="a Jinja chat template for tokenizers without one: text, or a file "
+                        "(the run keeps its text)")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="run the Python code a hub model ships with (only for a model you trust)")
     g = p.add_argument_group("data")
@@ -388,7 +396,8 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=positive_int, default=32, help="pairs per optimizer step")
     g.add_argument("--micro-batch-size", type=positive_int, default=2,
                    help="pairs per forward pass; accumulation is derived")
-    g.add_argument("--seed", type=int, default=42, help="data order, LoRA init, --eval-fraction split")
+    g.add_argument("--seed", type=int, default=42,
+                   help="data order, LoRA init, --eval-fraction split")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", help="default runs/<timestamp>")
     g.add_argument("--save-every", type=count, default=0,
@@ -399,7 +408,8 @@ def parse_args(argv=None):
                    help="keep only the newest N checkpoint-<step> folders (the final save too)")
     g.add_argument("--eval-every", type=count, default=0,
                    help="held-out evaluation every N steps (always at start and end)")
-    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    g.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR from its last checkpoint")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in --output-dir (a folder with a run_config.json)")
     g.add_argument("--skip-nonfinite", action="store_true",
@@ -433,8 +443,9 @@ def parse_args(argv=None):
 def check_args(args):
     """The rules that tie several flags together."""
     if args.run_config and args.run_config.get("trust_remote_code") and not args.trust_remote_code:
-        raise UsageError(f"--resume {args.resume}: the run's model ships its own Python code: pass "
-                         f"--trust-remote-code again if you trust it (it is never read from the run)")
+        raise UsageError(f"--resume {args.resume}: the run's model ships its own Python code: "
+                         f"pass --trust-remote-code again if you trust it (it is never read from "
+                         f"the run)")
     if (args.model is None) != (args.dataset is None) and not args.demo:
         raise UsageError("pass both --model and --dataset, or neither for the offline demo")
     if args.gamma is not None and args.gamma_beta_ratio is not None and not math.isclose(

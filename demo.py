@@ -30,7 +30,8 @@ TRAINING = dict(dataset=str(DATA_DIR), split="train", eval_split="test", output_
 # breaks tokenization.
 SPECIAL = {"pad": "<|pad|>", "unk": "<|unk|>", "bos": "<|bos|>", "eos": "<|end|>"}
 ROLES = ("<|system|>", "<|user|>", "<|assistant|>")
-CHAT_TEMPLATE = (  # every turn ends with the EOS token, as Llama-3's does
+# every turn ends with the EOS token, as Llama-3's does
+CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{{ '<|' + m['role'] + '|> ' + m['content'] + ' <|end|> ' }}"
     "{% endfor %}"

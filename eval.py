@@ -138,7 +138,8 @@ def token_kl(policy_hidden, base_hidden, policy_head, base_head, labels, chunk_s
     (B,), response tokens (B,)).
     """
     mask = labels[:, 1:] != packing.IGNORE_INDEX
-    policy_hidden, base_hidden = policy_hidden[:, :-1][mask], base_hidden[:, :-1][mask]  # (N, H)
+    # (N, H)
+    policy_hidden, base_hidden = policy_hidden[:, :-1][mask], base_hidden[:, :-1][mask]
     kl = [torch.zeros(0, device=labels.device)]
     for i in range(0, len(policy_hidden), chunk_size):
         log_p = simpo.project_logits(policy_hidden[i:i + chunk_size], **policy_head).log_softmax(-1)
@@ -192,16 +193,19 @@ def generate(policy, base_model, tokenizer, examples, args):
         sample = {"row": int(examples.rows[i]), "prompt": tokenizer.decode(prompt[0])}
         for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
             with context as model:
-                for module in model.modules():  # the transformers model, also inside a peft wrapper
+                # the transformers model, also inside a peft wrapper
+                for module in model.modules():
                     # for good: nothing else samples from it
                     if isinstance(module, GenerationMixin):
                         module.generation_config = sampling
-                torch.manual_seed(args.seed + i)  # the same seed for both models
+                # the same seed for both models
+                torch.manual_seed(args.seed + i)
                 ids = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
                                      generation_config=sampling)
                 ids = ids[0, prompt.shape[1]:].tolist()
             ends = [n for n, token in enumerate(ids) if token in stop]
-            ids = ids[:ends[0] + 1] if ends else ids  # up to and including the first stop token
+            # up to and including the first stop token
+            ids = ids[:ends[0] + 1] if ends else ids
             sample |= {name: tokenizer.decode(ids, skip_special_tokens=True),
                        f"{name}_tokens": len(ids), f"{name}_ids": ids}
         labels = [packing.IGNORE_INDEX] * prompt.shape[1] + sample["policy_ids"]

@@ -67,7 +67,8 @@ def score(model, tokenizer, conversations, batch_size=8):
         texts = tokenizer.apply_chat_template(conversations, tokenize=False)
     except TemplateError as error:
         raise UsageError(f"the reward model's chat template fails: {error}") from None
-    rows = tokenizer(texts, add_special_tokens=False)["input_ids"]  # the template writes BOS
+    # the template writes BOS
+    rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
     pad = model.config.pad_token_id
     size = batch_size if pad is not None else 1
     device, scores = next(model.parameters()).device, []
@@ -78,7 +79,8 @@ def score(model, tokenizer, conversations, batch_size=8):
         mask = [[1] * len(row) + [0] * (width - len(row)) for row in chunk]
         output = model(input_ids=torch.tensor(input_ids, device=device),
                        attention_mask=torch.tensor(mask, device=device))
-        reward = getattr(output, "score", None)  # ArmoRM's custom output
+        # ArmoRM's custom output
+        reward = getattr(output, "score", None)
         reward = (output.logits if reward is None else reward).float().reshape(len(chunk), -1)
         if reward.shape[1] != 1:
             raise UsageError(f"the reward model gives {reward.shape[1]} numbers per answer, "
@@ -97,10 +99,12 @@ def compare(policy_scores, base_scores, policy_lengths, base_lengths):
     n = len(preference)
     spread = delta.std() if n > 1 else 0.0
     length = torch.tanh(delta / spread) if spread > 0 else torch.zeros(n, dtype=torch.float64)
-    features = torch.stack([torch.ones_like(length), length], 1)  # columns: θ, φ
+    # columns: θ, φ
+    features = torch.stack([torch.ones_like(length), length], 1)
     penalty = tensor([0.0, RIDGE])
     weights = tensor([0.0, 0.0])
-    for _ in range(100):  # Newton's method: a concave log-likelihood in two parameters
+    # Newton's method: a concave log-likelihood in two parameters
+    for _ in range(100):
         fitted = torch.sigmoid(features @ weights)
         gradient = features.T @ (fitted - preference) + penalty * weights
         hessian = features.T @ (features * (fitted * (1 - fitted))[:, None]) + torch.diag(penalty)
@@ -132,7 +136,8 @@ def judge_samples(args, samples, split, device, dtype):
     pairs = preferences.read_pairs(args.dataset, split)
     model, tokenizer = load(args.judge, args.load_in_4bit, dtype, device, args.trust_remote_code)
     conversations = [pairs[sample["row"]].prompt + [{"role": "assistant", "content": sample[name]}]
-                     for name in ("policy", "base") for sample in samples]  # [policy..., base...]
+                     # [policy..., base...]
+                     for name in ("policy", "base") for sample in samples]
     scores = score(model, tokenizer, conversations, args.batch_size)
     policy_scores, base_scores = scores[:len(samples)], scores[len(samples):]
     for sample, policy_score, base_score in zip(samples, policy_scores, base_scores, strict=True):

@@ -81,7 +81,8 @@ def parse_args(argv=None):
     if args.samples < 2 or args.batch_size < 1 or args.max_new_tokens < 1:
         raise UsageError("--samples must be >= 2, --batch-size and --max-new-tokens >= 1")
     if not (args.temperature > 0 and 0 < args.top_p <= 1 and 0 <= args.test_fraction < 1
-            and args.tie_tolerance >= 0):  # NaN fails these too
+            # NaN fails these too
+            and args.tie_tolerance >= 0):
         raise UsageError("--temperature must be > 0, --top-p in (0, 1], --test-fraction in [0, 1) "
                          "and --tie-tolerance >= 0")
     if args.load_in_4bit is None:
@@ -94,7 +95,8 @@ def read_prompts(dataset, split):
     """(messages, where) of each distinct prompt, in file order."""
     prompts = {}
     for i, row in enumerate(preferences.load_rows(dataset, split)):
-        if not isinstance(row.get("chosen"), list):  # a `prompt` of its own, text or messages
+        # a `prompt` of its own, text or messages
+        if not isinstance(row.get("chosen"), list):
             row = {"prompt": row.get("prompt"), "chosen": [PLACEHOLDER], "rejected": [PLACEHOLDER]}
         messages = preferences.to_pair(row, f"{dataset}: row {i + 1}").prompt
         prompts.setdefault(json.dumps(messages), f"{dataset}: row {i + 1}")
@@ -173,7 +175,8 @@ def judge_batch(reward, prompts, answers, tokenizer, args):
     for prompt, row in zip(prompts, answers, strict=True):
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in row]
         records.append({"prompt": prompt, "answers": [
-            {"text": text, "tokens": len(ids) + (not cut), "score": None,  # (+ the stop token)
+            # (+ the stop token)
+            {"text": text, "tokens": len(ids) + (not cut), "score": None,
              "left_out": "truncated" if cut else None if text.strip() else "empty"}
             for (ids, cut), text in zip(row, texts, strict=True)]})
     scored = [(record["prompt"], answer) for record in records for answer in record["answers"]
@@ -196,7 +199,8 @@ def sample_all(args, out, prompts, prompt_ids, done, tokenizer):
                                 args.trust_remote_code).eval()
     config, stop = modeling.sampling_config(model, tokenizer, args.temperature, args.top_p,
                                             args.max_new_tokens)
-    model.generation_config = config  # (see modeling.sampling_config)
+    # (see modeling.sampling_config)
+    model.generation_config = config
     reward = judge.load(args.reward_model, args.load_in_4bit, dtype, device, args.trust_remote_code,
                         "--reward-model")
     count = max(1, round(len(prompts) * args.test_fraction)) if args.test_fraction else 0
@@ -214,7 +218,8 @@ def sample_all(args, out, prompts, prompt_ids, done, tokenizer):
                                          | record) + "\n"
                               for i, record in zip(batch, records, strict=True)))
             log.flush()
-            os.fsync(log.fileno())  # a prompt counts as done once it is on disk
+            # a prompt counts as done once it is on disk
+            os.fsync(log.fileno())
             tokens += sum(len(ids) + (not cut) for row in answers for ids, cut in row)
             bar.update(len(batch))
             bar.set_postfix_str(f"{tokens / (time.monotonic() - started):.0f} tokens/s")
@@ -284,7 +289,8 @@ def main(argv=None):
     except checkpoints.StopRequested as stop:
         print(f"stopped: {stop}", file=sys.stderr)
         return stop.exit_code
-    except KeyboardInterrupt:  # outside the sampling loop: while loading, or writing the pairs
+    # outside the sampling loop: while loading, or writing the pairs
+    except KeyboardInterrupt:
         print(f"\ninterrupted: finished prompts are kept; resume with: "
               f"{shlex.join(['python', 'onpolicy.py', *argv])}", file=sys.stderr)
         return 130

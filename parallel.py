@@ -27,7 +27,8 @@ def setup():
     if rank() > 0:
         import datasets
         import transformers
-        sys.stdout = open(os.devnull, "w")  # for the whole run: closed when the process ends
+        # for the whole run: closed when the process ends
+        sys.stdout = open(os.devnull, "w")
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
     return rank(), world, device

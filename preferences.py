@@ -29,16 +29,21 @@ class DataError(ValueError):
 
 
 class Pair(NamedTuple):
-    prompt: list          # messages
-    chosen: dict          # the preferred response, one assistant message
+    # messages
+    prompt: list
+    # the preferred response, one assistant message
+    chosen: dict
     rejected: dict
-    conversational: bool  # read from message lists (needs a chat template)
-    where: str            # "file: row N", for error messages
+    # read from message lists (needs a chat template)
+    conversational: bool
+    # "file: row N", for error messages
+    where: str
 
 
 def load_rows(dataset, split):
     """Rows of a local file or folder, or of a hub dataset, as a `datasets.Dataset`."""
-    from datasets import load_dataset  # slow to import; only needed here
+    # slow to import; only needed here
+    from datasets import load_dataset
 
     path = Path(dataset)
     suffix = path.suffix.lower()
@@ -51,12 +56,14 @@ def load_rows(dataset, split):
         raise DataError(f"{dataset}: unsupported file type {path.suffix!r} "
                         f"(use {', '.join(FILE_TYPES)})")
     try:
-        if path.is_file():  # a single file serves as whatever split is asked for
+        # a single file serves as whatever split is asked for
+        if path.is_file():
             return load_dataset(FILE_TYPES[suffix], data_files={split: str(path)}, split=split,
                                 **(_csv_as_text(path) if suffix == ".csv" else {}))
         return load_dataset(dataset, split=split)
     except Exception as error:
-        if suffix in (".json", ".jsonl"):  # find the exact row that arrow choked on
+        # find the exact row that arrow choked on
+        if suffix in (".json", ".jsonl"):
             rows = _json_rows(path)
             for index, row in enumerate(rows):
                 to_pair(row, f"{dataset}: row {index + 1}")
@@ -94,8 +101,9 @@ def _json_rows(path):
 
 def _text(value, where, field):
     if not isinstance(value, str) or not value.strip():
-        problem = "missing" if value is None else "empty" if isinstance(value, str) else \
-            f"not a string ({type(value).__name__})"
+        problem = f"not a string ({type(value).__name__})"
+        if value is None or isinstance(value, str):
+            problem = "missing" if value is None else "empty"
         raise DataError(f"{where}: field '{field}' is {problem}")
     return value
 
@@ -127,10 +135,13 @@ def to_pair(row, where):
             raise DataError(f"{where}: fields 'chosen' and 'rejected' differ before their last "
                             f"message")
         prompt = chosen[:-1]
-        if not prompt:  # the prompt is not inside the conversations: it has its own column
+        # the prompt is not inside the conversations: it has its own column
+        if not prompt:
             value = row.get("prompt")
-            prompt = _messages(value, where, "prompt") if isinstance(value, list) else \
-                [{"role": "user", "content": _text(value, where, "prompt")}]
+            if isinstance(value, list):
+                prompt = _messages(value, where, "prompt")
+            else:
+                prompt = [{"role": "user", "content": _text(value, where, "prompt")}]
         return Pair(prompt, chosen[-1], rejected[-1], True, where)
     prompt = _text(row.get("prompt"), where, "prompt")
     chosen, rejected = (_text(row.get(field), where, field) for field in ("chosen", "rejected"))
@@ -168,7 +179,8 @@ def end_of_turn(tokenizer):
     """Read from the template itself, not from a table of model names: template a conversation whose
     reply is a sentinel and look at what follows it. The terminator is the first special token
     there."""
-    if tokenizer.chat_template is None:  # plain text: EOS ends each response
+    # plain text: EOS ends each response
+    if tokenizer.chat_template is None:
         return EndOfTurn(None, "")
     sentinel = "SimpoSentinelReply"
     conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": sentinel}]
@@ -189,7 +201,8 @@ def _render(tokenizer, conversations, pairs, **options):
     """The template applied to many conversations in one call; on an error, the row that fails."""
     try:
         return tokenizer.apply_chat_template(conversations, tokenize=False, **options)
-    except TemplateError as error:  # e.g. Gemma-2's template refuses a system turn
+    # e.g. Gemma-2's template refuses a system turn
+    except TemplateError as error:
         for conversation, pair in zip(conversations, pairs, strict=True):
             try:
                 tokenizer.apply_chat_template(conversation, tokenize=False, **options)
@@ -203,12 +216,13 @@ def _up_to_end_of_turn(text, prompt_text, response, end):
     """The templated conversation cut right after the response's terminator (what follows, e.g.
     Gemma-2's "\\n", is never generated: scoring it would dilute the average log-prob). True if EOS
     must follow."""
-    # a template that rewrites earlier turns: the raw response after
+    # a template that rewrites earlier turns: the raw response after the prompt, as the model
+    # would generate it
     if not text.startswith(prompt_text):
-        # the prompt, as the model would generate it
         text = prompt_text + response["content"] + end.suffix
     at = text.rfind(end.terminator, len(prompt_text)) if end.terminator else -1
-    if at < 0:  # no terminator: the policy still has to learn to stop, so EOS follows
+    # no terminator: the policy still has to learn to stop, so EOS follows
+    if at < 0:
         return text.removesuffix(end.suffix) if end.suffix.strip() else text.rstrip(), True
     return text[:at + len(end.terminator)], False
 
@@ -274,7 +288,8 @@ def _token_ids(tokenizer, pairs, end):
 
 
 def _shared_length(a, b):
-    if len(a) == len(b) and a == b:  # the usual case, compared in C
+    # the usual case, compared in C
+    if len(a) == len(b) and a == b:
         return len(a)
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -304,7 +319,8 @@ def generation_prompt(example):
 
 # ---------------------------------------------------------------- a whole split, batched and cached
 
-KEPT, IDENTICAL, EMPTIED = 0, 1, 2  # status of a row
+# status of a row
+KEPT, IDENTICAL, EMPTIED = 0, 1, 2
 REASONS = {IDENTICAL: "identical", EMPTIED: "emptied"}
 
 
@@ -377,7 +393,8 @@ def tokenize_split(tokenizer, dataset, split, max_length, max_prompt_length):
                                tokenizer.chat_template, tokenizer.eos_token_id,
                                tokenizer.bos_token_id, repr(end), str(dataset), max_length,
                                max_prompt_length, Path(__file__).read_text()])
-    ids = List(Value("int32"))  # 4 bytes per token id (Python ints in lists take 70)
+    # 4 bytes per token id (Python ints in lists take 70)
+    ids = List(Value("int32"))
     features = Features({"prompt": ids, "chosen": ids, "rejected": ids, "unscored": ids,
                          "status": Value("int8"), "truncated": Value("bool")})
     started = time.time()
@@ -391,8 +408,7 @@ def tokenize_split(tokenizer, dataset, split, max_length, max_prompt_length):
     # Cached ids must still be what the tokenizer gives: a few rows tokenized afresh say whether a
     # setting the fingerprint cannot see has changed them.
     sample = range(min(8, len(rows)))
-    fresh = tokenize_batch(rows[:len(sample)], sample, **settings)
-    if from_cache and fresh != tokenized[:len(sample)]:
+    if from_cache and tokenize_batch(rows[:8], sample, **settings) != tokenized[:8]:
         tokenized = rows.map(tokenize_batch, desc=f"tokenizing {dataset}:{split} again",
                              load_from_cache_file=False, **options)
         from_cache = False
@@ -406,8 +422,10 @@ class Examples:
     scored)."""
 
     def __init__(self, columns, rows):
-        self.columns = columns  # name -> (ids of all rows end to end, where each row starts)
-        self.rows = rows        # positions of these pairs among those rows
+        # name -> (ids of all rows end to end, where each row starts)
+        self.columns = columns
+        # positions of these pairs among those rows
+        self.rows = rows
 
     def __len__(self):
         return len(self.rows)
@@ -417,7 +435,8 @@ class Examples:
         very same training pairs (however the Arrow data happens to be laid out)."""
         digest = hashlib.sha256()
         for ids, starts in self.columns.values():
-            digest.update(np.diff(starts)[self.rows].astype(np.int64))  # the lengths, then the ids
+            # the lengths, then the ids
+            digest.update(np.diff(starts)[self.rows].astype(np.int64))
             for row in self.rows:
                 row_ids = ids[starts[row]:starts[row + 1]]
                 digest.update(np.ascontiguousarray(row_ids, dtype=np.int32))
@@ -426,7 +445,8 @@ class Examples:
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        row = self.rows[int(i)]  # int(): torch.randperm's 0-d tensors index too
+        # int(): torch.randperm's 0-d tensors index too
+        row = self.rows[int(i)]
         return {name: ids[starts[row]:starts[row + 1]].tolist()
                 for name, (ids, starts) in self.columns.items()}
 
@@ -445,9 +465,12 @@ class Summary:
     def __init__(self, counts, lengths, cache_files, from_cache):
         # part -> {"pairs": kept, "identical": n, "emptied": n, "truncated": n}
         self.counts = counts
-        self.lengths = lengths  # "prompt" / "chosen" / "rejected" -> {"mean", "p50", "p95", "max"}
-        self.cache_files = cache_files  # where `datasets` keeps the tokenized rows
-        self.from_cache = from_cache  # True when nothing was tokenized this time
+        # "prompt" / "chosen" / "rejected" -> {"mean", "p50", "p95", "max"}
+        self.lengths = lengths
+        # where `datasets` keeps the tokenized rows
+        self.cache_files = cache_files
+        # True when nothing was tokenized this time
+        self.from_cache = from_cache
 
     def skipped(self, part):
         return self.counts[part]["identical"] + self.counts[part]["emptied"]
@@ -484,7 +507,8 @@ def load_examples(tokenizer, dataset, split, eval_split=None, eval_fraction=0.0,
         held_out, files, cached = tokenize_split(tokenizer, dataset, eval_split, *limits)
         parts["held-out"] = (held_out, np.arange(len(held_out)))
         cache_files, from_cache = cache_files + files, from_cache and cached
-    elif eval_fraction > 0:  # a fixed, seeded slice of the training split
+    # a fixed, seeded slice of the training split
+    elif eval_fraction > 0:
         order = list(range(len(tokenized)))
         random.Random(seed).shuffle(order)
         cut = max(1, int(len(tokenized) * eval_fraction))
@@ -493,7 +517,8 @@ def load_examples(tokenizer, dataset, split, eval_split=None, eval_fraction=0.0,
     examples, counts, lengths = {}, {}, {"prompt": [], "chosen": [], "rejected": []}
     columns = {}
     for part, (table, rows) in parts.items():
-        columns.setdefault(id(table), _columns(table))  # train and held-out may share one table
+        # train and held-out may share one table
+        columns.setdefault(id(table), _columns(table))
         status = table.data.column("status").to_numpy()[rows]
         truncated = table.data.column("truncated").to_numpy()[rows]
         kept = rows[status == KEPT]

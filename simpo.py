@@ -33,7 +33,8 @@ def sequence_logps(logits, labels, average=True, ignore_index=-100):
     """
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
     mask = labels != ignore_index
-    safe_labels = labels.masked_fill(~mask, 0)  # any valid id: these positions are zeroed below
+    # any valid id: these positions are zeroed below
+    safe_labels = labels.masked_fill(~mask, 0)
     token_logps = logits.log_softmax(-1).gather(2, safe_labels.unsqueeze(2)).squeeze(2)
     # where, not *: a -inf logit at an ignored position is no NaN
     logps = torch.where(mask, token_logps, 0).sum(-1)
@@ -112,7 +113,8 @@ def simpo_loss(chosen_logps, rejected_logps, beta=2.0, gamma=0.5, loss_type="sig
         conservative / noisy-label form).
     Returns (losses, chosen_rewards, rejected_rewards), each (B,); rewards are β·logps, detached.
     """
-    if not beta > 0:  # "not >": NaN fails too
+    # "not >": NaN fails too
+    if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if not gamma >= 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")

@@ -1,16 +1,19 @@
-"""How fast and lean preferences.load_examples is, next to one batched tokenizer call over the same conversations.
+"""How fast and lean preferences.load_examples is, next to one batched tokenizer call over the same
+conversations.
 
-    python bench/loading.py                     # 4,000 real pairs (the 200 fixture rows, varied), Llama-3
+    python bench/loading.py  # 4,000 real pairs (the 200 fixture rows, varied), Llama-3
     python bench/loading.py --tokenizer ../shared/fixtures/real-tokenizers/gemma2-it --pairs 1000
 
-Writes `--pairs` rows built from `--rows` (row k is row k mod N, its prompt tagged with k // N after the
-first N so that no two are the same) to a temporary file, then times, in a fresh `datasets` cache:
+Writes `--pairs` rows built from `--rows` (row k is row k mod N, its prompt tagged with k // N after
+the first N so that no two are the same) to a temporary file, then times, in a fresh `datasets`
+cache:
 - the reference: one batched tokenizer call over every templated conversation (chosen and rejected),
 - a first load_examples (reading the file, templating, tokenizing, writing the cache),
 - a second one, which should read the cache and tokenize nothing,
 each `--repeat` times, interleaved, keeping the fastest of each (the machine may be shared),
-and counts the bytes of RAM the loaded pairs hold per token id. Prints the ratios and writes JSON; asserts
-nothing (targets: first load <= 1.5x the reference, cached load <= 0.3x, <= 8 bytes per token id).
+and counts the bytes of RAM the loaded pairs hold per token id. Prints the ratios and writes JSON;
+asserts nothing (targets: first load <= 1.5x the reference, cached load <= 0.3x, <= 8 bytes per
+token id).
 """
 import argparse
 import json
@@ -42,7 +45,8 @@ def write_rows(source, n, path):
 def reference_seconds(tokenizer, path):
     """One batched tokenizer call over the templated conversations (templating itself not timed)."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
-    conversations = [[{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row[side]}]
+    conversations = [[{"role": "user", "content": row["prompt"]},
+                      {"role": "assistant", "content": row[side]}]
                      for side in ("chosen", "rejected") for row in rows]
     texts = tokenizer.apply_chat_template(conversations, tokenize=False)
     started = time.perf_counter()
@@ -51,7 +55,8 @@ def reference_seconds(tokenizer, path):
 
 
 def held_bytes(*examples):
-    """RAM the loaded pairs hold: their id arrays (shared by train and held-out) and their positions."""
+    """RAM the loaded pairs hold: their id arrays (shared by train and held-out) and their
+    positions."""
     arrays = {id(a): a for e in examples for column in e.columns.values() for a in column}
     return sum(a.nbytes for a in arrays.values()) + sum(e.rows.nbytes for e in examples)
 
@@ -59,7 +64,8 @@ def held_bytes(*examples):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokenizer", default=str(FIXTURES / "real-tokenizers" / "llama3-instruct"))
-    p.add_argument("--rows", default=str(FIXTURES / "real-data" / "ultrafeedback_trl_eval200.jsonl"))
+    p.add_argument("--rows",
+                   default=str(FIXTURES / "real-data" / "ultrafeedback_trl_eval200.jsonl"))
     p.add_argument("--pairs", type=int, default=4000)
     p.add_argument("--repeat", type=int, default=2, help="take the fastest of this many rounds")
     p.add_argument("--out", default="runs/bench/loading.json")
@@ -68,9 +74,11 @@ def main(argv=None):
 
     tokenizer = modeling.load_tokenizer(args.tokenizer)
     default_cache, reference, times = datasets.config.HF_DATASETS_CACHE, [], []
-    for _ in range(args.repeat):  # interleaved, best of each: other work on the machine comes and goes
+    # interleaved, best of each: other work on the machine comes and goes
+    for _ in range(args.repeat):
         with tempfile.TemporaryDirectory() as tmp:
-            datasets.config.HF_DATASETS_CACHE = Path(tmp)  # a fresh cache: the first load does all the work
+            # a fresh cache: the first load does all the work
+            datasets.config.HF_DATASETS_CACHE = Path(tmp)
             try:
                 path = Path(tmp) / "pairs.jsonl"
                 write_rows(args.rows, args.pairs, path)
@@ -79,7 +87,8 @@ def main(argv=None):
                 loads = []
                 for _ in range(2):
                     started = time.perf_counter()
-                    train, held_out, summary = preferences.load_examples(tokenizer, str(path), "train")
+                    train, held_out, summary = preferences.load_examples(tokenizer, str(path),
+                                                                         "train")
                     loads.append((time.perf_counter() - started, summary))
                 times.append(loads)
             finally:

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests import simpo, train, eval, data, demo
+# tests import simpo, train, eval, data, demo
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 @pytest.fixture(scope="session")
@@ -32,8 +33,8 @@ def demo_run(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and two OpenMP threads on two cores shared with another
-    busy process spin-wait for ages (10x slower)."""
+    """Tiny models gain nothing from intra-op threads, and two OpenMP threads on two cores shared
+    with another busy process spin-wait for ages (10x slower)."""
     torch.set_num_threads(1)
 
 

@@ -1,6 +1,6 @@
-"""The benchmark script runs (tiny shape, on the CPU) and writes its numbers; no timing is asserted. The
-committed length profile is what the real pairs give, and on it the packed layout computes at most 1.05x
-the minimum token positions at micro-batches of 2 and 4."""
+"""The benchmark script runs (tiny shape, on the CPU) and writes its numbers; no timing is asserted.
+The committed length profile is what the real pairs give, and on it the packed layout computes at
+most 1.05x the minimum token positions at micro-batches of 2 and 4."""
 import importlib.util
 import json
 from pathlib import Path
@@ -22,8 +22,9 @@ def load_bench():
 def test_bench_step_writes_json(tmp_path):
     lengths = tmp_path / "lengths.json"
     lengths.write_text(json.dumps({"lengths": [[5, 3, 7], [2, 6, 1], [9, 4, 4]]}))
-    load_bench().main(["--shape", "tiny", "--lengths", lengths, "--batch-size", 2, "--micro-batch-size", 2,
-                       "--steps", 1, "--padded", "--out", tmp_path / "step.json"])
+    load_bench().main(["--shape", "tiny", "--lengths", lengths, "--batch-size", 2,
+                       "--micro-batch-size", 2, "--steps", 1, "--padded",
+                       "--out", tmp_path / "step.json"])
     simpo, padded = json.loads((tmp_path / "step.json").read_text())  # --trl not asked for
     assert (simpo["setup"], padded["setup"]) == ("simpo", "simpo-padded")
     for result in (simpo, padded):
@@ -38,12 +39,14 @@ def test_real_lengths_compute_near_the_minimum():
     report = load_bench().token_report(load_bench().load_lengths(PROFILE))
     for micro_batch in (2, 4):
         ratios = report[f"micro_batch_{micro_batch}"]
-        assert ratios["packed"] <= 1.05 and ratios["padded"] > 1.5  # padding and the second prompt: gone
+        # padding and the second prompt: gone
+        assert ratios["packed"] <= 1.05 and ratios["padded"] > 1.5
 
 
 @pytest.mark.skipif(not (FIXTURES / "real-data").is_dir(), reason="needs ../shared/fixtures")
 def test_length_profile_is_the_real_pairs(tmp_path):
     lengths = load_bench().make_lengths(FIXTURES / "real-data" / "ultrafeedback_trl_eval200.jsonl",
-                                        FIXTURES / "real-tokenizers" / "llama3-instruct", tmp_path / "l.json")
+                                        FIXTURES / "real-tokenizers" / "llama3-instruct",
+                                        tmp_path / "l.json")
     assert [list(pair) for pair in load_bench().load_lengths(PROFILE)] == lengths
     assert (tmp_path / "l.json").read_text() == PROFILE.read_text()

@@ -1,6 +1,7 @@
-"""preferences.py on real chat tokenizers and real UltraFeedback rows (../shared/fixtures, skipped when absent), and
-on the tiny demo tokenizer: exact token ids, identical pairs, the datasets cache, CSV text, and which pairs
-eval.py scores. The real-tokenizer runs use a random Llama model of hidden size 8 with that vocabulary."""
+"""preferences.py on real chat tokenizers and real UltraFeedback rows (../shared/fixtures, skipped
+when absent), and on the tiny demo tokenizer: exact token ids, identical pairs, the datasets cache,
+CSV text, and which pairs eval.py scores. The real-tokenizer runs use a random Llama model of hidden
+size 8 with that vocabulary."""
 import json
 import random
 import shutil
@@ -66,21 +67,24 @@ def test_ids_equal_the_template_up_to_the_end_of_turn_token(name):
     assert end.terminator == {"llama3-instruct": "<|eot_id|>", "gemma2-it": "<end_of_turn>",
                               "mistral-instruct": "</s>"}[name]
     rows = [json.loads(line) for line in REAL_ROWS.read_text().splitlines()]
-    examples, _, summary = preferences.load_examples(tokenizer, str(REAL_ROWS), "train", max_length=100_000,
-                                              max_prompt_length=100_000)
+    examples, _, summary = preferences.load_examples(tokenizer, str(REAL_ROWS), "train",
+                                                     max_length=100_000, max_prompt_length=100_000)
     kept = [row for row in rows if row["chosen"] != row["rejected"]]
     assert len(examples) == len(kept) == 199 and summary.counts["train"]["identical"] == 1
     for example, row in zip(examples, kept, strict=True):
         prompt = [{"role": "user", "content": row["prompt"]}]
         generation_prompt = template_ids(tokenizer, prompt, add_generation_prompt=True)
-        # the prompt ends where the generation prompt ends, but for one token that spans the boundary
+        # the prompt ends where the generation prompt ends, but for one token that spans the
+        # boundary
         assert example["prompt"] == generation_prompt[:len(example["prompt"])]
-        assert len(generation_prompt) - len(example["prompt"]) <= (1 if name == "mistral-instruct" else 0)
+        assert (len(generation_prompt) - len(example["prompt"])
+                <= (1 if name == "mistral-instruct" else 0))
         for side in ("chosen", "rejected"):
             whole = template_ids(tokenizer, prompt + [{"role": "assistant", "content": row[side]}])
             ids = example["prompt"] + example[side]
             assert ids == whole[:len(ids)]  # exactly what the model reads ...
-            assert ids[-1] == terminator and ids.count(tokenizer.bos_token_id) == 1  # ... up to end of turn
+            # ... up to end of turn
+            assert ids[-1] == terminator and ids.count(tokenizer.bos_token_id) == 1
             # what the template writes after it (Gemma-2's "\n") is never generated: not scored
             assert whole[len(ids):] == tokenizer(end.suffix.removeprefix(end.terminator),
                                                  add_special_tokens=False)["input_ids"]
@@ -89,25 +93,29 @@ def test_ids_equal_the_template_up_to_the_end_of_turn_token(name):
 @needs_fixtures
 @pytest.mark.parametrize("name", REAL_TOKENIZERS)
 def test_train_and_eval_run_with_each_real_tokenizer(name, tmp_path, capsys):
-    """Two steps of train.py and then eval.py on a random hidden-8 Llama of the tokenizer's vocabulary size,
-    with the real tokenizer files next to it, on 8 real pairs (one of them with chosen == rejected)."""
+    """Two steps of train.py and then eval.py on a random hidden-8 Llama of the tokenizer's
+    vocabulary size, with the real tokenizer files next to it, on 8 real pairs (one of them with
+    chosen == rejected)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     model = tmp_path / "model"
     tokenizer = real_tokenizer(name)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=128,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(model)
-    for file in (FIXTURES / "real-tokenizers" / name).iterdir():  # the files as published, not re-saved
+    # the files as published, not re-saved
+    for file in (FIXTURES / "real-tokenizers" / name).iterdir():
         shutil.copy(file, model / file.name)
     rows = [json.loads(line) for line in REAL_ROWS.read_text().splitlines()]
     identical = next(row for row in rows if row["chosen"] == row["rejected"])
     dataset = write_jsonl(tmp_path / "pairs.jsonl", [identical] + rows[:7])
     out = tmp_path / "run"
-    code, stdout, err = quiet(train.main, ["--model", model, "--dataset", dataset, "--output-dir", out,
-                                           "--max-steps", 2, "--batch-size", 2, "--micro-batch-size", 2,
-                                           "--eval-fraction", 0.25, "--max-length", 48,
-                                           "--max-prompt-length", 32, "--lora-r", 2, "--lora-alpha", 4],
+    code, stdout, err = quiet(train.main, ["--model", model, "--dataset", dataset,
+                                           "--output-dir", out, "--max-steps", 2, "--batch-size", 2,
+                                           "--micro-batch-size", 2, "--eval-fraction", 0.25,
+                                           "--max-length", 48, "--max-prompt-length", 32,
+                                           "--lora-r", 2, "--lora-alpha", 4],
                               capsys)
     assert code == 0, err
     assert "1 left out (chosen and rejected identical)" in stdout
@@ -117,7 +125,8 @@ def test_train_and_eval_run_with_each_real_tokenizer(name, tmp_path, capsys):
     assert report["pairs"] + report["skipped"] == 2 and not report["includes_training_pairs"]
     assert all(np.isfinite(report["policy"][key]) for key in ("loss", "rewards/margins"))
     trained = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())][-1]
-    assert report["policy"]["loss"] == pytest.approx(trained["eval/loss"], abs=1e-5)  # the same pairs
+    # the same pairs
+    assert report["policy"]["loss"] == pytest.approx(trained["eval/loss"], abs=1e-5)
     # the tokenizer saved with the run reads the real conversations as the model's own does
     saved = modeling.load_tokenizer(str(out))
     for row in rows[:20]:
@@ -132,18 +141,19 @@ def test_identical_pairs_are_left_out_and_counted(tiny_model, tmp_path):
     tokenizer = modeling.load_tokenizer(tiny_model)
     rows = [{"prompt": "shout: apple", "chosen": "APPLE", "rejected": "apple"},
             {"prompt": "shout: river", "chosen": "RIVER", "rejected": "RIVER"},  # teaches nothing
-            {"prompt": "whisper: " + " ".join(demo.WORDS[:12]), "chosen": "stone", "rejected": "STONE"},
+            {"prompt": "whisper: " + " ".join(demo.WORDS[:12]), "chosen": "stone",
+             "rejected": "STONE"},
             {"prompt": "whisper: cloud tiger", "chosen": "cloud tiger", "rejected": "CLOUD TIGER"}]
     dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    examples, held_out, summary = preferences.load_examples(tokenizer, dataset, "train", max_length=8,
-                                                     max_prompt_length=8)
+    examples, held_out, summary = preferences.load_examples(tokenizer, dataset, "train",
+                                                            max_length=8, max_prompt_length=8)
     assert summary.counts["train"] == {"pairs": 2, "identical": 1, "emptied": 1, "truncated": 1}
     assert summary.skipped("train") == 2 and len(held_out) == 0
-    assert [tokenizer.decode(examples[i]["chosen"], skip_special_tokens=True) for i in range(2)] == \
-        ["APPLE", "cloud"]  # the last one cut at its end to fit 8 tokens
+    assert [tokenizer.decode(examples[i]["chosen"], skip_special_tokens=True)
+            for i in range(2)] == ["APPLE", "cloud"]  # the last one cut at its end to fit 8 tokens
     text = str(summary)
-    assert "2 training pairs, 0 held-out, 1 skipped (response truncated to nothing), 1 left out (chosen " \
-           "and rejected identical), 1 truncated but kept" in text
+    assert ("2 training pairs, 0 held-out, 1 skipped (response truncated to nothing), 1 left out "
+            "(chosen and rejected identical), 1 truncated but kept" in text)
     assert "mean" in text and "p95" in text and summary.lengths["chosen"]["max"] == 2
 
 
@@ -156,7 +166,8 @@ def test_pairs_are_held_in_numpy_and_indexed_like_a_list(tiny_model, tmp_path):
     for ids, starts in examples.columns.values():
         assert isinstance(ids, np.ndarray) and ids.dtype == np.int32 and len(starts) == 4
     order = torch.randperm(3, generator=torch.Generator().manual_seed(0))
-    assert [examples[i] for i in order] == [examples[int(i)] for i in order.tolist()]  # train.py's indexing
+    # train.py's indexing
+    assert [examples[i] for i in order] == [examples[int(i)] for i in order.tolist()]
     assert examples[0:2] == [examples[0], examples[1]] and examples[-1] == examples[2]
     assert isinstance(examples[0]["prompt"], list)  # collate and generate take lists
 
@@ -175,8 +186,9 @@ def test_second_load_reads_the_cache_and_any_change_misses_it(tiny_model, tmp_pa
 
     def load(tok=tokenizer, max_length=64):
         calls.clear()
-        examples, _, summary = preferences.load_examples(tok, dataset, "train", max_length=max_length,
-                                                  max_prompt_length=32)
+        examples, _, summary = preferences.load_examples(tok, dataset, "train",
+                                                         max_length=max_length,
+                                                         max_prompt_length=32)
         return [examples[i] for i in range(len(examples))], summary.from_cache, sum(calls)
 
     first, cached, tokenized = load()
@@ -185,7 +197,8 @@ def test_second_load_reads_the_cache_and_any_change_misses_it(tiny_model, tmp_pa
     # the second time only the 8 rows that check the cached ids against the tokenizer
     assert (again, cached, tokenized) == (first, True, 8)
     # a different template, --max-length, or data: tokenized anew
-    other = modeling.load_tokenizer(tiny_model, demo.CHAT_TEMPLATE.replace("' <|end|> '", "' <|end|>'"))
+    other = modeling.load_tokenizer(tiny_model,
+                                    demo.CHAT_TEMPLATE.replace("' <|end|> '", "' <|end|>'"))
     assert load(tok=other)[1:] == (False, 12)
     assert load(max_length=63)[1:] == (False, 12)
     other_eos = modeling.load_tokenizer(tiny_model)
@@ -199,24 +212,29 @@ def test_second_load_reads_the_cache_and_any_change_misses_it(tiny_model, tmp_pa
 
 def test_csv_text_is_read_as_text(tiny_model, tmp_path):
     path = tmp_path / "pairs.csv"
-    path.write_text('prompt,chosen,rejected\n"what is 6 x 7?",42,41\n"bond?",007,7\n"nothing?",None,NA\n')
+    path.write_text('prompt,chosen,rejected\n"what is 6 x 7?",42,41\n"bond?",007,7\n'
+                    '"nothing?",None,NA\n')
     pairs = preferences.read_pairs(str(path), "train")
     assert [(p.chosen["content"], p.rejected["content"]) for p in pairs] == \
         [("42", "41"), ("007", "7"), ("None", "NA")]
-    examples, _, _ = preferences.load_examples(modeling.load_tokenizer(tiny_model), str(path), "train")
+    examples, _, _ = preferences.load_examples(modeling.load_tokenizer(tiny_model), str(path),
+                                               "train")
     assert len(examples) == 3
 
 
-# ---------------------------------------------------------------- which pairs eval.py scores (items 1, 9)
+# ---------------------------------------------------------- which pairs eval.py scores (items 1, 9)
 
-def test_eval_split_of_a_single_file_is_refused_and_the_report_names_the_pairs(tiny_model, tmp_path, capsys):
+def test_eval_split_of_a_single_file_is_refused_and_the_report_names_the_pairs(
+        tiny_model, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "pairs.jsonl",
                           demo.make_pairs([[w] for w in demo.WORDS[:12]], random.Random(0)))
     out = tmp_path / "run"
-    code, _, err = quiet(train.main, ["--model", tiny_model, "--dataset", dataset, "--output-dir", out,
-                                      "--eval-fraction", 0.25, "--max-steps", 1, "--batch-size", 4], capsys)
+    code, _, err = quiet(train.main, ["--model", tiny_model, "--dataset", dataset,
+                                      "--output-dir", out, "--eval-fraction", 0.25,
+                                      "--max-steps", 1, "--batch-size", 4], capsys)
     assert code == 0, err
-    code, _, err = quiet(eval.main, ["--adapter", out, "--split", "test"], capsys)  # would score all 12
+    # would score all 12
+    code, _, err = quiet(eval.main, ["--adapter", out, "--split", "test"], capsys)
     assert code == 2 and "--split test" in err and "single file" in err and "Traceback" not in err
     assert not (out / "eval.json").exists()
     code, stdout, err = quiet(eval.main, ["--adapter", out], capsys)
@@ -238,8 +256,9 @@ def test_eval_json_skipped_counts_only_the_pairs_evaluated(tiny_model, tmp_path,
     held_out_emptied = sum(i < 6 for i in order[:6])
     assert held_out_emptied not in (0, 6)  # some emptied pairs in each part: the check can fail
     out = tmp_path / "run"
-    code, _, err = quiet(train.main, ["--model", tiny_model, "--dataset", dataset, "--output-dir", out,
-                                      "--eval-fraction", 0.5, "--max-steps", 1, "--batch-size", 2,
+    code, _, err = quiet(train.main, ["--model", tiny_model, "--dataset", dataset,
+                                      "--output-dir", out, "--eval-fraction", 0.5,
+                                      "--max-steps", 1, "--batch-size", 2,
                                       "--max-length", 8, "--max-prompt-length", 8], capsys)
     assert code == 0, err
     code, _, err = quiet(eval.main, ["--adapter", out], capsys)
@@ -256,8 +275,8 @@ def test_bench_data_writes_json(tiny_model, tmp_path):
     spec = importlib.util.spec_from_file_location("bench_data", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--tokenizer", tiny_model, "--rows", str(demo.DATA_DIR / "train.jsonl"), "--pairs", "600",
-                "--repeat", "1", "--out", str(tmp_path / "loading.json")])
+    bench.main(["--tokenizer", tiny_model, "--rows", str(demo.DATA_DIR / "train.jsonl"),
+                "--pairs", "600", "--repeat", "1", "--out", str(tmp_path / "loading.json")])
     result = json.loads((tmp_path / "loading.json").read_text())
     assert result["pairs"] == result["kept"] == 600 and result["second_load_read_cache"] is True
     assert result["first_load_ratio"] > 0 and result["bytes_per_token_id"] < 8

@@ -70,15 +70,17 @@ def demo_eval(demo_run):
 
 @pytest.fixture(scope="module")
 def reference(demo_run):
-    """Independent numbers for the demo's held-out pairs: one unpadded sequence at a time, full logits,
-    float64 softmax over the whole vocabulary; the base is the same model with the adapter disabled."""
+    """Independent numbers for the demo's held-out pairs: one unpadded sequence at a time, full
+    logits, float64 softmax over the whole vocabulary; the base is the same model with the adapter
+    disabled."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(demo_run.run)
     cfg = demo_run.config
-    _, examples, _ = preferences.load_examples(tokenizer, cfg["dataset"], cfg["split"], cfg["eval_split"], 0.0,
-                                        cfg["seed"], cfg["max_length"], cfg["max_prompt_length"])
+    _, examples, _ = preferences.load_examples(tokenizer, cfg["dataset"], cfg["split"],
+                                               cfg["eval_split"], 0.0, cfg["seed"],
+                                               cfg["max_length"], cfg["max_prompt_length"])
     base = AutoModelForCausalLM.from_pretrained(demo_run.model, dtype=torch.float32)
     policy = PeftModel.from_pretrained(base, str(demo_run.run)).eval()
     logps = {(m, s): [] for m in ("policy", "base") for s in ("chosen", "rejected")}
@@ -100,18 +102,19 @@ def reference(demo_run):
             log_q = b_logits[0].double().log_softmax(-1)[response]
             kl[side] += ref_kl(log_p, log_q).sum().item()
             tokens[side] += len(e[side])
-    return SimpleNamespace(tokenizer=tokenizer, examples=examples, policy=policy, logps=logps, kl=kl,
-                           tokens=tokens)
+    return SimpleNamespace(tokenizer=tokenizer, examples=examples, policy=policy, logps=logps,
+                           kl=kl, tokens=tokens)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A hidden-32 model, a 24-pair jsonl, an empty jsonl; a LoRA run holding out 25 % of the pairs and a
-    full fine-tuning run with no held-out pairs, one or two optimizer steps each."""
+    """A hidden-32 model, a 24-pair jsonl, an empty jsonl; a LoRA run holding out 25 % of the pairs
+    and a full fine-tuning run with no held-out pairs, one or two optimizer steps each."""
     d = tmp_path_factory.mktemp("eval_tiny")
     model = demo.build_tiny_model(d / "tiny-model", hidden_size=32)
     pairs = d / "pairs.jsonl"
-    pairs.write_text("".join((demo.DATA_DIR / "train.jsonl").read_text().splitlines(keepends=True)[:24]))
+    pairs.write_text("".join(
+        (demo.DATA_DIR / "train.jsonl").read_text().splitlines(keepends=True)[:24]))
     (d / "empty.jsonl").write_text("")
     common = ["--model", model, "--dataset", str(pairs), "--lr", "1e-2",
               "--batch-size", "4", "--micro-batch-size", "2"]
@@ -119,7 +122,8 @@ def tiny(tmp_path_factory):
     rc, _, err = quiet(train.main, common + ["--eval-fraction", "0.25", "--max-steps", "2",
                                              "--output-dir", str(lora)])
     assert rc == 0, err
-    rc, _, err = quiet(train.main, common + ["--full", "--max-steps", "1", "--output-dir", str(full)])
+    rc, _, err = quiet(train.main, common + ["--full", "--max-steps", "1",
+                                             "--output-dir", str(full)])
     assert rc == 0, err
     return SimpleNamespace(dir=d, model=Path(model), pairs=pairs, empty=d / "empty.jsonl",
                            lora=lora, full=full)
@@ -131,12 +135,13 @@ def test_fresh_adapter_has_exactly_zero_kl_and_identical_samples(demo_run, tmp_p
     from peft import LoraConfig, get_peft_model
     base = modeling.load_model(str(demo_run.model))
     adapter = tmp_path / "fresh" / "adapter"  # no run_config.json here or one level up
-    get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")) \
-        .save_pretrained(adapter)
+    get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                    task_type="CAUSAL_LM")).save_pretrained(adapter)
     out, samples = tmp_path / "report.json", tmp_path / "samples.jsonl"
     rc, _, err = run_eval(capsys, "--adapter", adapter, "--model", demo_run.model,
                           "--dataset", demo_run.dataset, "--split", "test",
-                          "--out", out, "--samples", samples, "--generate", 2, "--max-new-tokens", 6)
+                          "--out", out, "--samples", samples, "--generate", 2,
+                          "--max-new-tokens", 6)
     assert rc == 0, err
     report = json.loads(out.read_text())
     assert report["pairs"] == 128
@@ -157,15 +162,17 @@ def test_trained_adapter_has_positive_kl(demo_eval):
     assert report["policy"]["rewards/margins"] != report["base"]["rewards/margins"]
 
 
-# ---------------------------------------------------------------- 2. token_kl is the exact full-vocabulary KL
+# ------------------------------------------------------ 2. token_kl is the exact full-vocabulary KL
 
 def random_kl_case(B=4, T=9, H=8, V=11, seed=0):
     g = torch.Generator().manual_seed(seed)
-    policy_hidden, base_hidden = torch.randn(B, T, H, generator=g), torch.randn(B, T, H, generator=g)
+    policy_hidden, base_hidden = (torch.randn(B, T, H, generator=g),
+                                  torch.randn(B, T, H, generator=g))
     policy_head = dict(lm_head_weight=torch.randn(V, H, generator=g),
                        lm_head_bias=torch.randn(V, generator=g),
                        logit_softcap=3.0)
-    base_head = dict(lm_head_weight=torch.randn(V, H, generator=g), lm_head_bias=None, logit_softcap=None)
+    base_head = dict(lm_head_weight=torch.randn(V, H, generator=g), lm_head_bias=None,
+                     logit_softcap=None)
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[:, :3] = packing.IGNORE_INDEX   # prompt
     labels[0, -2:] = packing.IGNORE_INDEX  # right padding
@@ -214,18 +221,21 @@ def test_token_kl_with_no_response_tokens_at_all():
 
 
 def test_token_kl_on_model_hidden_states_matches_full_logits(reference):
-    """With the demo policy's real final hidden states (adapter on / off) and padding in the batch."""
+    """With the demo policy's real final hidden states (adapter on / off) and padding in the
+    batch."""
     policy, pad_id = reference.policy, reference.tokenizer.pad_token_id
     batch = packing.padded_rows(reference.examples[:3], pad_id)
     assert (batch["attention_mask"] == 0).any()  # some rows are padded
     with torch.no_grad():
         policy_hidden, policy_head = modeling.final_hidden(policy, batch)
-        p_logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        p_logits = policy(input_ids=batch["input_ids"],
+                          attention_mask=batch["attention_mask"]).logits
         with policy.disable_adapter():
             base_hidden, base_head = modeling.final_hidden(policy, batch)
-            b_logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        kl, tokens = eval.token_kl(policy_hidden, base_hidden, policy_head, base_head, batch["labels"],
-                                   chunk_size=7)
+            b_logits = policy(input_ids=batch["input_ids"],
+                              attention_mask=batch["attention_mask"]).logits
+        kl, tokens = eval.token_kl(policy_hidden, base_hidden, policy_head, base_head,
+                                   batch["labels"], chunk_size=7)
     mask = batch["labels"][:, 1:] != packing.IGNORE_INDEX
     per_position = ref_kl(p_logits[:, :-1].double().log_softmax(-1),
                           b_logits[:, :-1].double().log_softmax(-1))
@@ -239,7 +249,8 @@ def test_reported_kl_is_total_kl_over_total_tokens(demo_eval, reference):
     report = demo_eval.report
     for side in ("chosen", "rejected"):
         assert report[f"kl/{side}_tokens"] == reference.tokens[side]
-        assert report[f"kl/{side}"] == pytest.approx(reference.kl[side] / reference.tokens[side], rel=1e-4)
+        assert report[f"kl/{side}"] == pytest.approx(reference.kl[side] / reference.tokens[side],
+                                                     rel=1e-4)
 
 
 # ---------------------------------------------------------------- 3. reward accuracy, independently
@@ -247,7 +258,8 @@ def test_reported_kl_is_total_kl_over_total_tokens(demo_eval, reference):
 def test_reward_accuracy_matches_independent_scoring(demo_eval, reference):
     report, logps = demo_eval.report, reference.logps
     for model in ("policy", "base"):
-        chosen, rejected = torch.tensor(logps[model, "chosen"]), torch.tensor(logps[model, "rejected"])
+        chosen, rejected = (torch.tensor(logps[model, "chosen"]),
+                            torch.tensor(logps[model, "rejected"]))
         assert report[model]["rewards/accuracies"] == (chosen > rejected).float().mean().item()
         assert report[model]["logps/chosen"] == pytest.approx(chosen.mean().item(), rel=1e-5)
         assert report[model]["logps/rejected"] == pytest.approx(rejected.mean().item(), rel=1e-5)
@@ -259,7 +271,8 @@ def test_reward_accuracy_matches_independent_scoring(demo_eval, reference):
 
 
 def test_batch_and_chunk_size_do_not_change_the_numbers(demo_run, demo_eval, tmp_path, capsys):
-    """128 pairs in batches of 3 (a short last batch) and KL chunks of 5 tokens: the same numbers."""
+    """128 pairs in batches of 3 (a short last batch) and KL chunks of 5 tokens: the same
+    numbers."""
     out = tmp_path / "b3.json"
     rc, _, err = run_eval(capsys, "--adapter", demo_run.run, "--batch-size", 3, "--chunk-size", 5,
                           "--out", out)
@@ -273,7 +286,7 @@ def test_batch_and_chunk_size_do_not_change_the_numbers(demo_run, demo_eval, tmp
     assert report["kl/chosen_tokens"] == default["kl/chosen_tokens"]
 
 
-# ---------------------------------------------------------------- 4. the run's defaults, checkpoints
+# --------------------------------------------------------------- 4. the run's defaults, checkpoints
 
 def test_defaults_come_from_the_run(demo_run, demo_eval):
     report, config = demo_eval.report, demo_run.config
@@ -285,7 +298,8 @@ def test_defaults_come_from_the_run(demo_run, demo_eval):
     assert ((settings["max_length"], settings["max_prompt_length"])
             == (config["max_length"], config["max_prompt_length"]))
     assert settings["load_in_4bit"] is False
-    assert "length/policy" not in report and "kl/sequence" not in report  # nothing generated by default
+    # nothing generated by default
+    assert "length/policy" not in report and "kl/sequence" not in report
     assert not (demo_run.run / "samples.jsonl").exists()
     out = demo_eval.stdout
     assert "reward accuracy" in out and "KL" in out and "128" in out
@@ -312,8 +326,8 @@ def test_checkpoint_folder_works_as_adapter(demo_run, demo_eval, capsys):
 
 def test_generate_writes_samples_and_sequence_kl(demo_run, reference, tmp_path, capsys):
     out, samples = tmp_path / "report.json", tmp_path / "samples.jsonl"
-    rc, stdout, err = run_eval(capsys, "--adapter", demo_run.run, "--generate", 3, "--max-new-tokens", 32,
-                               "--out", out, "--samples", samples)
+    rc, stdout, err = run_eval(capsys, "--adapter", demo_run.run, "--generate", 3,
+                               "--max-new-tokens", 32, "--out", out, "--samples", samples)
     assert rc == 0, err
     report = json.loads(out.read_text())
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
@@ -341,7 +355,8 @@ def test_generate_writes_samples_and_sequence_kl(demo_run, reference, tmp_path, 
         with reference.policy.disable_adapter():
             log_q = full_logits(reference.policy, sequence)[positions].gather(1, targets).sum()
         assert row["log_ratio"] == pytest.approx((log_p - log_q).item(), abs=1e-4)
-    # the EOS branch is exercised: the base model (built with a fixed seed, untouched by training) stops early
+    # the EOS branch is exercised: the base model (built with a fixed seed, untouched by training)
+    # stops early
     assert any(eos in row[f"{name}_ids"] for row in rows for name in ("policy", "base"))
     assert report["kl/sequence"] == pytest.approx(sum(r["log_ratio"] for r in rows) / 3)
     assert report["length/policy"] == pytest.approx(sum(r["policy_tokens"] for r in rows) / 3)
@@ -351,7 +366,8 @@ def test_generate_writes_samples_and_sequence_kl(demo_run, reference, tmp_path, 
 
 
 def sample_by_hand(model, prompt, seed, max_new_tokens, stop):
-    """Plain multinomial sampling from the model's softmax, one full forward per token, no processors."""
+    """Plain multinomial sampling from the model's softmax, one full forward per token, no
+    processors."""
     torch.manual_seed(seed)
     ids = list(prompt)
     for _ in range(max_new_tokens):
@@ -387,25 +403,30 @@ def hand_samples(tiny):
     return SimpleNamespace(tokenizer=tokenizer, stop=stop, examples=examples, expected=expected)
 
 
-@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM", "plain"])  # LoRA from peft's two classes, or none
+# LoRA from peft's two classes, or none
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM", "plain"])
 def test_generate_ignores_the_models_generation_config(tiny, hand_samples, tmp_path, task_type):
-    """transformers 5 fills a GenerationConfig's unset fields from the model's generation_config.json; a
-    model whose file turns on every kind of logits processor must still be sampled from π alone: the same
-    ids as a hand-written multinomial loop with the same seed, cut at the model's own stop tokens."""
+    """transformers 5 fills a GenerationConfig's unset fields from the model's
+    generation_config.json; a model whose file turns on every kind of logits processor must still be
+    sampled from π alone: the same ids as a hand-written multinomial loop with the same seed, cut at
+    the model's own stop tokens."""
     from peft import LoraConfig, get_peft_model
     from transformers import GenerationConfig
 
     stop = hand_samples.stop
     model = modeling.load_model(str(tiny.model))
     model.generation_config = GenerationConfig(
-        eos_token_id=stop, do_sample=True, temperature=0.3, top_k=3, top_p=0.5, min_p=0.2, typical_p=0.5,
-        repetition_penalty=5.0, no_repeat_ngram_size=1, min_new_tokens=4, bad_words_ids=[[20], [21]],
-        suppress_tokens=[22, 23], exponential_decay_length_penalty=(2, 1.5))
+        eos_token_id=stop, do_sample=True, temperature=0.3, top_k=3, top_p=0.5, min_p=0.2,
+        typical_p=0.5, repetition_penalty=5.0, no_repeat_ngram_size=1, min_new_tokens=4,
+        bad_words_ids=[[20], [21]], suppress_tokens=[22, 23],
+        exponential_decay_length_penalty=(2, 1.5))
     model.save_pretrained(tmp_path / "model")  # the fields above, in generation_config.json
     model = modeling.load_model(str(tmp_path / "model")).eval()
-    assert model.generation_config.repetition_penalty == 5.0 and model.generation_config.eos_token_id == stop
+    assert (model.generation_config.repetition_penalty == 5.0
+            and model.generation_config.eos_token_id == stop)
     if task_type != "plain":  # B = 0: the LoRA model's logits are the model's
-        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type=task_type))
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear",
+                                                 task_type=task_type))
     _, samples = eval.generate(model, lambda: contextlib.nullcontext(model), hand_samples.tokenizer,
                                hand_samples.examples, SAMPLING)
     assert [s["policy_ids"] for s in samples] == hand_samples.expected
@@ -428,15 +449,15 @@ def test_adapter_from_a_different_base_model(demo_run, tiny, tmp_path, capsys):
 
 
 def test_empty_dataset(demo_run, tiny, tmp_path, capsys):
-    rc, _, err = run_eval(capsys, "--adapter", demo_run.run, "--dataset", tiny.empty, "--split", "train",
-                          "--out", tmp_path / "r.json")
+    rc, _, err = run_eval(capsys, "--adapter", demo_run.run, "--dataset", tiny.empty,
+                          "--split", "train", "--out", tmp_path / "r.json")
     assert_usage_error(rc, err, str(tiny.empty))
     assert not (tmp_path / "r.json").exists()
 
 
 def test_every_pair_truncated_away(demo_run, tmp_path, capsys):
-    rc, _, err = run_eval(capsys, "--adapter", demo_run.run, "--max-length", 4, "--max-prompt-length", 4,
-                          "--out", tmp_path / "r.json")
+    rc, _, err = run_eval(capsys, "--adapter", demo_run.run, "--max-length", 4,
+                          "--max-prompt-length", 4, "--out", tmp_path / "r.json")
     assert_usage_error(rc, err, "no pairs to evaluate")
 
 
@@ -447,27 +468,34 @@ def test_run_without_held_out_pairs_needs_split(tiny, capsys):
     assert not (tiny.full / "eval.json").exists()
 
 
-def test_no_run_config_takes_the_base_from_the_adapter_and_needs_dataset(demo_run, tmp_path, capsys):
+def test_no_run_config_takes_the_base_from_the_adapter_and_needs_dataset(demo_run, tmp_path,
+                                                                          capsys):
     adapter = tmp_path / "bare"
     shutil.copytree(demo_run.run / "checkpoint-64", adapter)
-    rc, _, err = run_eval(capsys, "--adapter", adapter, "--dataset", demo_run.dataset, "--split", "test")
+    rc, _, err = run_eval(capsys, "--adapter", adapter, "--dataset", demo_run.dataset,
+                          "--split", "test")
     assert rc == 0, err  # peft's adapter_config.json names the base model
     config = json.loads((adapter / "adapter_config.json").read_text())
-    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
-    rc, _, err = run_eval(capsys, "--adapter", adapter, "--dataset", demo_run.dataset, "--split", "test")
+    (adapter / "adapter_config.json").write_text(json.dumps({**config,
+                                                             "base_model_name_or_path": None}))
+    rc, _, err = run_eval(capsys, "--adapter", adapter, "--dataset", demo_run.dataset,
+                          "--split", "test")
     assert_usage_error(rc, err, "--model")
-    rc, _, err = run_eval(capsys, "--adapter", adapter, "--model", demo_run.model, "--split", "test")
+    rc, _, err = run_eval(capsys, "--adapter", adapter, "--model", demo_run.model,
+                          "--split", "test")
     assert_usage_error(rc, err, "--dataset")
 
 
 # ---------------------------------------------------------------- 7. full fine-tuning
 
 def test_full_finetuning_run(tiny, tmp_path, capsys):
-    assert not (tiny.full / "adapter_config.json").exists() and (tiny.full / "config.json").is_file()
+    assert (not (tiny.full / "adapter_config.json").exists()
+            and (tiny.full / "config.json").is_file())
     out = tmp_path / "full.json"
-    held_out = demo.DATA_DIR / "test.jsonl"  # pairs the run did not train on (it held none out of its own)
-    rc, _, err = run_eval(capsys, "--adapter", tiny.full, "--ref-model", tiny.model, "--dataset", held_out,
-                          "--out", out)
+    # pairs the run did not train on (it held none out of its own)
+    held_out = demo.DATA_DIR / "test.jsonl"
+    rc, _, err = run_eval(capsys, "--adapter", tiny.full, "--ref-model", tiny.model,
+                          "--dataset", held_out, "--out", out)
     assert rc == 0, err
     report = json.loads(out.read_text())
     assert report["pairs"] == 128
@@ -481,7 +509,7 @@ def test_full_finetuning_run(tiny, tmp_path, capsys):
     assert again["kl/chosen"] == report["kl/chosen"] and again["base"] == report["base"]
 
 
-# ---------------------------------------------------------------- held-out slice chosen as train.py chose it
+# ------------------------------------------------------- held-out slice chosen as train.py chose it
 
 def test_eval_fraction_run_scores_the_pairs_training_held_out(tiny, capsys):
     rc, _, err = run_eval(capsys, "--adapter", tiny.lora)
@@ -511,8 +539,8 @@ def test_eval_fraction_run_scores_the_pairs_training_held_out(tiny, capsys):
                          ids=lambda flags: " ".join(flags))
 def test_bad_numeric_flags_are_usage_errors(tiny, tmp_path, capsys, flags):
     out = tmp_path / "r.json"
-    rc, _, err = run_eval(capsys, "--adapter", tiny.lora, "--out", out, "--samples", tmp_path / "s.jsonl",
-                          *flags)
+    rc, _, err = run_eval(capsys, "--adapter", tiny.lora, "--out", out,
+                          "--samples", tmp_path / "s.jsonl", *flags)
     assert_usage_error(rc, err)
     assert not out.exists()
 
@@ -559,7 +587,8 @@ def test_token_kl_is_never_negative():
     g = torch.Generator().manual_seed(0)
     base_hidden = torch.randn(16, 40, 8, generator=g)
     policy_hidden = base_hidden + 1e-6 * torch.randn(16, 40, 8, generator=g)
-    head = dict(lm_head_weight=torch.randn(50, 8, generator=g), lm_head_bias=None, logit_softcap=None)
+    head = dict(lm_head_weight=torch.randn(50, 8, generator=g), lm_head_bias=None,
+                logit_softcap=None)
     labels = torch.zeros(16, 40, dtype=torch.long)
     kl, _ = eval.token_kl(policy_hidden, base_hidden, head, head, labels)
     assert (kl >= 0).all(), kl
@@ -602,12 +631,13 @@ def test_run_trained_with_a_chat_template_file_that_is_gone(tiny, tmp_path, caps
 # ---------------------------------------------------------------- 4-bit QLoRA base
 
 def test_qlora_run_evaluates_on_its_4bit_base(demo_run, tmp_path, capsys):
-    """A QLoRA run (nf4 base, on the CPU here) is evaluated on a 4-bit base too, read from run_config.json;
-    the adapter changes the scores. Hidden size 64: bitsandbytes' CPU inference path needs
-    in_features >= 64."""
+    """A QLoRA run (nf4 base, on the CPU here) is evaluated on a 4-bit base too, read from
+    run_config.json; the adapter changes the scores. Hidden size 64: bitsandbytes' CPU inference
+    path needs in_features >= 64."""
     run = tmp_path / "qlora"
-    rc, _, err = quiet(train.main, ["--model", str(demo_run.model), "--dataset", str(demo_run.dataset),
-                                    "--split", "test", "--eval-fraction", "0.25", "--max-steps", "6",
+    rc, _, err = quiet(train.main, ["--model", str(demo_run.model),
+                                    "--dataset", str(demo_run.dataset), "--split", "test",
+                                    "--eval-fraction", "0.25", "--max-steps", "6",
                                     "--batch-size", "8", "--lr", "2e-3", "--load-in-4bit",
                                     "--max-length", "64", "--max-prompt-length", "32",
                                     "--output-dir", str(run)])

@@ -1,8 +1,9 @@
-"""Never silently wrong on another architecture: the start-up check (modeling.choose_layout) on tiny random
-models of the families users train, and the defects a review found on them.
+"""Never silently wrong on another architecture: the start-up check (modeling.choose_layout) on tiny
+random models of the families users train, and the defects a review found on them.
 
-Each family is saved as an ordinary model folder with the demo's tokenizer, so train.py and eval.py load
-it as they would a hub model. The reference numbers are the model's own `logits`, computed here.
+Each family is saved as an ordinary model folder with the demo's tokenizer, so train.py and eval.py
+load it as they would a hub model. The reference numbers are the model's own `logits`, computed
+here.
 """
 import json
 import os
@@ -25,8 +26,8 @@ import preferences
 import train
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
-# Weights drawn wider than the usual 0.02, so that tokens mix as strongly as in a trained model: with
-# tiny weights a state leaking across pairs changes log-probs by only ~1e-6.
+# Weights drawn wider than the usual 0.02, so that tokens mix as strongly as in a trained model:
+# with tiny weights a state leaking across pairs changes log-probs by only ~1e-6.
 SHAPE = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=1, head_dim=8, initializer_range=0.5)
 VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
@@ -37,34 +38,41 @@ FAMILIES = {
     "qwen3_next": (lambda: transformers.Qwen3NextConfig(
         **SHAPE, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2,
         linear_num_key_heads=1, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=2,
-        num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=16), "padded"),
+        num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=16),
+        "padded"),
     # a short convolution beside attention
     "lfm2": (lambda: transformers.Lfm2Config(**{k: v for k, v in SHAPE.items() if k != "head_dim"},
                                              layer_types=["conv", "full_attention"]), "padded"),
     # a multimodal wrapper whose sliding window (4 tokens) is in text_config
     "gemma3": (lambda: transformers.Gemma3Config(
-        text_config=dict(**SHAPE, sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
-        vision_config=dict(**VISION, image_size=28, patch_size=14), mm_tokens_per_image=4), "padded"),
+        text_config=dict(**SHAPE, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention"]),
+        vision_config=dict(**VISION, image_size=28, patch_size=14), mm_tokens_per_image=4),
+        "padded"),
     # the same, with the final logit soft-cap in text_config
     "gemma4": (lambda: transformers.Gemma4Config(
         text_config=dict(**SHAPE, sliding_window=4, final_logit_softcapping=2.0,
-                         layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=4),
-        vision_config=dict(**VISION, num_key_value_heads=1, head_dim=8), audio_config=None), "padded"),
+                         layer_types=["sliding_attention", "full_attention"],
+                         hidden_size_per_layer_input=4),
+        vision_config=dict(**VISION, num_key_value_heads=1, head_dim=8), audio_config=None),
+        "padded"),
     # ALiBi: the packed layout crashes in its bias, the padded one is exact
     "bloom": (lambda: transformers.BloomConfig(hidden_size=16, n_layer=2, n_head=2), "padded"),
     # get_decoder() answers with the model itself
-    "llama4": (lambda: transformers.Llama4TextConfig(**SHAPE, moe_layers=[], intermediate_size_mlp=32),
+    "llama4": (lambda: transformers.Llama4TextConfig(**SHAPE, moe_layers=[],
+                                                     intermediate_size_mlp=32),
                "packed"),
     # Mamba beside attention in every layer, and logits multiplied by model code: refused
     "falcon_h1": (lambda: transformers.FalconH1Config(
-        **SHAPE, lm_head_multiplier=0.25, mamba_d_ssm=16, mamba_n_heads=2, mamba_d_head=8, mamba_d_state=8,
-        mamba_n_groups=1, mamba_chunk_size=8), "refused"),
+        **SHAPE, lm_head_multiplier=0.25, mamba_d_ssm=16, mamba_n_heads=2, mamba_d_head=8,
+        mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=8), "refused"),
 }
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """family -> a model folder: the demo's tokenizer and a random model of that family (built on use)."""
+    """family -> a model folder: the demo's tokenizer and a random model of that family (built on
+    use)."""
     root = tmp_path_factory.mktemp("families")
     built = {}
 
@@ -95,7 +103,8 @@ def examples(folders):
 
 
 def own_logps(model, examples):
-    """The reference: each sequence alone through `model(...).logits`, averaged over its response."""
+    """The reference: each sequence alone through `model(...).logits`, averaged over its
+    response."""
     logps = []
     for side in ("chosen", "rejected"):
         for e in examples:
@@ -120,14 +129,15 @@ def test_each_family_is_scored_as_the_model_itself_scores(family, folders, examp
     chosen, rejected = modeling.pair_logps(model, examples, 0, 3, packed)
     reference = own_logps(model, examples)
     torch.testing.assert_close(torch.stack([chosen, rejected]), reference, atol=1e-5, rtol=0)
-    # only the chosen ids change: the rejected log-probs must not move (a recurrent state across the pair
-    # would move them)
+    # only the chosen ids change: the rejected log-probs must not move (a recurrent state across the
+    # pair would move them)
     other = [{**e, "chosen": [(t + 1) % 40 + 8 for t in e["chosen"]]} for e in examples]
     assert torch.equal(modeling.pair_logps(model, other, 0, 3, packed)[1], rejected)
 
 
 def test_the_check_itself_catches_what_the_config_does_not_say(folders, monkeypatch):
-    """A hybrid whose config says nothing about its layers: the numbers still send it to padded rows."""
+    """A hybrid whose config says nothing about its layers: the numbers still send it to padded
+    rows."""
     model = load(folders("lfm2"))
     monkeypatch.setattr(packing, "packing_problem", lambda *_: None)
     packed, line = modeling.choose_layout(model, 24)
@@ -135,24 +145,27 @@ def test_the_check_itself_catches_what_the_config_does_not_say(folders, monkeypa
 
 
 def test_multimodal_lora_trains_the_language_model_only(folders, examples):
-    """all-linear on Gemma-3: LoRA on the language model's linear layers, none in the vision tower, and
-    every trainable tensor gets a gradient (DDP stops at one that does not)."""
+    """all-linear on Gemma-3: LoRA on the language model's linear layers, none in the vision tower,
+    and every trainable tensor gets a gradient (DDP stops at one that does not)."""
     model = load(folders("gemma3")).train()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and not [n for n in names if "vision" in n or "language_model" not in n]
     for name, parameter in model.named_parameters():
         if "lora_B" in name:  # fresh LoRA B is zero, and so would be every lora_A gradient
             torch.nn.init.normal_(parameter)
-    args = train.parse_args(["--micro-batch-size", "2", "--max-length", "24", "--max-prompt-length", "12"])
+    args = train.parse_args(["--micro-batch-size", "2", "--max-length", "24",
+                             "--max-prompt-length", "12"])
     train.train_step(train.PairScorer(model), examples, args, 0, packed=False)
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("family", ["qwen3_next", "lfm2", "gemma3", "bloom"])
 def test_train_two_steps_and_evaluate(family, folders, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(12))
     code, out, err = run(small_args(folders(family), dataset, tmp_path / "run", "--max-steps", 2,
-                                    "--eval-fraction", 0.34, "--max-length", 24, "--lora-dropout", 0),
+                                    "--eval-fraction", 0.34, "--max-length", 24,
+                                    "--lora-dropout", 0),
                        capsys)
     assert code == 0, err
     assert "batches: padded" in out
@@ -186,13 +199,14 @@ def finished_run(folders, tmp_path_factory):
 
 
 def test_resume_never_reads_trust_remote_code_from_the_run(finished_run, tmp_path, capsys):
-    """A run folder whose config says trust_remote_code, pointing at a model that ships Python code: a plain
-    `--resume` must not run that code."""
+    """A run folder whose config says trust_remote_code, pointing at a model that ships Python code:
+    a plain `--resume` must not run that code."""
     model, marker = tmp_path / "custom", tmp_path / "ran"
     shutil.copytree(json.loads((finished_run / "run_config.json").read_text())["model"], model)
     (model / "custom_model.py").write_text(
         f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
-        "from transformers import LlamaConfig\nclass CustomConfig(LlamaConfig):\n    model_type = 'custom'\n")
+        "from transformers import LlamaConfig\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'custom'\n")
     config = json.loads((model / "config.json").read_text())
     config.update(model_type="custom", auto_map={"AutoConfig": "custom_model.CustomConfig"})
     (model / "config.json").write_text(json.dumps(config))
@@ -210,8 +224,8 @@ def test_resume_never_reads_trust_remote_code_from_the_run(finished_run, tmp_pat
 
 
 def test_mistral_prompt_end_is_never_scored():
-    """Rows where one side's first token swallows the prompt's last "]" ("]["): the other side's bare "]"
-    is read but not scored, and generation starts after the whole prompt."""
+    """Rows where one side's first token swallows the prompt's last "]" ("]["): the other side's
+    bare "]" is read but not scored, and generation starts after the whole prompt."""
     folder = FIXTURES / "real-tokenizers" / "mistral-instruct"
     rows = FIXTURES / "real-data" / "ultrafeedback_trl_eval200.jsonl"
     if not folder.is_dir() or not rows.is_file():
@@ -233,12 +247,15 @@ def test_mistral_prompt_end_is_never_scored():
         assert prompt.endswith("[/INST]")
     assert found == 2
     # scored the same in both layouts, with a tiny model of the real vocabulary
-    model = modeling.add_lora(transformers.AutoModelForCausalLM.from_config(transformers.MistralConfig(
-        vocab_size=len(tokenizer), **SHAPE)), train.parse_args(["--lora-r", "4"])).eval()
+    model = modeling.add_lora(
+        transformers.AutoModelForCausalLM.from_config(transformers.MistralConfig(
+            vocab_size=len(tokenizer), **SHAPE)),
+        train.parse_args(["--lora-r", "4"])).eval()
     example = tokenize_pair(tokenizer, *pairs[4][:3], 96, 48)
     assert example["unscored"] == [1, 0]
     # the reference: "]" moved into the prompt, where it is read and not scored
-    moved = {**example, "prompt": example["prompt"] + example["chosen"][:1], "chosen": example["chosen"][1:]}
+    moved = {**example, "prompt": example["prompt"] + example["chosen"][:1],
+             "chosen": example["chosen"][1:]}
     with torch.no_grad():
         reference = torch.cat([own_logps(model, [moved])[0], own_logps(model, [example])[1]])
         for packed in (True, False):
@@ -249,30 +266,33 @@ def test_mistral_prompt_end_is_never_scored():
 def test_eval_scores_with_the_template_the_run_trained_with(finished_run, tmp_path, capsys):
     base = json.loads((finished_run / "run_config.json").read_text())["model"]
     config = json.loads((finished_run / "run_config.json").read_text())
-    assert config["chat_template"] == demo.CHAT_TEMPLATE  # recorded although --chat-template was not passed
+    # recorded although --chat-template was not passed
+    assert config["chat_template"] == demo.CHAT_TEMPLATE
     # the base model's template edited after training: eval must keep the run's
     changed = tmp_path / "base"
     shutil.copytree(base, changed)
     (changed / "chat_template.jinja").write_text(demo.CHAT_TEMPLATE.replace("|> ", "|> apple "))
     assert modeling.load_tokenizer(str(changed)).chat_template != demo.CHAT_TEMPLATE
-    argv = ["--adapter", str(finished_run), "--model", str(changed), "--out", str(tmp_path / "eval.json")]
+    argv = ["--adapter", str(finished_run), "--model", str(changed),
+            "--out", str(tmp_path / "eval.json")]
     assert evaluate.main(argv) == 0
     out = capsys.readouterr().out
     assert "another chat template than the run trained with" in out
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert report["policy"]["loss"] == pytest.approx(metrics(finished_run)[-1]["eval/loss"], abs=1e-5)
+    assert report["policy"]["loss"] == pytest.approx(metrics(finished_run)[-1]["eval/loss"],
+                                                     abs=1e-5)
 
 
 def test_cached_ids_follow_python_side_tokenizer_settings(folders, tmp_path, monkeypatch):
-    """split_special_tokens changes the ids and not the tokenizer's files: the cache must not serve the old
-    ids, neither through the fingerprint nor when the fingerprint misses a setting."""
+    """split_special_tokens changes the ids and not the tokenizer's files: the cache must not serve
+    the old ids, neither through the fingerprint nor when the fingerprint misses a setting."""
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
     folder = folders("llama")
 
     def first_prompt(tokenizer):
-        train_set, _, summary = preferences.load_examples(tokenizer, dataset, "train", max_length=32,
-                                                   max_prompt_length=16)
+        train_set, _, summary = preferences.load_examples(tokenizer, dataset, "train",
+                                                          max_length=32, max_prompt_length=16)
         return train_set[0]["prompt"], summary.from_cache
 
     plain, _ = first_prompt(modeling.load_tokenizer(folder))
@@ -287,8 +307,8 @@ def test_cached_ids_follow_python_side_tokenizer_settings(folders, tmp_path, mon
 
 
 def test_a_signal_landing_while_processes_agree_is_not_lost(folders, tmp_path, capsys, monkeypatch):
-    """SIGTERM arrives after after_step has read its flag: the run must still stop (one step later) with a
-    checkpoint, not train on until it is killed."""
+    """SIGTERM arrives after after_step has read its flag: the run must still stop (one step later)
+    with a checkpoint, not train on until it is killed."""
     agree, calls = parallel.agree, []
 
     def agree_then_signal(*flags):

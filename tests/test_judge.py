@@ -1,5 +1,6 @@
-"""judge.py: the win rate and AlpacaEval's length-controlled win rate on hand-written judges, and the
-scores of a tiny reward model read as its own chat template and a single forward pass give them."""
+"""judge.py: the win rate and AlpacaEval's length-controlled win rate on hand-written judges, and
+the scores of a tiny reward model read as its own chat template and a single forward pass give
+them."""
 import math
 import random
 
@@ -10,10 +11,10 @@ import demo
 import judge
 from checkpoints import UsageError
 
-# The reward model's own template, unlike the SFT model's (demo.CHAT_TEMPLATE): no end-of-turn tokens,
-# one EOS at the end
-REWARD_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|> ' + m['content'] "
-                   "+ ' ' }}{% endfor %}{{ eos_token }}")
+# The reward model's own template, unlike the SFT model's (demo.CHAT_TEMPLATE): no end-of-turn
+# tokens, one EOS at the end
+REWARD_TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
+                   "{{ '<|' + m['role'] + '|> ' + m['content'] + ' ' }}{% endfor %}{{ eos_token }}")
 
 
 def build_reward_model(folder, hidden_size=16, seed=1):
@@ -24,8 +25,9 @@ def build_reward_model(folder, hidden_size=16, seed=1):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.chat_template = REWARD_TEMPLATE
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
-                         intermediate_size=2 * hidden_size, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+                         intermediate_size=2 * hidden_size, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
     LlamaForSequenceClassification(config).save_pretrained(folder)
@@ -34,7 +36,8 @@ def build_reward_model(folder, hidden_size=16, seed=1):
 
 
 def lengths(n=200, seed=0):
-    """Answer lengths in characters: the policy's longer than the base's on about two prompts in three."""
+    """Answer lengths in characters: the policy's longer than the base's on about two prompts in
+    three."""
     rng = random.Random(seed)
     base = [rng.randint(50, 500) for _ in range(n)]
     return [b + rng.randint(-150, 300) for b in base], base
@@ -59,27 +62,29 @@ def test_equal_lengths_give_the_win_rate_itself():
     policy_scores = [rng.gauss(0.3, 1) for _ in range(50)]
     base_scores = [rng.gauss(0, 1) for _ in range(50)]
     result = judge.compare(policy_scores, base_scores, [120] * 50, [120] * 50)
-    preference = [1 / (1 + math.exp(b - p)) for p, b in zip(policy_scores, base_scores, strict=True)]
+    preference = [1 / (1 + math.exp(b - p))
+                  for p, b in zip(policy_scores, base_scores, strict=True)]
     mean = sum(preference) / 50
     sd = math.sqrt(sum((x - mean) ** 2 for x in preference) / 49)
     assert result["win_rate"] == pytest.approx(mean, abs=1e-12)
     assert result["lc_win_rate"] == pytest.approx(mean, abs=1e-12)
     assert result["win_rate_se"] == pytest.approx(sd / math.sqrt(50), rel=1e-9)
     # intercept only: the sandwich variance is Σ(p − p̄)² / n², i.e. sd·√((n − 1)/n)/√n
-    assert result["lc_win_rate_se"] == pytest.approx(sd * math.sqrt(49 / 50) / math.sqrt(50), rel=1e-6)
+    assert result["lc_win_rate_se"] == pytest.approx(sd * math.sqrt(49 / 50) / math.sqrt(50),
+                                                     rel=1e-6)
     assert result["wins"] == sum(p > b for p, b in zip(policy_scores, base_scores, strict=True))
 
 
 def test_the_fit_is_the_penalised_maximum_likelihood():
-    """A judge that likes the policy (+0.5) and length: the gradient of the penalised log-likelihood is
-    zero at the reported θ = logit(LC) and φ, and LC lies between 0.5 and the raw win rate."""
+    """A judge that likes the policy (+0.5) and length: the gradient of the penalised log-likelihood
+    is zero at the reported θ = logit(LC) and φ, and LC lies between 0.5 and the raw win rate."""
     policy_lengths, base_lengths = lengths(seed=2)
     policy_scores = [0.5 + 0.01 * n for n in policy_lengths]
     base_scores = [0.01 * n for n in base_lengths]
     result = judge.compare(policy_scores, base_scores, policy_lengths, base_lengths)
     lc = result["lc_win_rate"]
-    weights = torch.tensor([math.log(lc / (1 - lc)), result["length_coefficient"]], dtype=torch.float64,
-                           requires_grad=True)
+    weights = torch.tensor([math.log(lc / (1 - lc)), result["length_coefficient"]],
+                           dtype=torch.float64, requires_grad=True)
     preference = torch.sigmoid(torch.tensor(policy_scores, dtype=torch.float64)
                                - torch.tensor(base_scores, dtype=torch.float64))
     delta = torch.tensor(policy_lengths, dtype=torch.float64) - torch.tensor(base_lengths,
@@ -106,7 +111,8 @@ def reward_model(tmp_path_factory):
     return judge.load(folder)
 
 
-CONVERSATIONS = [[{"role": "user", "content": "shout: apple"}, {"role": "assistant", "content": answer}]
+CONVERSATIONS = [[{"role": "user", "content": "shout: apple"},
+                  {"role": "assistant", "content": answer}]
                  for answer in ("APPLE", "apple river stone", "tiger", "MAPLE CANDLE ORBIT PEPPER")]
 
 
@@ -114,7 +120,8 @@ def test_scores_come_from_the_reward_models_template_and_do_not_depend_on_paddin
     model, tokenizer = reward_model
     expected = []
     for conversation in CONVERSATIONS:  # one unpadded forward each, the template as text
-        text = "<|bos|> " + " ".join(f"<|{m['role']}|> {m['content']}" for m in conversation) + " <|end|>"
+        text = ("<|bos|> " + " ".join(f"<|{m['role']}|> {m['content']}" for m in conversation)
+                + " <|end|>")
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert ids == tokenizer.apply_chat_template(conversation)["input_ids"]
         with torch.no_grad():

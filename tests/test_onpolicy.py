@@ -1,6 +1,7 @@
-"""onpolicy.py end to end on tiny models: prompts in order and once, pairs chosen as the reward model
-says, every left-out answer and prompt counted, a stopped or crashed run resumed into the very file an
-uninterrupted run writes, and its output trained with train.py and judged with eval.py --judge."""
+"""onpolicy.py end to end on tiny models: prompts in order and once, pairs chosen as the reward
+model says, every left-out answer and prompt counted, a stopped or crashed run resumed into the very
+file an uninterrupted run writes, and its output trained with train.py and judged with
+eval.py --judge."""
 import json
 import os
 import shutil
@@ -24,8 +25,8 @@ N_PROMPTS = 10  # distinct ones: batches of 3, 3, 3, 1
 
 
 def likely_to_stop(folder, logit=0.6):
-    """Make a tiny random model end its answer with EOS at about one token in five: embedding dimension
-    0 is a large constant, and only the EOS row of lm_head reads it."""
+    """Make a tiny random model end its answer with EOS at about one token in five: embedding
+    dimension 0 is a large constant, and only the EOS row of lm_head reads it."""
     from transformers import LlamaForCausalLM
     model = LlamaForCausalLM.from_pretrained(folder)
     with torch.no_grad():
@@ -62,8 +63,8 @@ def setup(tmp_path_factory):
     listed = prompts[:4] + [prompts[1]] + prompts[4:] + [prompts[0]]  # two repeats, left out
     (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in listed))
     common = ["--model", sft, "--prompts", d / "prompts.jsonl", "--reward-model",
-              build_reward_model(d / "rm"), "--samples", 4, "--max-new-tokens", 6, "--batch-size", 3,
-              "--test-fraction", 0.4, "--seed", 1]
+              build_reward_model(d / "rm"), "--samples", 4, "--max-new-tokens", 6,
+              "--batch-size", 3, "--test-fraction", 0.4, "--seed", 1]
     return SimpleNamespace(dir=d, sft=sft, rm=d / "rm", prompts=prompts, common=common)
 
 
@@ -109,7 +110,8 @@ def answers(*scored):
 
 
 def test_pick_takes_the_best_and_the_worst_and_leaves_out_what_teaches_nothing():
-    assert onpolicy.pick(answers(("a", 0.1), ("b", 0.9), ("c", -2.0), ("d", None)), 0.0) == (1, 2, None)
+    assert (onpolicy.pick(answers(("a", 0.1), ("b", 0.9), ("c", -2.0), ("d", None)), 0.0)
+            == (1, 2, None))
     assert onpolicy.pick(answers(("a", None), ("b", 0.9), ("c", None)), 0.0) == \
         (None, None, "fewer than two answers")
     assert onpolicy.pick(answers(("same", 0.5), ("same", 0.5)), 0.0) == (None, None, "identical")
@@ -162,7 +164,8 @@ def test_a_run_pairs_every_prompt_once_in_order_and_counts_what_it_leaves_out(se
                 r["answers"][r["rejected"]]["score"]
             assert r["answers"][r["chosen"]]["text"] != r["answers"][r["rejected"]]["text"]
     assert all(counts.values()), counts  # some of each, with these settings
-    pairs = {split: [json.loads(line) for line in (built / f"{split}.jsonl").read_text().splitlines()]
+    pairs = {split: [json.loads(line)
+                     for line in (built / f"{split}.jsonl").read_text().splitlines()]
              for split in ("train", "test")}
     kept = {split: [r for r in lines if r["left_out"] is None and r["split"] == split]
             for split in ("train", "test")}
@@ -176,7 +179,8 @@ def test_a_run_pairs_every_prompt_once_in_order_and_counts_what_it_leaves_out(se
             assert pair["rejected"][-1]["content"] == r["answers"][r["rejected"]]["text"]
             assert preferences.to_pair(pair, "row").prompt == r["prompt"]
     # a finished run, run again, rewrites the same files and samples nothing
-    before = {name: (built / name).read_bytes() for name in ("samples.jsonl", "train.jsonl", "test.jsonl")}
+    before = {name: (built / name).read_bytes()
+              for name in ("samples.jsonl", "train.jsonl", "test.jsonl")}
     rc, out, err = run(capsys, *setup.common, "--out", built)
     assert rc == 0, err
     assert f"holds {N_PROMPTS} of {N_PROMPTS} prompts" in out and "prompts:" not in err
@@ -242,7 +246,8 @@ def test_a_torn_last_line_is_dropped_and_no_prompt_is_lost_or_repeated(setup, bu
     resumed = (out / "samples.jsonl").read_text().splitlines(keepends=True)
     assert resumed[:complete_lines] == full[:complete_lines]
     assert [json.loads(line)["index"] for line in resumed] == list(range(N_PROMPTS))
-    if complete_lines % 3 == 0:  # the batches line up with the uninterrupted run's: the same answers
+    # the batches line up with the uninterrupted run's: the same answers
+    if complete_lines % 3 == 0:
         assert resumed == full
 
 
@@ -257,8 +262,8 @@ def test_a_rerun_refuses_other_settings_or_other_prompts(setup, built, tmp_path,
     json_settings = json.loads((out / "onpolicy.json").read_text())
     (out / "onpolicy.json").write_text(json.dumps(json_settings | {"prompts": str(tmp_path /
                                                                                    "reordered.jsonl")}))
-    argv = [str(tmp_path / "reordered.jsonl") if str(arg) == str(setup.dir / "prompts.jsonl") else arg
-            for arg in setup.common]
+    argv = [str(tmp_path / "reordered.jsonl") if str(arg) == str(setup.dir / "prompts.jsonl")
+            else arg for arg in setup.common]
     rc, _, err = run(capsys, *argv, "--out", out)
     line = error_line(rc, err)
     assert "samples.jsonl: line 1 is not prompt 1 of" in line and "prompts changed" in line
@@ -322,15 +327,16 @@ def test_its_pairs_train_and_the_run_is_judged_by_the_reward_model(setup, built,
     assert report["reward_model"] == str(setup.rm) and report["prompts"] == 2
     assert 0 <= report["win_rate"] <= 1 and 0 <= report["lc_win_rate"] <= 1
     assert "judged by" in out and "length-controlled" in out
-    # each sample's scores: the reward model on the split's prompt as messages and the sampled answer
+    # each sample's scores: the reward model on the split's prompt as messages and the sampled
+    # answer
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     test_pairs = preferences.read_pairs(str(built), "test")
     model, tokenizer = judge.load(str(setup.rm))
     for sample in samples:
         prompt = test_pairs[sample["row"]].prompt
         assert sample["prompt"] == tokenizer.decode(
-            modeling.load_tokenizer(setup.sft).apply_chat_template(prompt, add_generation_prompt=True)[
-                "input_ids"])
+            modeling.load_tokenizer(setup.sft).apply_chat_template(
+                prompt, add_generation_prompt=True)["input_ids"])
         for name in ("policy", "base"):
             [expected] = judge.score(model, tokenizer, [prompt + [{"role": "assistant",
                                                                    "content": sample[name]}]])

@@ -1,11 +1,11 @@
-"""The shared layout (each prompt computed once, no padding; modeling.build_batch) gives exactly what the
-padded layout of preferences.collate gives: log-probs, SimPO losses and LoRA gradients (float32, CPU, 1e-5), and
-models whose attention cannot take it fall back to the padded layout.
+"""The shared layout (each prompt computed once, no padding; modeling.build_batch) gives exactly
+what the padded layout of preferences.collate gives: log-probs, SimPO losses and LoRA gradients
+(float32, CPU, 1e-5), and models whose attention cannot take it fall back to the padded layout.
 
-The reference is today's padded computation written out here from preferences.collate, not the code under test.
-lora_B is random, so that every LoRA tensor's gradient is compared, and the step's gradient is also
-compared with a float64 one written out from the paper (a uniform factor would pass every layout
-comparison).
+The reference is today's padded computation written out here from preferences.collate, not the code
+under test. lora_B is random, so that every LoRA tensor's gradient is compared, and the step's
+gradient is also compared with a float64 one written out from the paper (a uniform factor would pass
+every layout comparison).
 """
 import argparse
 import copy
@@ -39,9 +39,10 @@ def tokenizer(model_dir):
 
 @pytest.fixture(scope="module")
 def examples(tokenizer):
-    """Ragged pairs as preferences.py tokenizes them, as two groups: (max length 24, prompt 12), where two
-    prompts lose their start, and (24, 24), where those two prompts leave no room for a response and their
-    pairs are skipped. Every other pair's ids are a numpy array, as the Arrow pipeline gives them."""
+    """Ragged pairs as preferences.py tokenizes them, as two groups: (max length 24, prompt 12),
+    where two prompts lose their start, and (24, 24), where those two prompts leave no room for a
+    response and their pairs are skipped. Every other pair's ids are a numpy array, as the Arrow
+    pipeline gives them."""
     rng = random.Random(0)
     rows = demo.make_pairs([rng.sample(demo.WORDS, rng.randint(1, 5)) for _ in range(7)], rng)
     rows[2]["prompt"] = "shout: " + " ".join(demo.WORDS[:20])  # 24+ prompt tokens
@@ -55,7 +56,8 @@ def examples(tokenizer):
 
     truncated, skipped = tokenize(24, max_prompt_length=12)
     for i in (2, 5):  # truncated to 12 prompt tokens
-        whole = tokenize_pair(tokenizer, pairs[i].prompt, pairs[i].chosen, pairs[i].rejected, 999, 999)
+        whole = tokenize_pair(tokenizer, pairs[i].prompt, pairs[i].chosen, pairs[i].rejected,
+                              999, 999)
         assert len(truncated[i]["prompt"]) == 12 < len(whole["prompt"])
     assert skipped == 0
     rest, skipped = tokenize(24, max_prompt_length=24)
@@ -66,7 +68,8 @@ def examples(tokenizer):
 
 
 def tiny_model(config_class=None, vocab_size=64, seed=0, **config):
-    """A 2-layer, hidden-32 model of any architecture (Llama by default), with LoRA, in train mode."""
+    """A 2-layer, hidden-32 model of any architecture (Llama by default), with LoRA, in train
+    mode."""
     from transformers import AutoModelForCausalLM, LlamaConfig
     torch.manual_seed(seed)
     shape = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -98,14 +101,16 @@ def lora_grads(model):
 
 
 def padded_reference(model, examples, args, pad_id, full_logits=False):
-    """Today's computation: preferences.collate's right-padded rows, then chunked (or full-logit) log-probs.
-    Returns the per-pair (losses, chosen logps, rejected logps), the token count and the LoRA gradients."""
+    """Today's computation: preferences.collate's right-padded rows, then chunked (or full-logit)
+    log-probs. Returns the per-pair (losses, chosen logps, rejected logps), the token count and the
+    LoRA gradients."""
     average, stats, tokens = not args.no_length_normalization, [], 0
     lists = [{k: [int(t) for t in v] for k, v in e.items()} for e in examples]
     for i in range(0, len(lists), args.micro_batch_size):
         batch = packing.padded_rows(lists[i:i + args.micro_batch_size], pad_id)
         if full_logits:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
             logps = simpo.sequence_logps(logits, batch["labels"], average)
         else:
             hidden, head = modeling.final_hidden(model, batch)
@@ -124,7 +129,8 @@ def assert_same_as_padded(model, examples, args, pad_id, full_logits=False):
     packed = modeling.choose_layout(model, args.max_length)[0]
     stats, tokens = train.train_step(train.PairScorer(model), examples, args, pad_id, packed)
     grads = lora_grads(model)
-    torch.testing.assert_close(stats[[0, 2, 3]], reference, atol=1e-5, rtol=0)  # losses, chosen, rejected
+    # losses, chosen, rejected
+    torch.testing.assert_close(stats[[0, 2, 3]], reference, atol=1e-5, rtol=0)
     assert tokens.item() == ref_tokens.item()  # prompt + response of both sequences, never padding
     assert grads.keys() == ref_grads.keys()
     assert all(g.abs().max() > 0 for g in grads.values())  # every LoRA tensor's gradient, A and B
@@ -184,12 +190,14 @@ def test_step_gradient_equals_a_float64_reference(examples, tokenizer, average, 
 
 
 def test_shared_layout_rows_and_positions():
-    """Hand-built pairs: rows bounded by 1.5 × max_length and padded only at their ends, positions of the
-    rejected response continuing from the prompt, each token scored from the hidden state before it."""
+    """Hand-built pairs: rows bounded by 1.5 × max_length and padded only at their ends, positions
+    of the rejected response continuing from the prompt, each token scored from the hidden state
+    before it."""
     examples = [dict(prompt=[1, 2], chosen=[3, 4, 5], rejected=np.array([6])),
                 dict(prompt=np.array([7]), chosen=[8], rejected=[9, 10]),
                 dict(prompt=[11, 12, 13], chosen=[14, 15], rejected=[16, 17])]
-    batch = packing.build_batch(examples, pad_id=0, packed=True, max_length=5)  # rows of 7 tokens at most
+    # rows of 7 tokens at most
+    batch = packing.build_batch(examples, pad_id=0, packed=True, max_length=5)
     # longest first: pair 2 (7 tokens) alone, then pairs 0 (6) and 1 (4) cannot share a row of 7
     assert batch["input_ids"].tolist() == [[11, 12, 13, 14, 15, 16, 17], [1, 2, 3, 4, 5, 6, 0],
                                            [7, 8, 9, 10, 0, 0, 0]]
@@ -198,19 +206,24 @@ def test_shared_layout_rows_and_positions():
     width = 7
     predictors = batch["score_index"] % width
     rows = batch["score_index"] // width
-    by_sequence = {s: (rows[batch["sequence"] == s].tolist(), predictors[batch["sequence"] == s].tolist(),
+    by_sequence = {s: (rows[batch["sequence"] == s].tolist(),
+                       predictors[batch["sequence"] == s].tolist(),
                        batch["targets"][batch["sequence"] == s].tolist()) for s in range(6)}
     assert by_sequence[0] == ([1, 1, 1], [1, 2, 3], [3, 4, 5])      # chosen of pair 0
-    assert by_sequence[3] == ([1], [1], [6])                         # rejected of pair 0: after the prompt
+    # rejected of pair 0: after the prompt
+    assert by_sequence[3] == ([1], [1], [6])
     assert by_sequence[5] == ([0, 0], [2, 5], [16, 17])              # rejected of pair 2
     assert batch["response_tokens"].tolist() == [3, 1, 2, 1, 2, 2]  # [chosen..., rejected...]
     assert batch["sequence_tokens"].tolist() == [5, 2, 5, 3, 3, 5]
     mask = packing.attention_inputs(batch)["attention_mask"][0, 0].int()
     assert mask.tolist() == [[1, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0],
                              [1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0],
-                             [1, 1, 1, 0, 0, 1, 0], [1, 1, 1, 0, 0, 1, 1]]  # rejected never sees chosen
-    assert packing.attention_inputs(batch)["attention_mask"].any(-1).all()  # no empty row (padding sees itself)
-    assert packing.build_batch(examples, 0, True)["input_ids"].shape == (1, 17)  # one row, no padding
+                             # rejected never sees chosen
+                             [1, 1, 1, 0, 0, 1, 0], [1, 1, 1, 0, 0, 1, 1]]
+    # no empty row (padding sees itself)
+    assert packing.attention_inputs(batch)["attention_mask"].any(-1).all()
+    # one row, no padding
+    assert packing.build_batch(examples, 0, True)["input_ids"].shape == (1, 17)
 
 
 def test_pairs_sharing_a_row_never_see_each_other(tokenizer):
@@ -235,7 +248,8 @@ def test_pairs_sharing_a_row_never_see_each_other(tokenizer):
         [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0],  # pair 2: prompt 19, chosen 20, rejected 21
         [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0],
         [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1]]
-    additive = packing.attention_inputs(batch, torch.float32)["attention_mask"]  # eager attention's form
+    # eager attention's form
+    additive = packing.attention_inputs(batch, torch.float32)["attention_mask"]
     assert torch.equal(additive == 0, mask)
     assert (additive[~mask] == torch.finfo(torch.float32).min).all()
     model = tiny_model(vocab_size=len(tokenizer)).eval()
@@ -247,7 +261,8 @@ def test_pairs_sharing_a_row_never_see_each_other(tokenizer):
 
 
 def test_many_rows_and_empty_prompt_equal_padded(examples, tokenizer):
-    """Rows of at most 1.5 × 12 tokens (several rows, padded at their ends), and a pair with no prompt."""
+    """Rows of at most 1.5 × 12 tokens (several rows, padded at their ends), and a pair with no
+    prompt."""
     model = tiny_model(vocab_size=len(tokenizer))
     examples = examples + [dict(prompt=[], chosen=[5, 6, 7], rejected=np.array([8, 9]))]
     args = train_args(max_length=12, micro_batch_size=7)
@@ -256,27 +271,29 @@ def test_many_rows_and_empty_prompt_equal_padded(examples, tokenizer):
 
 
 def test_qlora_and_gradient_checkpointing(examples, tokenizer, tmp_path):
-    """4-bit base weights (nf4 on the CPU) and activation checkpointing, through prepare_model as train.py
-    uses it."""
+    """4-bit base weights (nf4 on the CPU) and activation checkpointing, through prepare_model as
+    train.py uses it."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                  num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2)).save_pretrained(tmp_path)
-    run = argparse.Namespace(model=str(tmp_path), load_in_4bit=True, full=False, gradient_checkpointing=True,
-                             **LORA)
+    run = argparse.Namespace(model=str(tmp_path), load_in_4bit=True, full=False,
+                             gradient_checkpointing=True, **LORA)
     model = randomise_lora_b(modeling.prepare_model(run, "cpu", torch.float32))
-    assert model.is_activation_checkpointing and type(model.base_model.model.lm_head).__name__ == "Linear"
+    assert (model.is_activation_checkpointing
+            and type(model.base_model.model.lm_head).__name__ == "Linear")
     assert_same_as_padded(model, examples, train_args(), tokenizer.pad_token_id)
 
 
 def test_fallback_to_padded(examples, tokenizer):
-    """Gemma-2 soft-caps attention logits and a short sliding window is bypassed by a 4-D mask: both run
-    padded, and would be wrong in the shared layout (which is why the fallback exists)."""
+    """Gemma-2 soft-caps attention logits and a short sliding window is bypassed by a 4-D mask: both
+    run padded, and would be wrong in the shared layout (which is why the fallback exists)."""
     from transformers import Gemma2Config, MistralConfig
     args = train_args()
-    gemma = tiny_model(Gemma2Config, len(tokenizer), attn_logit_softcapping=1.0, final_logit_softcapping=5.0,
-                       sliding_window=4096, attn_implementation="eager")
+    gemma = tiny_model(Gemma2Config, len(tokenizer), attn_logit_softcapping=1.0,
+                       final_logit_softcapping=5.0, sliding_window=4096,
+                       attn_implementation="eager")
     mistral = tiny_model(MistralConfig, len(tokenizer), sliding_window=6)
     for model, reason in ((gemma, "soft-caps"), (mistral, "sliding window (6)")):
         assert reason in packing.packing_problem(modeling.text_config(model), args.max_length)
@@ -296,7 +313,8 @@ def test_pair_logps_uses_shared_layout(examples, tokenizer):
     chosen, rejected = modeling.pair_logps(model, examples, tokenizer.pad_token_id, 4, packed=True)
     lists = [{k: [int(t) for t in v] for k, v in e.items()} for e in examples]
     with torch.no_grad():
-        reference = [modeling.policy_logps(model, packing.padded_rows(lists[i:i + 4], tokenizer.pad_token_id))
+        reference = [modeling.policy_logps(model, packing.padded_rows(lists[i:i + 4],
+                                                                      tokenizer.pad_token_id))
                      for i in range(0, len(lists), 4)]
     reference = torch.cat([logps.view(2, -1) for logps in reference], 1)
     torch.testing.assert_close(torch.stack([chosen, rejected]), reference, atol=1e-5, rtol=0)
@@ -307,6 +325,7 @@ def test_train_says_which_layout(model_dir, tmp_path, capsys):
     rows = demo.make_pairs([rng.sample(demo.WORDS, rng.randint(1, 5)) for _ in range(4)], rng)
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert train.main(["--model", str(model_dir), "--dataset", str(tmp_path / "pairs.jsonl"),
-                       "--max-steps", "1", "--batch-size", "4", "--output-dir", str(tmp_path / "run")]) == 0
+                       "--max-steps", "1", "--batch-size", "4",
+                       "--output-dir", str(tmp_path / "run")]) == 0
     assert "batches: packed, each prompt computed once for chosen and rejected, no padding" in \
         capsys.readouterr().out

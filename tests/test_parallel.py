@@ -1,4 +1,5 @@
-"""torchrun data parallelism on the CPU (gloo): 2 processes give the numbers and the adapter of 1."""
+"""torchrun data parallelism on the CPU (gloo): 2 processes give the numbers and the adapter
+of 1."""
 import json
 import os
 import signal
@@ -28,14 +29,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A tiny model, 18 pairs (15 to train: each epoch ends on a step of 3 pairs, split 1 + 2), and the
-    single-process run every test compares with. Dropout is off: its masks are drawn per process."""
+    """A tiny model, 18 pairs (15 to train: each epoch ends on a step of 3 pairs, split 1 + 2), and
+    the single-process run every test compares with. Dropout is off: its masks are drawn per
+    process."""
     folder = tmp_path_factory.mktemp("parallel")
     model = demo.build_tiny_model(folder / "model", hidden_size=32)
     dataset = write_jsonl(folder / "pairs.jsonl", standard_rows(18))
     args = ["--model", model, "--dataset", dataset, "--max-length", 32, "--max-prompt-length", 16,
-            "--batch-size", 4, "--micro-batch-size", 1, "--lora-r", 4, "--lora-alpha", 8, "--lora-dropout", 0,
-            "--lr", 1e-3, "--epochs", 3, "--eval-fraction", 0.2, "--eval-every", 4]
+            "--batch-size", 4, "--micro-batch-size", 1, "--lora-r", 4, "--lora-alpha", 8,
+            "--lora-dropout", 0, "--lr", 1e-3, "--epochs", 3, "--eval-fraction", 0.2,
+            "--eval-every", 4]
     args = [str(a) for a in args]
     assert train.main(args + ["--output-dir", str(folder / "single")]) == 0
     return args, folder / "single"
@@ -43,15 +46,17 @@ def setup(tmp_path_factory):
 
 def torchrun(args, **popen):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py", *args]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **popen)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py",
+               *args]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
 
 
 def assert_same_run(single, parallel):
     """Every logged number (but speed) and the final adapter equal, step by step."""
     one, two = metrics(single), metrics(parallel)
-    assert [row["step"] for row in two] == [row["step"] for row in one]  # one line per step, no repeats
+    # one line per step, no repeats
+    assert [row["step"] for row in two] == [row["step"] for row in one]
     for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys()
         for key in a.keys() - {"tokens_per_s", "step"}:
@@ -98,10 +103,12 @@ def test_interrupt_and_resume_under_torchrun(setup, tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)  # torchrun passes it on to both processes
     _, err = process.communicate(timeout=120)
-    stopped = [line for line in err.splitlines() if "stopped: " in line]  # said once, not per process
+    # said once, not per process
+    stopped = [line for line in err.splitlines() if "stopped: " in line]
     assert len(stopped) == 1, err
     assert f"torchrun --nproc-per-node 2 train.py --resume {out}" in stopped[0], err
-    assert "Traceback (most recent call last):\n  File \"" + str(REPO) not in err  # no traceback of ours
+    # no traceback of ours
+    assert "Traceback (most recent call last):\n  File \"" + str(REPO) not in err
     step = max(checkpoints.saved_steps(out))
     assert 2 <= step < 12
     (out / ".tmp-checkpoint-99" / "left").mkdir(parents=True)  # as a crash while saving leaves it

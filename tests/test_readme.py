@@ -26,19 +26,22 @@ def test_readme_test_command_is_what_ci_runs():
 
 
 def test_readme_quick_start_runs_the_demo_then_evaluates_it():
-    command = "    pip install -r requirements.txt && python train.py && python eval.py --adapter runs/demo"
+    command = ("    pip install -r requirements.txt && python train.py "
+               "&& python eval.py --adapter runs/demo")
     assert command in README
     assert train.parse_args([]).output_dir == "runs/demo"
 
 
 def test_every_train_flag_is_documented_and_every_documented_flag_exists(capsys):
     train_flags = help_flags(train.parse_args, capsys)
-    assert {f for f in train_flags if f not in README} == set(), "train.py flags missing from the README"
+    assert {f for f in train_flags if f not in README} == set(), (
+        "train.py flags missing from the README")
     spec = importlib.util.spec_from_file_location("bench_step", ROOT / "bench" / "step.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     from torch.distributed.run import get_args_parser  # torchrun's own flags, for "More GPUs"
-    torchrun_flags = {flag for action in get_args_parser()._actions for flag in action.option_strings}
+    torchrun_flags = {flag for action in get_args_parser()._actions
+                      for flag in action.option_strings}
     known = (train_flags
              | help_flags(evaluate.parse_args, capsys)
              | help_flags(onpolicy.parse_args, capsys)
@@ -70,4 +73,5 @@ def test_demo_data_is_what_demo_py_writes(tmp_path):
     demo.write_data(tmp_path / "demo")
     for folder in ("demo", "demo-chat"):
         for name in ("train.jsonl", "test.jsonl"):
-            assert (tmp_path / folder / name).read_text() == (ROOT / "data" / folder / name).read_text()
+            assert ((tmp_path / folder / name).read_text()
+                    == (ROOT / "data" / folder / name).read_text())

@@ -1,5 +1,6 @@
-"""Long runs never lose work: signals, divergence, crashes while saving, resumes that must match the run,
-checkpoint files that cannot run code, and an output folder that is never shared or wrongly emptied."""
+"""Long runs never lose work: signals, divergence, crashes while saving, resumes that must match the
+run, checkpoint files that cannot run code, and an output folder that is never shared or wrongly
+emptied."""
 import hashlib
 import json
 import os
@@ -41,7 +42,8 @@ def model_dir(tmp_path_factory):
 
 def long_run(model, dataset, out, *extra):
     """Many short steps and no checkpoint flags: what a user types, made small."""
-    return small_args(model, dataset, out, "--max-steps", 40, "--batch-size", 2, "--lr", 1e-3, *extra)
+    return small_args(model, dataset, out, "--max-steps", 40, "--batch-size", 2, "--lr", 1e-3,
+                      *extra)
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +55,15 @@ def uninterrupted(model_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_a_checkpoint_and_resume_matches(signum, model_dir, uninterrupted, tmp_path, capsys):
+def test_a_signal_saves_a_checkpoint_and_resume_matches(signum, model_dir, uninterrupted, tmp_path,
+                                                        capsys):
     dataset, reference = uninterrupted
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    process = subprocess.Popen([sys.executable, "train.py", *map(str, long_run(model_dir, dataset, out))],
-                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "train.py",
+                                *map(str, long_run(model_dir, dataset, out))],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:  # a few steps in, then the signal
         if (out / "metrics.jsonl").is_file() and len(metrics(out)) >= 3:
@@ -91,10 +96,12 @@ def test_a_non_finite_loss_stops_before_the_update(model_dir, tmp_path, capsys, 
         return (losses * float("nan") if len(calls) == 5 else losses), chosen, rejected
 
     monkeypatch.setattr(simpo, "simpo_loss", loss_that_breaks_at_step_5)  # one micro-batch per step
-    code, _, err = run(long_run(model_dir, dataset, out, "--save-every", 2, "--micro-batch-size", 2), capsys)
+    code, _, err = run(long_run(model_dir, dataset, out, "--save-every", 2,
+                                "--micro-batch-size", 2), capsys)
     assert code == 3
     line = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(line) == 1 and "step 5: non-finite loss" in line[0] and "training pairs [" in line[0], err
+    assert (len(line) == 1 and "step 5: non-finite loss" in line[0]
+            and "training pairs [" in line[0]), err
     assert "Traceback" not in err
     assert sorted(checkpoints.saved_steps(out)) == [2, 4]  # the last good ones, nothing after
     for folder in checkpoints.saved_steps(out).values():
@@ -103,7 +110,8 @@ def test_a_non_finite_loss_stops_before_the_update(model_dir, tmp_path, capsys, 
     assert all(all(v == v for v in row.values() if isinstance(v, float)) for row in metrics(out))
     assert [row["step"] for row in train_rows(out)] == [1, 2, 3, 4]
 
-    # --skip-nonfinite: the step is skipped, logged without numbers, and the run finishes with finite weights
+    # --skip-nonfinite: the step is skipped, logged without numbers, and the run finishes with
+    # finite weights
     calls.clear()
     skipped = tmp_path / "skipped"
     code, stdout, err = run(long_run(model_dir, dataset, skipped, "--skip-nonfinite"), capsys)
@@ -113,7 +121,8 @@ def test_a_non_finite_loss_stops_before_the_update(model_dir, tmp_path, capsys, 
     assert all(torch.isfinite(t).all() for t in adapter(skipped).values())
 
 
-def test_a_crash_while_saving_leaves_the_previous_checkpoint(model_dir, tmp_path, capsys, monkeypatch):
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(model_dir, tmp_path, capsys,
+                                                             monkeypatch):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(16))
     args = long_run(model_dir, dataset, tmp_path / "whole", "--max-steps", 6, "--save-every", 2)
     assert run(args, capsys)[0] == 0
@@ -127,7 +136,8 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(model_dir, tmp_path
             raise SystemExit("killed")  # as a SIGKILL would leave it, minus the process
         return real_save(obj, path, *a, **k)
 
-    monkeypatch.setattr(checkpoints.torch, "save", save_that_dies_halfway_through_the_second_checkpoint)
+    monkeypatch.setattr(checkpoints.torch, "save",
+                        save_that_dies_halfway_through_the_second_checkpoint)
     with pytest.raises(SystemExit):
         train.main([str(a) for a in args[:5] + [out] + args[6:]])
     monkeypatch.undo()
@@ -220,7 +230,8 @@ def test_resume_allows_and_prints_settings_that_only_change_the_future(model_dir
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(16))
     out = tmp_path / "run"
     assert run(long_run(model_dir, dataset, out, "--max-steps", 2), capsys)[0] == 0
-    code, stdout, err = run(["--resume", out, "--max-steps", 4, "--eval-every", 2, "--save-every", 3], capsys)
+    code, stdout, err = run(["--resume", out, "--max-steps", 4, "--eval-every", 2,
+                             "--save-every", 3], capsys)
     assert code == 0, err
     assert "--max-steps 4" in stdout and "--eval-every 2" in stdout and "--save-every 3" in stdout
     assert json.loads((out / "run_config.json").read_text())["max_steps"] == 4
@@ -236,7 +247,8 @@ def test_resuming_a_finished_run_with_other_flags_rewrites_nothing(model_dir, tm
     assert before == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
 
-def test_resume_takes_the_newest_save_and_ignores_other_folders(model_dir, tmp_path, capsys, monkeypatch):
+def test_resume_takes_the_newest_save_and_ignores_other_folders(model_dir, tmp_path, capsys,
+                                                                monkeypatch):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(16))
     out = tmp_path / "run"
     assert run(long_run(model_dir, dataset, out, "--max-steps", 4), capsys)[0] == 0
@@ -252,7 +264,8 @@ def test_resume_takes_the_newest_save_and_ignores_other_folders(model_dir, tmp_p
     code, _, err = run(["--resume", out, "--max-steps", 12, "--save-every", 2], capsys)
     assert code == 3 and "step 9" in err
     monkeypatch.undo()
-    assert sorted(checkpoints.saved_steps(out)) == [4, 6, 8]  # the final save of step 4, and two checkpoints
+    # the final save of step 4, and two checkpoints
+    assert sorted(checkpoints.saved_steps(out)) == [4, 6, 8]
     code, stdout, err = run(["--resume", out], capsys)
     assert code == 0, err
     assert "(step 8)" in stdout
@@ -262,18 +275,20 @@ def test_resume_takes_the_newest_save_and_ignores_other_folders(model_dir, tmp_p
 def test_keep_checkpoints_deletes_only_older_checkpoints(model_dir, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(16))
     out = tmp_path / "run"
-    args = long_run(model_dir, dataset, out, "--max-steps", 3, "--save-every", 1, "--keep-checkpoints", 3)
+    args = long_run(model_dir, dataset, out, "--max-steps", 3, "--save-every", 1,
+                    "--keep-checkpoints", 3)
     assert run(args, capsys)[0] == 0
     (out / "checkpoint-1-notes").mkdir()  # not a checkpoint: a later prune leaves it alone
     code, _, err = run(["--resume", out, "--max-steps", 7], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1-notes", "checkpoint-4",
-                                                                 "checkpoint-5", "checkpoint-6"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [
+        "checkpoint-1-notes", "checkpoint-4", "checkpoint-5", "checkpoint-6"]
     assert sorted(checkpoints.saved_steps(out)) == [4, 5, 6, 7]
 
     # by the clock: a checkpoint whenever the minutes have passed (here: after every step)
     clock = tmp_path / "clock"
-    code, _, err = run(long_run(model_dir, dataset, clock, "--max-steps", 4, "--save-every-minutes", 1e-6),
+    code, _, err = run(long_run(model_dir, dataset, clock, "--max-steps", 4,
+                                "--save-every-minutes", 1e-6),
                        capsys)
     assert code == 0, err
     assert sorted(checkpoints.saved_steps(clock)) == [2, 3, 4]
@@ -295,7 +310,8 @@ class Planted:
 def test_a_checkpoint_holding_a_pickle_is_refused_not_run(model_dir, tmp_path, capsys, monkeypatch):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(16))
     out = tmp_path / "run"
-    assert run(long_run(model_dir, dataset, out, "--max-steps", 4, "--save-every", 2), capsys)[0] == 0
+    assert run(long_run(model_dir, dataset, out, "--max-steps", 4, "--save-every", 2),
+               capsys)[0] == 0
     (out / "checkpoint.json").unlink()  # the run "died" before its final save: checkpoint-2 is next
     marker = tmp_path / "pwned"
     monkeypatch.setenv("PLANTED_MARKER", str(marker))
@@ -313,14 +329,16 @@ def test_overwrite_empties_only_a_run_folder_that_holds_no_input(model_dir, tmp_
     out.mkdir()
     dataset = write_jsonl(out / "pairs.jsonl", standard_rows(16))
     code, _, err = run(long_run(model_dir, dataset, out, "--max-steps", 1, "--overwrite"), capsys)
-    assert code == 2 and "holds no earlier run" in error_line(err)  # e.g. --output-dir . never emptied
+    # e.g. --output-dir . never emptied
+    assert code == 2 and "holds no earlier run" in error_line(err)
     (out / "run_config.json").write_text("{}")
     code, _, err = run(long_run(model_dir, dataset, out, "--max-steps", 1, "--overwrite"), capsys)
     assert code == 2 and "an input of this run" in error_line(err)
     assert sorted(p.name for p in out.iterdir()) == ["pairs.jsonl", "run_config.json"]
 
 
-def test_runs_started_together_get_their_own_default_folders(model_dir, tmp_path, capsys, monkeypatch):
+def test_runs_started_together_get_their_own_default_folders(model_dir, tmp_path, capsys,
+                                                             monkeypatch):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(16))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(time, "strftime", lambda *_: "runs/same-second")
@@ -333,21 +351,24 @@ def test_runs_started_together_get_their_own_default_folders(model_dir, tmp_path
     assert all((p / "adapter_model.safetensors").is_file() for p in runs)
 
 
-def test_out_of_memory_is_one_line_with_the_flags_that_help(model_dir, tmp_path, capsys, monkeypatch):
+def test_out_of_memory_is_one_line_with_the_flags_that_help(model_dir, tmp_path, capsys,
+                                                            monkeypatch):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(16))
     out = tmp_path / "run"
 
     def no_memory(*_):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    assert run(long_run(model_dir, dataset, out, "--max-steps", 2, "--save-every", 1), capsys)[0] == 0
+    assert run(long_run(model_dir, dataset, out, "--max-steps", 2, "--save-every", 1),
+               capsys)[0] == 0
     before = (out / "checkpoint-1" / "training_state.pt").read_bytes()
     (out / "checkpoint.json").unlink()
     monkeypatch.setattr(train, "train_step", no_memory)
     code, _, err = run(["--resume", out, "--max-steps", 4], capsys)
     line = error_line(err)
     assert code == 1 and "out of memory" in line and "--micro-batch-size 2" in line
-    assert "--max-length" in line and "--gradient-checkpointing" in line and "--load-in-4bit" in line
+    assert ("--max-length" in line and "--gradient-checkpointing" in line
+            and "--load-in-4bit" in line)
     assert (out / "checkpoint-1" / "training_state.pt").read_bytes() == before
 
 
@@ -361,7 +382,8 @@ def test_model_code_runs_only_with_trust_remote_code(model_dir, tmp_path, capsys
         "class CustomConfig(LlamaConfig):\n    model_type = 'custom-llama'\n"
         "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n")
     config = json.loads((model / "config.json").read_text())
-    config["model_type"] = "custom-llama"  # not a model transformers knows: only its own code can load it
+    # not a model transformers knows: only its own code can load it
+    config["model_type"] = "custom-llama"
     config["auto_map"] = {"AutoConfig": "custom_model.CustomConfig",
                           "AutoModelForCausalLM": "custom_model.CustomModel"}
     (model / "config.json").write_text(json.dumps(config))
@@ -396,11 +418,13 @@ def test_the_data_fingerprint_sees_content_and_order_not_layout():
 def test_a_run_with_gamma_beta_ratio_resumes_and_keeps_its_gamma(model_dir, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(16))
     out = tmp_path / "run"
-    args = long_run(model_dir, dataset, out, "--max-steps", 2, "--beta", 10, "--gamma-beta-ratio", 0.3)
+    args = long_run(model_dir, dataset, out, "--max-steps", 2, "--beta", 10,
+                    "--gamma-beta-ratio", 0.3)
     assert run(args, capsys)[0] == 0
     code, _, err = run(["--resume", out, "--max-steps", 3], capsys)
     assert code == 0, err
-    code, _, err = run(["--resume", out, "--max-steps", 4, "--gamma", 3], capsys)  # the same γ, as a number
+    # the same γ, as a number
+    code, _, err = run(["--resume", out, "--max-steps", 4, "--gamma", 3], capsys)
     assert code == 0, err
     code, _, err = run(["--resume", out, "--max-steps", 5, "--gamma", 2], capsys)
     assert code == 2 and "--gamma 2.0 (the run used 3.0)" in error_line(err)
@@ -423,11 +447,14 @@ def test_a_signal_in_the_last_step_still_finishes_the_run(model_dir, tmp_path, c
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(16))
     out = tmp_path / "run"
     signal_during(monkeypatch, "train_step", signal.SIGTERM, calls_before=3)  # in step 4 of 4
-    code, stdout, err = run(long_run(model_dir, dataset, out, "--max-steps", 4, "--eval-fraction", 0.25),
+    code, stdout, err = run(long_run(model_dir, dataset, out, "--max-steps", 4,
+                                     "--eval-fraction", 0.25),
                             capsys)
     assert code == 128 + signal.SIGTERM
-    assert "SIGTERM during the last step: the final save is complete" in err and "Traceback" not in err
-    assert checkpoints.saved_steps(out) == {4: out} and (out / "adapter_model.safetensors").is_file()
+    assert ("SIGTERM during the last step: the final save is complete" in err
+            and "Traceback" not in err)
+    assert (checkpoints.saved_steps(out) == {4: out}
+            and (out / "adapter_model.safetensors").is_file())
     monkeypatch.undo()
     code, stdout, err = run(["--resume", out], capsys)
     assert code == 0 and "finished all 4 steps already" in stdout, err
@@ -437,7 +464,8 @@ def test_ctrl_c_in_the_final_evaluation_stops_the_run(model_dir, tmp_path, capsy
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(16))
     out = tmp_path / "run"
     signal_during(monkeypatch, "evaluate", signal.SIGINT, calls_before=1)  # the one after training
-    code, _, err = run(long_run(model_dir, dataset, out, "--max-steps", 2, "--eval-fraction", 0.25), capsys)
+    code, _, err = run(long_run(model_dir, dataset, out, "--max-steps", 2, "--eval-fraction", 0.25),
+                       capsys)
     assert code == 130 and "interrupted: the run folder keeps its last complete save" in err
     assert "Traceback" not in err
     assert checkpoints.saved_steps(out) == {2: out}  # the final save came before the evaluation

@@ -40,7 +40,8 @@ def make_batch(B=3, T=9, V=11, seed=0):
 # ---------------------------------------------------------------- simpo_loss values
 
 def test_simpo_loss_hand_computed():
-    losses, cr, rr = simpo.simpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), beta=2.0, gamma=0.5)
+    losses, cr, rr = simpo.simpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), beta=2.0,
+                                      gamma=0.5)
     # z = 2*(-1) - 2*(-2) - 0.5 = 1.5 ; loss = -log sigmoid(1.5) = log(1 + e^-1.5)
     assert_close(losses, torch.tensor([math.log1p(math.exp(-1.5))]))
     assert_close(cr, torch.tensor([-2.0]))
@@ -100,7 +101,8 @@ def test_larger_gamma_raises_loss():
 
 def test_larger_beta_sharpens_loss():
     gamma = 0.5
-    good = (torch.tensor([-1.0]), torch.tensor([-2.0]))  # chosen > rejected + gamma/beta for beta >= 1
+    # chosen > rejected + gamma/beta for beta >= 1
+    good = (torch.tensor([-1.0]), torch.tensor([-2.0]))
     bad = (torch.tensor([-2.0]), torch.tensor([-1.0]))   # chosen < rejected
     assert (simpo.simpo_loss(*good, beta=4.0, gamma=gamma)[0]
             < simpo.simpo_loss(*good, beta=2.0, gamma=gamma)[0])
@@ -119,7 +121,8 @@ def test_rewards_are_beta_times_logps_and_detached():
 
 @pytest.mark.parametrize("kwargs", [
     dict(beta=0.0), dict(beta=-1.0), dict(gamma=-0.1), dict(label_smoothing=-0.1),
-    dict(label_smoothing=0.5), dict(loss_type="ipo"), dict(beta=float("nan")), dict(gamma=float("nan")),
+    dict(label_smoothing=0.5), dict(loss_type="ipo"), dict(beta=float("nan")),
+    dict(gamma=float("nan")),
 ])
 def test_invalid_arguments_raise(kwargs):
     with pytest.raises(ValueError):
@@ -137,7 +140,8 @@ def test_shape_mismatch_raises(shapes):
 def test_sequence_logps_hand_computed():
     logits = torch.zeros(1, 3, 4)  # uniform over 4 tokens: each token log-prob is -log 4
     labels = torch.tensor([[-100, 2, 3]])
-    assert_close(simpo.sequence_logps(logits, labels, average=False), torch.tensor([-2 * math.log(4)]))
+    assert_close(simpo.sequence_logps(logits, labels, average=False),
+                 torch.tensor([-2 * math.log(4)]))
     assert_close(simpo.sequence_logps(logits, labels, average=True), torch.tensor([-math.log(4)]))
 
 
@@ -171,7 +175,8 @@ def test_ignored_positions_change_nothing(average):
     ignored = labels[:, 1:] == -100  # logits at t are ignored when labels[t + 1] is
     logits2 = logits.clone()
     logits2[:, :-1][ignored] = 50 * torch.randn(int(ignored.sum()), 11, generator=g)
-    logits2[:, -1] = 50 * torch.randn(labels.shape[0], 11, generator=g)  # last position predicts nothing
+    # last position predicts nothing
+    logits2[:, -1] = 50 * torch.randn(labels.shape[0], 11, generator=g)
     assert_close(simpo.sequence_logps(logits2, labels, average=average), base)
     # the label id of an ignored position is irrelevant as long as ignore_index marks it
     labels2 = labels.masked_fill(labels == -100, -7)
@@ -214,8 +219,9 @@ def _dense_vs_chunked(chunk_size, average, bias=False, softcap=None, T=9):
         return simpo.sequence_logps(logits, labels, average=average)
 
     def chunked():
-        return simpo.chunked_sequence_logps(hidden, weight, labels, average=average, chunk_size=chunk_size,
-                                            lm_head_bias=b, logit_softcap=softcap)
+        return simpo.chunked_sequence_logps(hidden, weight, labels, average=average,
+                                            chunk_size=chunk_size, lm_head_bias=b,
+                                            logit_softcap=softcap)
 
     params = [hidden, weight] + ([b] if bias else [])
     results = []
@@ -257,15 +263,17 @@ def test_chunked_saves_no_vocab_sized_tensor():
 
     def largest_saved(fn):
         sizes = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t,
+                                                      lambda t: t):
             fn()
         return max(sizes)
 
     # sanity: the hook sees the full log-softmax when logits are materialised
     assert largest_saved(lambda: simpo.sequence_logps(hidden @ weight.T, labels)) >= n_response * V
     # a non-checkpointed chunk would save its (chunk_size, V) logits
-    assert largest_saved(lambda: simpo.chunked_sequence_logps(hidden, weight, labels,
-                                                              chunk_size=chunk_size)) < chunk_size * V
+    assert largest_saved(
+        lambda: simpo.chunked_sequence_logps(hidden, weight, labels, chunk_size=chunk_size)
+    ) < chunk_size * V
 
 
 # ---------------------------------------------------------------- metrics and import
@@ -277,7 +285,8 @@ def test_preference_metrics_values():
     # cr = [-2, -4, -2, -1], rr = [-6, -2, -2, -3]; the tie (pair 3) is not counted as accurate
     metrics = simpo.preference_metrics(chosen_logps, rejected_logps, cr, rr)
     assert metrics == {
-        "rewards/chosen": -2.25, "rewards/rejected": -3.25, "rewards/margins": 1.0, "rewards/accuracies": 0.5,
+        "rewards/chosen": -2.25, "rewards/rejected": -3.25, "rewards/margins": 1.0,
+        "rewards/accuracies": 0.5,
         "logps/chosen": -1.125, "logps/rejected": -1.625,
     }
     assert all(type(v) is float for v in metrics.values())
@@ -285,6 +294,7 @@ def test_preference_metrics_values():
 
 def test_import_does_not_pull_in_transformers():
     code = "import sys, simpo; assert 'transformers' not in sys.modules, 'transformers imported'"
-    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+    result = subprocess.run([sys.executable, "-c", code],
+                            cwd=Path(__file__).resolve().parent.parent,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

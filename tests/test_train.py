@@ -1,7 +1,9 @@
-"""End-to-end tests of train.py (and the preferences.py path it drives) on a tiny locally built Llama model.
+"""End-to-end tests of train.py (and the preferences.py path it drives) on a tiny locally built
+Llama model.
 
-Everything runs in-process through `train.main([...])` (exit code 0, or 2 with a one-line `error: ...` on
-stderr), on CPU, with a 2-layer hidden-32 model, 8-16 pairs and 1-4 steps. Every run writes under tmp_path.
+Everything runs in-process through `train.main([...])` (exit code 0, or 2 with a one-line `error:
+...` on stderr), on CPU, with a 2-layer hidden-32 model, 8-16 pairs and 1-4 steps. Every run writes
+under tmp_path.
 """
 import importlib.util
 import json
@@ -31,16 +33,19 @@ REPO = Path(__file__).resolve().parent.parent
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
 A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
 S = lambda text: {"role": "system", "content": text}  # noqa: E731
-METRIC_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-               "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens_per_s"}
+METRIC_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+               "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm", "lr",
+               "tokens_per_s"}
 
 
 # ---------------------------------------------------------------- fixtures and helpers
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny Llama model + word-level tokenizer with a chat template (every demo word, in both cases)."""
-    return demo.build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", words=demo.WORDS, hidden_size=32)
+    """A tiny Llama model + word-level tokenizer with a chat template (every demo word, in both
+    cases)."""
+    return demo.build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", words=demo.WORDS,
+                                 hidden_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +68,11 @@ def tokenizer(model_dir):
 
 
 def standard_rows(n=8, seed=0, max_words=5):
-    """Toy shout/whisper pairs of varying lengths (so batches need padding), built from vocabulary words."""
+    """Toy shout/whisper pairs of varying lengths (so batches need padding), built from vocabulary
+    words."""
     rng = random.Random(seed)
-    return demo.make_pairs([rng.sample(demo.WORDS, rng.randint(1, max_words)) for _ in range(n)], rng)
+    return demo.make_pairs([rng.sample(demo.WORDS, rng.randint(1, max_words)) for _ in range(n)],
+                           rng)
 
 
 def write_jsonl(path, rows):
@@ -110,7 +117,8 @@ def adapters_differ(a, b, atol):
 
 
 def error_line(err):
-    """The single `error: ...` line on stderr (tqdm bars and warnings may be around it); no traceback."""
+    """The single `error: ...` line on stderr (tqdm bars and warnings may be around it); no
+    traceback."""
     assert "Traceback" not in err
     lines = [line for line in re.split(r"[\r\n]", err) if line.startswith("error: ")]
     assert len(lines) == 1, err
@@ -131,8 +139,8 @@ def test_standard_format_end_to_end(model_dir, tmp_path, capsys):
 
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
     out = tmp_path / "run"
-    code, stdout, err = run(small_args(model_dir, dataset, out, "--max-steps", 2, "--beta", 3, "--gamma", 0.7,
-                                       "--lr", 1e-3), capsys)
+    code, stdout, err = run(small_args(model_dir, dataset, out, "--max-steps", 2, "--beta", 3,
+                                       "--gamma", 0.7, "--lr", 1e-3), capsys)
     assert code == 0, err
     assert "8 training pairs, 0 held-out, 0 skipped" in stdout
 
@@ -143,7 +151,8 @@ def test_standard_format_end_to_end(model_dir, tmp_path, capsys):
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     config = json.loads((out / "run_config.json").read_text())
-    assert (config["beta"], config["gamma"], config["max_steps"], config["lora_r"]) == (3.0, 0.7, 2, 4)
+    assert ((config["beta"], config["gamma"], config["max_steps"], config["lora_r"])
+            == (3.0, 0.7, 2, 4))
     assert config["model"] == model_dir and config["dataset"] == dataset
 
     rows = metrics(out)
@@ -154,21 +163,24 @@ def test_standard_format_end_to_end(model_dir, tmp_path, capsys):
         assert 0 <= row["rewards/accuracies"] <= 1 and row["tokens_per_s"] > 0
         # β = 3 is applied
         assert row["rewards/chosen"] == pytest.approx(3 * row["logps/chosen"], rel=1e-5)
-        assert row["rewards/margins"] == pytest.approx(row["rewards/chosen"] - row["rewards/rejected"],
-                                                       abs=1e-5)
+        assert row["rewards/margins"] == pytest.approx(
+            row["rewards/chosen"] - row["rewards/rejected"], abs=1e-5)
     # the logged learning rate: 2 steps, no warm-up (⌊0.1·2⌋ = 0): the peak, then half-way down
     assert [row["lr"] for row in rows] == pytest.approx([1e-3, 5e-4], rel=1e-12)
 
-    # the adapter is a regular peft adapter: it loads onto the base model, and training moved it off zero
+    # the adapter is a regular peft adapter: it loads onto the base model, and training moved it off
+    # zero
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     model = PeftModel.from_pretrained(base, str(out))
     saved = adapter(out)
     lora_b = [name for name in saved if "lora_B" in name]
     assert lora_b and any(saved[name].abs().max() > 0 for name in lora_b)
-    loaded = {n.replace(".default", ""): p.detach() for n, p in model.named_parameters() if "lora_" in n}
+    loaded = {n.replace(".default", ""): p.detach()
+              for n, p in model.named_parameters() if "lora_" in n}
     assert loaded.keys() == saved.keys()
     assert_adapters_close(loaded, saved, atol=0)  # every saved tensor really reached the model
-    tokenizer = modeling.load_tokenizer(str(out))  # the tokenizer saved with the run, chat template included
+    # the tokenizer saved with the run, chat template included
+    tokenizer = modeling.load_tokenizer(str(out))
     assert tokenizer.chat_template == demo.CHAT_TEMPLATE
     ids = torch.tensor([template_ids(tokenizer, [U("shout: apple"), A("APPLE")])])
     with torch.no_grad():
@@ -181,7 +193,8 @@ def test_standard_format_end_to_end(model_dir, tmp_path, capsys):
 # ---------------------------------------------------------------- 2. conversational layouts
 
 def ultrafeedback_rows():
-    """HuggingFaceH4/ultrafeedback_binarized: prompt string + full [user, assistant] conversations."""
+    """HuggingFaceH4/ultrafeedback_binarized: prompt string + full [user, assistant]
+    conversations."""
     rows = []
     for i, pair in enumerate(standard_rows(8, seed=1)):
         rows.append({"prompt": pair["prompt"], "prompt_id": f"id{i}",
@@ -246,9 +259,11 @@ def test_conversational_layout_matches_chat_template(layout, tokenizer, tmp_path
     bos = tokenizer.bos_token_id
     for example, row in zip(examples, rows, strict=True):
         prompt, chosen, rejected = expected_conversations(row)
-        # prompt ids + response ids are exactly the template applied to the whole conversation, tokenized
+        # prompt ids + response ids are exactly the template applied to the whole conversation,
+        # tokenized
         assert example["prompt"] + example["chosen"] == template_ids(tokenizer, prompt + [chosen])
-        assert example["prompt"] + example["rejected"] == template_ids(tokenizer, prompt + [rejected])
+        assert (example["prompt"] + example["rejected"]
+                == template_ids(tokenizer, prompt + [rejected]))
         # the prompt is the template with its generation prompt ("<|assistant|>"):
         # the response starts after it
         assert example["prompt"] == template_ids(tokenizer, prompt, add_generation_prompt=True)
@@ -276,8 +291,8 @@ def test_conversational_layout_matches_chat_template(layout, tokenizer, tmp_path
 def test_conversational_training_runs(layout, model_dir, tmp_path, capsys):
     dataset, rows = write_layout(layout, tmp_path)
     out = tmp_path / "run"
-    code, stdout, err = run(small_args(model_dir, dataset, out, "--max-steps", 2, "--max-length", 48,
-                                       "--max-prompt-length", 32), capsys)
+    code, stdout, err = run(small_args(model_dir, dataset, out, "--max-steps", 2,
+                                       "--max-length", 48, "--max-prompt-length", 32), capsys)
     assert code == 0, err
     assert f"{len(rows)} training pairs, 0 held-out, 0 skipped" in stdout
     assert [row["step"] for row in metrics(out)] == [1, 2]
@@ -289,18 +304,22 @@ def test_standard_layout_tokenization(tokenizer, model_without_template, tmp_pat
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(4))
     rows = standard_rows(4)
     # with a chat template, the standard layout is templated as a one-turn conversation
-    examples, _, _ = preferences.load_examples(tokenizer, dataset, "train", max_length=64, max_prompt_length=48)
+    examples, _, _ = preferences.load_examples(tokenizer, dataset, "train", max_length=64,
+                                               max_prompt_length=48)
     for example, row in zip(examples, rows, strict=True):
         assert (example["prompt"] + example["chosen"]
                 == template_ids(tokenizer, [U(row["prompt"]), A(row["chosen"])]))
     # without one, plain text: the tokenizer's BOS, the prompt, then the response and EOS
     plain = modeling.load_tokenizer(model_without_template)
-    examples, _, _ = preferences.load_examples(plain, dataset, "train", max_length=64, max_prompt_length=48)
+    examples, _, _ = preferences.load_examples(plain, dataset, "train", max_length=64,
+                                               max_prompt_length=48)
     for example, row in zip(examples, rows, strict=True):
         assert example["prompt"] == plain(row["prompt"])["input_ids"]
-        assert example["prompt"][0] == plain.bos_token_id and example["prompt"].count(plain.bos_token_id) == 1
+        assert (example["prompt"][0] == plain.bos_token_id
+                and example["prompt"].count(plain.bos_token_id) == 1)
         assert (example["chosen"]
-                == plain(row["chosen"], add_special_tokens=False)["input_ids"] + [plain.eos_token_id])
+                == plain(row["chosen"], add_special_tokens=False)["input_ids"]
+                + [plain.eos_token_id])
 
 
 # ---------------------------------------------------------------- 3. 4-bit QLoRA on CPU
@@ -312,22 +331,26 @@ def test_qlora_4bit(model_dir, tmp_path, capsys):
     quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
     assert quantized[0].weight.quant_state.quant_type == "nf4"
-    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in modeling.load_model(model_dir).modules())
-    args = train.parse_args([str(a) for a in small_args(model_dir, "unused.jsonl", tmp_path / "unused")])
+    assert not any(isinstance(m, bnb.nn.Linear4bit)
+                   for m in modeling.load_model(model_dir).modules())
+    args = train.parse_args([str(a) for a in small_args(model_dir, "unused.jsonl",
+                                                        tmp_path / "unused")])
     lora = modeling.add_lora(model, args)
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
 
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
     out = tmp_path / "run"
-    code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 2, "--load-in-4bit", "--lr", 1e-3),
+    code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 2, "--load-in-4bit",
+                                  "--lr", 1e-3),
                        capsys)
     assert code == 0, err
     assert json.loads((out / "run_config.json").read_text())["load_in_4bit"] is True
     assert (out / "adapter_config.json").is_file()
     saved = adapter(out)
     assert any(saved[n].abs().max() > 0 for n in saved if "lora_B" in n)
-    assert all(math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]) for row in metrics(out))
+    assert all(math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
+               for row in metrics(out))
 
 
 # ---------------------------------------------------------------- 4. gradient accumulation
@@ -368,7 +391,8 @@ def test_prompt_keeps_its_end_and_response_is_cut(tokenizer):
     words = demo.WORDS[:12]
     prompt = [U("shout: " + " ".join(words))]
     chosen, rejected = A(" ".join(w.upper() for w in words[:6])), A("apple")
-    full = tokenize_pair(tokenizer, prompt, chosen, rejected, max_length=1000, max_prompt_length=1000)
+    full = tokenize_pair(tokenizer, prompt, chosen, rejected, max_length=1000,
+                         max_prompt_length=1000)
     assert full["prompt"] == template_ids(tokenizer, prompt, add_generation_prompt=True)
     assert len(full["prompt"]) == 12 + 5  # <bos> <user> shout: 12 words <end> <assistant>
     assert len(full["chosen"]) == 6 + 1 and len(full["rejected"]) == 1 + 1  # + EOS
@@ -391,20 +415,24 @@ def test_prompt_keeps_its_end_and_response_is_cut(tokenizer):
 
     # a short prompt with a long response: the prompt stays whole (one BOS), the responses are cut
     long_chosen = A(" ".join(w.upper() for w in demo.WORDS[:20]))
-    short_prompt = tokenize_pair(tokenizer, [U("shout: apple")], long_chosen, rejected, max_length=12,
-                                      max_prompt_length=8)
-    assert short_prompt["prompt"] == template_ids(tokenizer, [U("shout: apple")], add_generation_prompt=True)
-    assert short_prompt["prompt"].count(tokenizer.bos_token_id) == 1 and len(short_prompt["prompt"]) == 6
+    short_prompt = tokenize_pair(tokenizer, [U("shout: apple")], long_chosen, rejected,
+                                 max_length=12, max_prompt_length=8)
+    assert short_prompt["prompt"] == template_ids(tokenizer, [U("shout: apple")],
+                                                  add_generation_prompt=True)
+    assert (short_prompt["prompt"].count(tokenizer.bos_token_id) == 1
+            and len(short_prompt["prompt"]) == 6)
     assert len(short_prompt["prompt"] + short_prompt["chosen"]) == 12
     # nothing left of the responses: skipped
-    assert tokenize_pair(tokenizer, prompt, chosen, rejected, max_length=8, max_prompt_length=8) is None
+    assert tokenize_pair(tokenizer, prompt, chosen, rejected, max_length=8,
+                         max_prompt_length=8) is None
     # a short prompt still fits under the same limits
     assert tokenize_pair(tokenizer, [U("apple")], chosen, rejected,
                               max_length=8, max_prompt_length=8) is not None
 
 
 def long_and_short_rows():
-    """8 pairs; 3 of them with a prompt of 20+ tokens that fills max_prompt_length == max_length = 12."""
+    """8 pairs; 3 of them with a prompt of 20+ tokens that fills max_prompt_length == max_length =
+    12."""
     rows = standard_rows(8, max_words=2)
     for row in rows[:3]:
         row["prompt"] = "shout: " + " ".join(demo.WORDS[:16])
@@ -416,11 +444,12 @@ def test_skipped_pairs_are_counted(tokenizer, model_dir, tmp_path, capsys):
     examples, _, summary = preferences.load_examples(tokenizer, dataset, "train",
                                               max_length=12, max_prompt_length=12)
     assert (len(examples), summary.counts["train"]["emptied"]) == (5, 3)
-    assert all(len(e["prompt"]) + len(e["chosen"]) <= 12 and e["chosen"] and e["rejected"] for e in examples)
+    assert all(len(e["prompt"]) + len(e["chosen"]) <= 12 and e["chosen"] and e["rejected"]
+               for e in examples)
 
     out = tmp_path / "run"
-    code, stdout, err = run(small_args(model_dir, dataset, out, "--max-steps", 1, "--max-length", 12,
-                                       "--max-prompt-length", 12), capsys)
+    code, stdout, err = run(small_args(model_dir, dataset, out, "--max-steps", 1,
+                                       "--max-length", 12, "--max-prompt-length", 12), capsys)
     assert code == 0, err
     assert "5 training pairs, 0 held-out, 3 skipped (response truncated to nothing)" in stdout
 
@@ -429,8 +458,8 @@ def test_every_pair_skipped_is_an_error(model_dir, tmp_path, capsys):
     rows = long_and_short_rows()[:3]
     dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
     out = tmp_path / "run"
-    code, stdout, err = run(small_args(model_dir, dataset, out, "--max-steps", 1, "--max-length", 12,
-                                       "--max-prompt-length", 12), capsys)
+    code, stdout, err = run(small_args(model_dir, dataset, out, "--max-steps", 1,
+                                       "--max-length", 12, "--max-prompt-length", 12), capsys)
     assert code == 2
     assert "0 training pairs, 0 held-out, 3 skipped" in stdout
     line = error_line(err)
@@ -469,13 +498,14 @@ def test_resume_after_crash_matches_uninterrupted_run(model_dir, tmp_path, capsy
     code, _, err = run(["--resume", b], capsys)
     assert code == 0, err
     assert_adapters_close(adapter(a), adapter(b), atol=1e-7)
-    assert [row["step"] for row in metrics(b)] == [1, 2, 3, 4]  # what the crash left past step 2 is replaced
+    # what the crash left past step 2 is replaced
+    assert [row["step"] for row in metrics(b)] == [1, 2, 3, 4]
     assert ([row["loss"] for row in train_rows(b)]
             == pytest.approx([row["loss"] for row in train_rows(a)], abs=1e-6))
     assert json.loads((b / "run_config.json").read_text())["max_steps"] == 4
 
-    # control: the same resume with another RNG state in the checkpoint (dropout masks differ) ends elsewhere,
-    # so the comparison above does depend on the RNG being restored
+    # control: the same resume with another RNG state in the checkpoint (dropout masks differ) ends
+    # elsewhere, so the comparison above does depend on the RNG being restored
     c = full_run("c")
     crash_after_checkpoint_2(c)
     state_file = c / "checkpoint-2" / "training_state.pt"
@@ -497,17 +527,22 @@ def _jsonl(*rows):
 
 
 BAD_DATA = {  # file name -> (content, substrings the error line must contain)
-    "layout.jsonl": (_jsonl({"question": "q", "answer": "a"}), ["unknown column layout", "question"]),
-    "missing.jsonl": (_jsonl(GOOD, {"prompt": "p", "chosen": "c"}, GOOD), ["row 2", "'rejected'", "missing"]),
+    "layout.jsonl": (_jsonl({"question": "q", "answer": "a"}),
+                     ["unknown column layout", "question"]),
+    "missing.jsonl": (_jsonl(GOOD, {"prompt": "p", "chosen": "c"}, GOOD),
+                      ["row 2", "'rejected'", "missing"]),
     "empty.jsonl": (_jsonl(GOOD, GOOD, {**GOOD, "chosen": ""}), ["row 3", "'chosen'", "empty"]),
     "blank.jsonl": (_jsonl({**GOOD, "prompt": "   "}, GOOD), ["row 1", "'prompt'", "empty"]),
-    "number.jsonl": (_jsonl(GOOD, {**GOOD, "chosen": 5}), ["row 2", "'chosen'", "not a string (int)"]),
+    "number.jsonl": (_jsonl(GOOD, {**GOOD, "chosen": 5}),
+                     ["row 2", "'chosen'", "not a string (int)"]),
     "null.jsonl": (_jsonl(GOOD, {**GOOD, "rejected": None}), ["row 2", "'rejected'"]),
     "empty-file.jsonl": ("", ["no rows"]),
     "malformed.jsonl": (_jsonl(GOOD, GOOD) + '{"prompt": "x", "chosen": \n' + _jsonl(GOOD),
                         ["row 3", "malformed JSON"]),
-    "list.json": (json.dumps([GOOD, {**GOOD, "rejected": 3}]), ["row 2", "'rejected'", "not a string (int)"]),
-    "conversation.jsonl": (_jsonl({"chosen": [U("apple"), A("APPLE")], "rejected": [U("apple"), A("")]}),
+    "list.json": (json.dumps([GOOD, {**GOOD, "rejected": 3}]),
+                  ["row 2", "'rejected'", "not a string (int)"]),
+    "conversation.jsonl": (_jsonl({"chosen": [U("apple"), A("APPLE")],
+                                   "rejected": [U("apple"), A("")]}),
                            ["row 1", "'rejected[1].content'", "empty"]),
     "not-assistant.jsonl": (_jsonl({"chosen": [U("apple"), U("APPLE")],
                                     "rejected": [U("apple"), A("apple")]}),
@@ -540,8 +575,10 @@ def test_missing_dataset_file(model_dir, tmp_path, capsys):
 
 def test_eval_split_of_a_single_file_is_refused(model_dir, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
-    code, _, err = run(small_args(model_dir, dataset, tmp_path / "run", "--eval-split", "test"), capsys)
-    assert code == 2 and "--eval-fraction" in error_line(err)  # not the training pairs evaluated as held-out
+    code, _, err = run(small_args(model_dir, dataset, tmp_path / "run", "--eval-split", "test"),
+                       capsys)
+    # not the training pairs evaluated as held-out
+    assert code == 2 and "--eval-fraction" in error_line(err)
     assert not (tmp_path / "run").exists()
 
 
@@ -568,16 +605,18 @@ def test_gamma_and_gamma_beta_ratio(tmp_path, capsys):
     assert gamma() == 0.5
 
 
-@pytest.mark.parametrize("flags", [["--micro-batch-size", 0], ["--micro-batch-size", 0, "--batch-size", 0],
-                                   ["--batch-size", 2, "--micro-batch-size", 4], ["--max-prompt-length", 0],
-                                   ["--max-steps", 0], ["--beta", 0], ["--gamma", -1],
-                                   ["--chat-template", "no-such-template.jinja"], ["--max-grad-norm", 0],
-                                   ["--warmup-ratio", 1.5], ["--lora-dropout", 1.5],
-                                   ["--max-prompt-length", 64], ["--lora-alpha", 0], ["--eval-every", -1],
-                                   ["--lora-target", "q_proj,lm_head"], ["--lr", -1e-3], ["--lr", 0],
-                                   ["--sft-weight", -5], ["--lr", "nan"], ["--sft-weight", "inf"],
-                                   ["--beta", "nan"], ["--gamma-beta-ratio", "nan"],
-                                   ["--max-grad-norm", "nan"]])
+@pytest.mark.parametrize("flags", [["--micro-batch-size", 0],
+                                   ["--micro-batch-size", 0, "--batch-size", 0],
+                                   ["--batch-size", 2, "--micro-batch-size", 4],
+                                   ["--max-prompt-length", 0], ["--max-steps", 0], ["--beta", 0],
+                                   ["--gamma", -1], ["--chat-template", "no-such-template.jinja"],
+                                   ["--max-grad-norm", 0], ["--warmup-ratio", 1.5],
+                                   ["--lora-dropout", 1.5], ["--max-prompt-length", 64],
+                                   ["--lora-alpha", 0], ["--eval-every", -1],
+                                   ["--lora-target", "q_proj,lm_head"], ["--lr", -1e-3],
+                                   ["--lr", 0], ["--sft-weight", -5], ["--lr", "nan"],
+                                   ["--sft-weight", "inf"], ["--beta", "nan"],
+                                   ["--gamma-beta-ratio", "nan"], ["--max-grad-norm", "nan"]])
 def test_bad_numbers_and_flags_are_usage_errors(flags, model_dir, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
     out = tmp_path / "run"
@@ -588,7 +627,8 @@ def test_bad_numbers_and_flags_are_usage_errors(flags, model_dir, tmp_path, caps
     assert not out.exists()
 
 
-def test_conversational_data_needs_a_chat_template(model_dir, model_without_template, tmp_path, capsys):
+def test_conversational_data_needs_a_chat_template(model_dir, model_without_template, tmp_path,
+                                                   capsys):
     dataset, _ = write_layout("trl.jsonl", tmp_path)
     out = tmp_path / "run"
     code, _, err = run(small_args(model_without_template, dataset, out, "--max-steps", 1), capsys)
@@ -606,10 +646,11 @@ def test_conversational_data_needs_a_chat_template(model_dir, model_without_temp
     assert modeling.load_tokenizer(str(out)).chat_template == demo.CHAT_TEMPLATE
 
 
-def test_relative_chat_template_file_survives_resume_from_elsewhere(model_without_template, tmp_path, capsys,
-                                                                    monkeypatch):
-    """--chat-template template.jinja, relative to where the run started: --resume from another folder (the
-    file gone by then) continues with the same template, as the model and dataset paths do."""
+def test_relative_chat_template_file_survives_resume_from_elsewhere(model_without_template,
+                                                                    tmp_path, capsys, monkeypatch):
+    """--chat-template template.jinja, relative to where the run started: --resume from another
+    folder (the file gone by then) continues with the same template, as the model and dataset paths
+    do."""
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
     start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
     start.mkdir()
@@ -649,7 +690,8 @@ def test_non_empty_output_dir_is_refused_and_untouched(model_dir, tmp_path, caps
 def test_overwrite_with_bad_dataset_deletes_nothing(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "run_config.json").write_text("{}")  # an earlier run: --overwrite may replace it, but only later
+    # an earlier run: --overwrite may replace it, but only later
+    (out / "run_config.json").write_text("{}")
     (out / "keep.txt").write_text("precious")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(BAD_DATA["missing.jsonl"][0])
@@ -694,7 +736,8 @@ def test_length_normalization_and_sft_weight(model_dir, tmp_path, capsys):
 
     def first_step(name, *extra):
         out = tmp_path / name
-        code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 1, "--lora-dropout", 0, *extra),
+        code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 1,
+                                      "--lora-dropout", 0, *extra),
                            capsys)
         assert code == 0, err
         (row,) = metrics(out)
@@ -704,12 +747,13 @@ def test_length_normalization_and_sft_weight(model_dir, tmp_path, capsys):
     plain, _ = first_step("plain")
     summed, config = first_step("summed", "--no-length-normalization")
     assert config["no_length_normalization"] is True
-    # summed log-probs over responses of ≥ 2 tokens (word + EOS) are at least 2× the averages, and negative
+    # summed log-probs over responses of ≥ 2 tokens (word + EOS) are at least 2× the averages, and
+    # negative
     assert summed["logps/chosen"] < 2 * plain["logps/chosen"] < 0
     sft, config = first_step("sft", "--sft-weight", 0.5)
     assert config["sft_weight"] == 0.5
-    # same model, same batch at step 1: the SimPO loss is unchanged and the SFT term, logged on its own,
-    # is the chosen responses' average NLL; the update differs (0.5 × its gradient is added)
+    # same model, same batch at step 1: the SimPO loss is unchanged and the SFT term, logged on its
+    # own, is the chosen responses' average NLL; the update differs (0.5 × its gradient is added)
     assert sft["logps/chosen"] == pytest.approx(plain["logps/chosen"], rel=1e-6)
     assert sft["loss"] == pytest.approx(plain["loss"], rel=1e-6) and "sft_loss" not in plain
     assert sft["sft_loss"] == pytest.approx(-plain["logps/chosen"], rel=1e-6)
@@ -724,16 +768,21 @@ def test_length_normalization_and_sft_weight(model_dir, tmp_path, capsys):
 def test_lr_schedule():
     peak = 2.0
     lrs = [train.lr_at(step, 10, 4, peak) for step in range(10)]
-    assert lrs[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])  # linear warm-up, its 4th and last step at the peak
+    # linear warm-up, its 4th and last step at the peak
+    assert lrs[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])
     # cosine from the peak (step 3) over the 7 steps after it
-    assert lrs[3:] == pytest.approx([peak * 0.5 * (1 + math.cos(math.pi * k / 7)) for k in range(7)])
+    assert lrs[3:] == pytest.approx([peak * 0.5 * (1 + math.cos(math.pi * k / 7))
+                                     for k in range(7)])
     assert lrs[3:] == sorted(lrs[3:], reverse=True)
-    assert lrs[-1] == pytest.approx(peak * 0.5 * (1 - math.cos(math.pi / 7)))  # ≈ 0.05 peak: near 0, not 0
+    # ≈ 0.05 peak: near 0, not 0
+    assert lrs[-1] == pytest.approx(peak * 0.5 * (1 - math.cos(math.pi / 7)))
     assert lrs[-1] < 0.1 * peak
-    assert train.lr_at(10, 10, 4, peak) == pytest.approx(0.0, abs=1e-12)  # it would reach 0 one step later
+    # it would reach 0 one step later
+    assert train.lr_at(10, 10, 4, peak) == pytest.approx(0.0, abs=1e-12)
     # no warm-up: the first step is at the peak; a single warm-up step is the same thing
     for warmup_steps in (0, 1):
-        assert [train.lr_at(s, 3, warmup_steps, 1.0) for s in range(3)] == pytest.approx([1.0, 0.75, 0.25])
+        assert ([train.lr_at(s, 3, warmup_steps, 1.0) for s in range(3)]
+                == pytest.approx([1.0, 0.75, 0.25]))
     assert train.lr_at(0, 1, 0, 1.0) == 1.0  # a 1-step run trains at the peak
 
 
@@ -747,8 +796,9 @@ def test_warmup_steps_are_rounded_down(steps, warmup_ratio, expected, model_dir,
     """A run warms up for ⌊warmup_ratio × steps⌋ steps: --max-steps 1 trains at the peak, not half
     of it; 0.58 × 50 (28.999… in floats) still gives 29. Expected rates worked out by hand."""
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
-    code, _, err = run(small_args(model_dir, dataset, tmp_path / "run", "--max-steps", steps, "--lr", 1e-3,
-                                  "--warmup-ratio", warmup_ratio, "--batch-size", 1, "--micro-batch-size", 1),
+    code, _, err = run(small_args(model_dir, dataset, tmp_path / "run", "--max-steps", steps,
+                                  "--lr", 1e-3, "--warmup-ratio", warmup_ratio, "--batch-size", 1,
+                                  "--micro-batch-size", 1),
                        capsys)
     assert code == 0, err
     lrs = [row["lr"] for row in train_rows(tmp_path / "run")]
@@ -759,13 +809,15 @@ def test_warmup_steps_are_rounded_down(steps, warmup_ratio, expected, model_dir,
 # ---------------------------------------------------------------- --help
 
 def test_help_lists_the_flag_groups(tmp_path):
-    result = subprocess.run([sys.executable, "train.py", "--help", "--output-dir", str(tmp_path / "run")],
+    result = subprocess.run([sys.executable, "train.py", "--help",
+                             "--output-dir", str(tmp_path / "run")],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     for group in ("model:", "data:", "SimPO objective:", "optimisation:", "output:"):
         assert group in result.stdout
-    for flag in ("--load-in-4bit", "--gamma-beta-ratio", "--micro-batch-size", "--resume", "--overwrite",
-                 "--max-prompt-length", "--chat-template", "--sft-weight", "--no-length-normalization"):
+    for flag in ("--load-in-4bit", "--gamma-beta-ratio", "--micro-batch-size", "--resume",
+                 "--overwrite", "--max-prompt-length", "--chat-template", "--sft-weight",
+                 "--no-length-normalization"):
         assert flag in result.stdout
     assert not (tmp_path / "run").exists()
 
@@ -785,21 +837,24 @@ def test_offline_demo(demo_run):
     assert first["step"] == 0 and last["step"] == max(row["step"] for row in rows) == 128
     assert 0.3 <= first["eval/rewards/accuracies"] <= 0.7
     assert last["eval/rewards/accuracies"] >= 0.9
-    assert f"held-out reward accuracy before training: {first['eval/rewards/accuracies']:.3f}" in stdout
-    assert f"held-out reward accuracy after training: {last['eval/rewards/accuracies']:.3f}" in stdout
+    assert (f"held-out reward accuracy before training: {first['eval/rewards/accuracies']:.3f}"
+            in stdout)
+    assert (f"held-out reward accuracy after training: {last['eval/rewards/accuracies']:.3f}"
+            in stdout)
     assert (out / "adapter_model.safetensors").is_file() and (out / "curves.png").is_file()
 
 
 # ---------------------------------------------------------------- edge cases
 
 def test_chat_template_given_as_long_text(model_without_template):
-    template = demo.CHAT_TEMPLATE + "{# " + "a comment that makes this a realistic length " * 8 + "#}"
+    template = (demo.CHAT_TEMPLATE + "{# " + "a comment that makes this a realistic length " * 8
+                + "#}")
     assert modeling.load_tokenizer(model_without_template, template).chat_template == template
 
 
 def test_consistent_gamma_and_ratio_with_rounding():
-    args = train.parse_args(["--model", "m", "--dataset", "d.jsonl", "--beta", "3", "--gamma", "0.3",
-                             "--gamma-beta-ratio", "0.1"])
+    args = train.parse_args(["--model", "m", "--dataset", "d.jsonl", "--beta", "3",
+                             "--gamma", "0.3", "--gamma-beta-ratio", "0.1"])
     assert args.gamma == pytest.approx(0.3)
 
 
@@ -824,14 +879,15 @@ def test_missing_model_folder(tmp_path, capsys):
     assert code == 2 and str(model) in error_line(err)
 
 
-# ----------------------------------------------------------- gradient checkpointing, periodic eval, report-to
+# ------------------------------------------------- gradient checkpointing, periodic eval, report-to
 
 def test_gradient_checkpointing_recomputes_and_changes_nothing(model_dir, tmp_path):
-    """With checkpointing each decoder layer runs forward twice per step (again in backward), and the update
-    is the same as without it. The model must be in train mode for that: transformers skips it in eval
-    mode."""
+    """With checkpointing each decoder layer runs forward twice per step (again in backward), and
+    the update is the same as without it. The model must be in train mode for that: transformers
+    skips it in eval mode."""
     torch.manual_seed(0)
-    pairs = packing.padded_rows([{"prompt": [2, 5, 7], "chosen": [40, 41, 3], "rejected": [9, 10, 3]}], pad_id=0)
+    pairs = packing.padded_rows([{"prompt": [2, 5, 7], "chosen": [40, 41, 3],
+                                  "rejected": [9, 10, 3]}], pad_id=0)
     grads = {}
     for checkpointing in (False, True):
         flag = "--gradient-checkpointing" if checkpointing else "--no-gradient-checkpointing"
@@ -859,7 +915,8 @@ def test_eval_every_logs_held_out_metrics(model_dir, tmp_path, capsys):
     code, out, err = run(small_args(model_dir, dataset, tmp_path / "run", "--eval-fraction", 0.25,
                                     "--max-steps", 3, "--eval-every", 1), capsys)
     assert code == 0, err
-    eval_steps = [row["step"] for row in metrics(tmp_path / "run") if "eval/rewards/accuracies" in row]
+    eval_steps = [row["step"] for row in metrics(tmp_path / "run")
+                  if "eval/rewards/accuracies" in row]
     assert eval_steps == [0, 1, 2, 3]  # before training, every step, and at the end
     assert "held-out reward accuracy before training" in out and "after training" in out
 
@@ -885,19 +942,22 @@ def test_report_to_tensorboard_writes_every_metric(model_dir, tmp_path, capsys):
         assert [event.value for event in written] == pytest.approx(values, rel=1e-6), key
 
 
-@pytest.mark.skipif(bool(importlib.util.find_spec("tensorboard")), reason="tensorboard is installed here")
+@pytest.mark.skipif(bool(importlib.util.find_spec("tensorboard")),
+                    reason="tensorboard is installed here")
 def test_report_to_a_missing_package_is_refused_before_any_work(model_dir, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
-    code, _, err = run(small_args(model_dir, dataset, tmp_path / "run", "--report-to", "tensorboard"), capsys)
+    code, _, err = run(small_args(model_dir, dataset, tmp_path / "run",
+                                  "--report-to", "tensorboard"), capsys)
     assert code == 2 and "pip install tensorboard" in error_line(err)
     assert not (tmp_path / "run").exists()
 
 
-# ----------------------------------------------------------- tokenization at the prompt/response boundary
+# ----------------------------------------------------- tokenization at the prompt/response boundary
 
 def test_a_token_across_the_prompt_response_boundary_goes_to_the_response():
-    """BPE/SentencePiece tokenizers can merge the end of the templated prompt with the start of the response:
-    the pair is tokenized as the model reads it, and the merged token is scored as response."""
+    """BPE/SentencePiece tokenizers can merge the end of the templated prompt with the start of the
+    response: the pair is tokenized as the model reads it, and the merged token is scored as
+    response."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE(vocab={"<s>": 0, "</s>": 1, "a": 2, "b": 3, "x": 4, "ab": 5},
@@ -906,34 +966,41 @@ def test_a_token_across_the_prompt_response_boundary_goes_to_the_response():
     tok.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
                          "{% if m['role'] == 'user' %}a{% else %}</s>{% endif %}{% endfor %}")
     example = tokenize_pair(tok, [U("x")], A("bx"), A("x"), max_length=64, max_prompt_length=32)
-    # "ab" merged into chosen's response; prompt shared; rejected's bare "a" is prompt text, read not scored
-    assert example == {"prompt": [0, 4], "chosen": [5, 4, 1], "rejected": [2, 4, 1], "unscored": [0, 1]}
+    # "ab" merged into chosen's response; prompt shared; rejected's bare "a" is prompt text, read
+    # not scored
+    assert example == {"prompt": [0, 4], "chosen": [5, 4, 1], "rejected": [2, 4, 1],
+                       "unscored": [0, 1]}
     for side, text in (("chosen", "<s>xabx</s>"), ("rejected", "<s>xax</s>")):
         assert example["prompt"] + example[side] == tok(text, add_special_tokens=False)["input_ids"]
 
 
 def test_a_chat_template_error_names_the_row(model_dir, tmp_path, capsys):
-    """Gemma-2's template, for one, refuses system turns: one line naming the row, not a Jinja traceback."""
+    """Gemma-2's template, for one, refuses system turns: one line naming the row, not a Jinja
+    traceback."""
     model = tmp_path / "model"
     shutil.copytree(model_dir, model)
     template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
                 "{{ raise_exception('System role not supported') }}{% endif %}{% endfor %}"
                 + demo.CHAT_TEMPLATE)
     (model / "chat_template.jinja").write_text(template)
-    rows = [{"chosen": [U("shout: apple"), A("APPLE")], "rejected": [U("shout: apple"), A("apple")]},
+    rows = [{"chosen": [U("shout: apple"), A("APPLE")],
+             "rejected": [U("shout: apple"), A("apple")]},
             {"chosen": [S("be loud"), U("shout: river"), A("RIVER")],
              "rejected": [S("be loud"), U("shout: river"), A("river")]}]
     dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
     code, _, err = run(small_args(model, dataset, tmp_path / "run"), capsys)
-    assert code == 2 and "row 2" in error_line(err) and "System role not supported" in error_line(err)
+    assert (code == 2 and "row 2" in error_line(err)
+            and "System role not supported" in error_line(err))
 
 
 def test_resuming_a_finished_run_changes_nothing(model_dir, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(12))
     out = tmp_path / "run"
-    code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 2, "--eval-fraction", 0.25), capsys)
+    code, _, err = run(small_args(model_dir, dataset, out, "--max-steps", 2,
+                                  "--eval-fraction", 0.25), capsys)
     assert code == 0, err
-    before = {name: (out / name).read_bytes() for name in ("metrics.jsonl", "adapter_model.safetensors")}
+    before = {name: (out / name).read_bytes()
+              for name in ("metrics.jsonl", "adapter_model.safetensors")}
     code, stdout, err = run(["--resume", out], capsys)
     assert code == 0, err
     assert "finished all 2 steps already" in stdout

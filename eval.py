@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoints
+import generation
 import judge
 import modeling
 import packing
@@ -52,7 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--chunk-size", type=positive_int, default=1024,
                    help="response tokens per KL chunk")
     p.add_argument("--generate", type=checkpoints.count, default=0, metavar="N",
-                   help="also sample N held-out prompts from policy and base")
+                   help="also sample N held-out prompts from policy and base, and report their "
+                        "health: length, ended at the end of turn or cut, empty, seq-rep-4 "
+                        "(repeated 4-grams within an answer), distinct-2 (across answers), and a "
+                        "warning when the policy degenerates (generation.py)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="with --generate")
     # Temperature 1 and no top-p: the sequence-level KL estimate is unbiased only on samples from π.
     p.add_argument("--temperature", type=positive, default=1.0, help="with --generate")
@@ -177,51 +181,6 @@ def kl_to_base(policy, base_model, examples, pad_id, batch_size, chunk_size):
             "kl/chosen_tokens": int(n_chosen), "kl/rejected_tokens": int(n_rejected)}
 
 
-@torch.no_grad()
-def generate(policy, base_model, tokenizer, examples, args):
-    """Sample `args.generate` held-out prompts from policy and base with the same seed; lengths up
-    to EOS and a sequence-level KL estimate on the policy's own samples: mean of Σ_t log π(y_t) −
-    log π_base(y_t)."""
-    from transformers import GenerationMixin
-    device, samples = next(policy.parameters()).device, []
-    sampling, stop = modeling.sampling_config(policy, tokenizer, args.temperature, args.top_p,
-                                              args.max_new_tokens)
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))
-    prompt_indices = order[:args.generate]
-    for i in tqdm(prompt_indices.tolist(), desc="generating", leave=False):
-        prompt = torch.tensor([preferences.generation_prompt(examples[i])], device=device)
-        sample = {"row": int(examples.rows[i]), "prompt": tokenizer.decode(prompt[0])}
-        for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
-            with context as model:
-                # the transformers model, also inside a peft wrapper
-                for module in model.modules():
-                    # for good: nothing else samples from it
-                    if isinstance(module, GenerationMixin):
-                        module.generation_config = sampling
-                # the same seed for both models
-                torch.manual_seed(args.seed + i)
-                ids = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                     generation_config=sampling)
-                ids = ids[0, prompt.shape[1]:].tolist()
-            ends = [n for n, token in enumerate(ids) if token in stop]
-            # up to and including the first stop token
-            ids = ids[:ends[0] + 1] if ends else ids
-            sample |= {name: tokenizer.decode(ids, skip_special_tokens=True),
-                       f"{name}_tokens": len(ids), f"{name}_ids": ids}
-        labels = [packing.IGNORE_INDEX] * prompt.shape[1] + sample["policy_ids"]
-        sequence = prompt[0].tolist() + sample["policy_ids"]
-        batch = {"input_ids": torch.tensor([sequence], device=device)}
-        batch |= {"attention_mask": torch.ones_like(batch["input_ids"]),
-                  "labels": torch.tensor([labels], device=device)}
-        log_ratio = modeling.policy_logps(policy, batch, average=False)
-        with base_model() as base:
-            log_ratio -= modeling.policy_logps(base, batch, average=False)
-        samples.append(sample | {"log_ratio": log_ratio.item()})
-    summary = {f"length/{name}": sum(s[f"{name}_tokens"] for s in samples) / len(samples)
-               for name in ("policy", "base")}
-    return summary | {"kl/sequence": sum(s["log_ratio"] for s in samples) / len(samples)}, samples
-
-
 def pairs_to_score(args):
     """Which pairs to score: (split, held-out fraction, what they are in words, whether the run
     trained on them). By default the pairs the run held out, cut as train.py cut them, never its
@@ -292,8 +251,12 @@ def evaluate(args):
         report[name] = modeling.reward_metrics(*logps, args.beta, args.gamma)
     report |= kl_to_base(policy, base_model, examples, pad_id, args.batch_size, args.chunk_size)
     if args.generate:
-        summary, samples = generate(policy, base_model, tokenizer, examples, args)
-        report |= summary
+        samples = generation.generate_samples(policy, base_model, tokenizer, examples,
+                                              args.generate, args.max_new_tokens, args.temperature,
+                                              args.top_p, args.seed, batch_size=args.batch_size)
+        health = {name: generation.health(samples, name) for name in ("policy", "base")}
+        report |= health["policy"] | health["base"] | generation.kl_sequence(samples)
+        report["degeneration"] = generation.degeneration(health["policy"], health["base"])
         # the reward model reads each prompt as messages, with its own chat template
         if args.judge:
             report["judge"] = judge.judge_samples(args, samples, split, device, dtype)
@@ -306,6 +269,12 @@ def evaluate(args):
     out.write_text(json.dumps(report, indent=2))
     print_report(report, args)
     return report
+
+
+HEALTH_ROWS = (("length", "  mean length (tokens)"), ("length_se", "    its standard error"),
+               ("ended", "  ended at the end of turn"), ("cut", "  cut at --max-new-tokens"),
+               ("empty", "  empty"), ("rep4", "  repeated 4-grams (seq-rep-4)"),
+               ("distinct2", "  distinct bigrams (distinct-2)"))
 
 
 def print_report(report, args):
@@ -323,14 +292,19 @@ def print_report(report, args):
             ("rewards/beyond_gamma", "pairs beyond margin γ"), ("loss", "SimPO loss"))
     for key, label in rows:
         print(f"{label:34}{report['policy'][key]:>10.3f}{report['base'][key]:>10.3f}")
-    if "length/policy" in report:
-        label = "mean sampled length (tokens)"
-        print(f"{label:34}{report['length/policy']:>10.1f}{report['length/base']:>10.1f}")
+    if "kl/sequence" in report:
+        print(f"{report['settings']['generate']} sampled answers (up to "
+              f"{report['settings']['max_new_tokens']} tokens):")
+        for key, label in HEALTH_ROWS:
+            policy, base = report[f"health/policy/{key}"], report[f"health/base/{key}"]
+            print(f"{label:34}{policy:>10.3f}{base:>10.3f}")
     print(f"KL(policy ‖ base) per response token: chosen {report['kl/chosen']:.4f}, "
           f"rejected {report['kl/rejected']:.4f}")
     if "kl/sequence" in report:
-        print(f"KL(policy ‖ base) per sampled sequence: {report['kl/sequence']:.3f}  "
-              f"(samples in {report['samples']})")
+        print(f"KL(policy ‖ base) per sampled sequence: {report['kl/sequence']:.3f} ± "
+              f"{report['kl/sequence_se']:.3f}  (samples in {report['samples']})")
+        if report["degeneration"]:
+            print(report["degeneration"])
     if "judge" in report:
         print(judge.describe(report["judge"]))
 

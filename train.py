@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoints
+import generation
 import modeling
 import packing
 import parallel
@@ -102,9 +103,13 @@ def train(args):
     saver = checkpoints.Checkpointer(model, tokenizer, optimizer, out, args.save_every,
                                      args.save_every_minutes, args.keep_checkpoints)
     pad_id = tokenizer.pad_token_id
+    monitor = None
+    if args.sample_every and main_process:
+        monitor = generation.SampleMonitor(model, tokenizer, eval_set, args.sample_prompts,
+                                           args.sample_max_new_tokens, args.seed, out / "samples")
     if eval_set and start == 0:
         before = evaluate(model, eval_set, args, pad_id, packed)
-        logger.log(0, before)
+        logger.log(0, before | (monitor.base() if monitor else {}))
         print(f"held-out reward accuracy before training: {before['eval/rewards/accuracies']:.3f}")
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="training",
                disable=not main_process)
@@ -119,8 +124,8 @@ def train(args):
             metrics = read_step(stats, grad_norm, tokens, weight, started, lr, args)
             if finite_or_stop(metrics, step, indices, args):
                 optimizer.step()
-                if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < total_steps:
-                    metrics |= evaluate(model, eval_set, args, pad_id, packed) if eval_set else {}
+                metrics |= periodic(step + 1, total_steps, model, eval_set, monitor, pad_id, packed,
+                                    args)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}",
                                 tok_s=f"{metrics['tokens_per_s']:.0f}")
             else:
@@ -228,6 +233,19 @@ def finite_or_stop(metrics, step, indices, args):
                             f"(or pass --skip-nonfinite)", 3)
     tqdm.write(f"skipped {where}")
     return False
+
+
+def periodic(step, total_steps, model, eval_set, monitor, pad_id, packed, args):
+    """Held-out metrics every --eval-every steps, and generation health every --sample-every."""
+    metrics = {}
+    if args.eval_every and step % args.eval_every == 0 and step < total_steps and eval_set:
+        metrics |= evaluate(model, eval_set, args, pad_id, packed)
+    if monitor and step % args.sample_every == 0:
+        health, warning = monitor.round(step)
+        metrics |= health
+        if warning:
+            tqdm.write(warning)
+    return metrics
 
 
 def evaluate(model, examples, args, pad_id, packed):
@@ -417,6 +435,17 @@ def parse_args(argv=None):
                         "run; its pairs are then not learned from and the schedule moves on")
     g.add_argument("--report-to", choices=["tensorboard", "wandb"],
                    help="also log there (needs that package)")
+    g = p.add_argument_group("generation health (generation.py)")
+    g.add_argument("--sample-every", type=count, default=0, metavar="N",
+                   help="every N steps, sample --sample-prompts held-out prompts from the policy: "
+                        "length, end of turn, empty, seq-rep-4, distinct-2 and the sequence KL go "
+                        "to metrics.jsonl, the samples beside the run, and one warning line when "
+                        "the policy degenerates against the base (costs one sampling round: "
+                        "sample/seconds in the log; 0: off)")
+    g.add_argument("--sample-prompts", type=positive_int, default=8,
+                   help="fixed held-out prompts per sampling round")
+    g.add_argument("--sample-max-new-tokens", type=positive_int, default=128,
+                   help="tokens per sampled answer")
     args = p.parse_args(argv)
     args.demo = False
     args.run_config = None
@@ -467,6 +496,12 @@ def check_args(args):
                          f"{args.report_to}")
     if args.eval_split and args.eval_fraction:
         raise UsageError("pass --eval-split or --eval-fraction, not both")
+    if args.sample_every and args.full:
+        raise UsageError("--sample-every compares the policy with its base, the model with its "
+                         "LoRA adapter off: it needs LoRA, not --full")
+    if args.sample_every and not (args.eval_split or args.eval_fraction):
+        raise UsageError("--sample-every samples held-out prompts: pass --eval-split or "
+                         "--eval-fraction")
     if args.full and args.load_in_4bit:
         raise UsageError("--full trains every weight: it cannot load them in 4-bit "
                          "(drop --load-in-4bit)")

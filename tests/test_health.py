@@ -1,0 +1,83 @@
+"""Generation health during training (train.py --sample-every): the numbers per sampling round, a
+warning when the policy degenerates, and a training result identical to a run without sampling."""
+import random
+import shutil
+
+import pytest
+import torch
+from test_train import adapter, metrics, run, small_args, standard_rows, write_jsonl
+
+import demo
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return demo.build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", hidden_size=32)
+
+
+def test_sampling_rounds_log_health_and_change_nothing(model_dir, tmp_path, capsys):
+    """Dropout on, so that any RNG the sampling drew would change the adapter."""
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(24))
+    common = ["--max-steps", 4, "--eval-fraction", 0.25, "--lora-dropout", 0.2, "--lr", 1e-3]
+    code, _, err = run(small_args(model_dir, dataset, tmp_path / "plain", *common), capsys)
+    assert code == 0, err
+    code, _, err = run(small_args(model_dir, dataset, tmp_path / "sampled", *common,
+                                  "--sample-every", 2, "--sample-prompts", 3,
+                                  "--sample-max-new-tokens", 8), capsys)
+    assert code == 0, err
+    plain, sampled = adapter(tmp_path / "plain"), adapter(tmp_path / "sampled")
+    assert plain.keys() == sampled.keys()
+    assert all(torch.equal(plain[k], sampled[k]) for k in plain)
+    rows = metrics(tmp_path / "sampled")
+    # the base once before training, the policy at steps 2 and 4
+    assert [r["step"] for r in rows if "health/base/length" in r] == [0]
+    policy_rows = [r for r in rows if "health/policy/length" in r]
+    assert [r["step"] for r in policy_rows] == [2, 4]
+    for row in policy_rows:
+        assert {"health/policy/rep4", "health/policy/ended", "health/policy/distinct2",
+                "kl/sequence", "sample/seconds"} <= row.keys()
+        assert 0 <= row["health/policy/rep4"] <= 1 and row["sample/seconds"] > 0
+    samples = (tmp_path / "sampled" / "samples" / "samples-step-4.jsonl").read_text().splitlines()
+    assert len(samples) == 3
+    # training's own metrics are the same numbers
+    plain_rows = [r for r in metrics(tmp_path / "plain") if "loss" in r]
+    assert [r["loss"] for r in plain_rows] == [r["loss"] for r in rows if "loss" in r]
+
+
+def test_a_policy_that_learns_to_repeat_is_flagged(model_dir, tmp_path, capsys):
+    """Planted degeneration: every chosen answer repeats one word a dozen times. The held-out
+    reward accuracy rises to 1, and only the samples say what happened."""
+    from transformers import AutoModelForCausalLM
+    # A random model's logits are nearly flat (its lm_head, which LoRA leaves alone, is drawn at
+    # std 0.02): scaled up, its next-token distributions are as peaked as a trained model's.
+    peaked = tmp_path / "model"
+    shutil.copytree(model_dir, peaked)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(25)
+    model.save_pretrained(peaked)
+    rng = random.Random(0)
+    rows = []
+    for _ in range(32):
+        words = rng.sample(demo.WORDS, 3)
+        rows.append({"prompt": "shout: " + " ".join(words), "chosen": " ".join(["APPLE"] * 12),
+                     "rejected": " ".join(w.upper() for w in words)})
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    code, out, err = run(small_args(peaked, dataset, tmp_path / "run", "--max-steps", 12,
+                                    "--lr", 1e-2, "--eval-fraction", 0.25, "--sample-every", 12,
+                                    "--sample-prompts", 6, "--sample-max-new-tokens", 24), capsys)
+    assert code == 0, err
+    rows = metrics(tmp_path / "run")
+    final = [r for r in rows if "health/policy/rep4" in r][-1]
+    assert rows[-1]["eval/rewards/accuracies"] == 1.0
+    assert final["health/policy/rep4"] > rows[0]["health/base/rep4"] + 0.5
+    assert "step 12: warning: the policy's samples degenerate: repetition" in out + err
+
+
+def test_sampling_needs_held_out_prompts_and_lora(model_dir, tmp_path, capsys):
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
+    code, _, err = run(small_args(model_dir, dataset, tmp_path / "a", "--sample-every", 1), capsys)
+    assert code == 2 and "--eval-fraction" in err
+    code, _, err = run(small_args(model_dir, dataset, tmp_path / "b", "--sample-every", 1, "--full",
+                                  "--eval-fraction", 0.25), capsys)
+    assert code == 2 and "needs LoRA" in err

@@ -1,8 +1,8 @@
-"""The shared layout (each prompt computed once, no padding; modeling.build_batch) gives exactly
-what the padded layout of preferences.collate gives: log-probs, SimPO losses and LoRA gradients
+"""The packed layout (each prompt computed once, no padding; packing.build_batch) gives exactly
+what the padded layout of packing.padded_rows gives: log-probs, SimPO losses and LoRA gradients
 (float32, CPU, 1e-5), and models whose attention cannot take it fall back to the padded layout.
 
-The reference is today's padded computation written out here from preferences.collate, not the code
+The reference is today's padded computation written out here from packing.padded_rows, not the code
 under test. lora_B is random, so that every LoRA tensor's gradient is compared, and the step's
 gradient is also compared with a float64 one written out from the paper (a uniform factor would pass
 every layout comparison).
@@ -101,7 +101,7 @@ def lora_grads(model):
 
 
 def padded_reference(model, examples, args, pad_id, full_logits=False):
-    """Today's computation: preferences.collate's right-padded rows, then chunked (or full-logit)
+    """The padded computation: packing.padded_rows, then chunked (or full-logit)
     log-probs. Returns the per-pair (losses, chosen logps, rejected logps), the token count and the
     LoRA gradients."""
     average, stats, tokens = not args.no_length_normalization, [], 0
@@ -141,7 +141,7 @@ def assert_same_as_padded(model, examples, args, pad_id, full_logits=False):
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("average", [True, False])
 @pytest.mark.parametrize("full_logits", [False, True])
-def test_shared_layout_equals_padded(examples, tokenizer, attention, average, full_logits):
+def test_packed_layout_equals_padded(examples, tokenizer, attention, average, full_logits):
     model = tiny_model(vocab_size=len(tokenizer), attn_implementation=attention)
     args = train_args(no_length_normalization=not average)
     # the packed layout is used
@@ -189,7 +189,7 @@ def test_step_gradient_equals_a_float64_reference(examples, tokenizer, average, 
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_shared_layout_rows_and_positions():
+def test_packed_layout_rows_and_positions():
     """Hand-built pairs: rows bounded by 1.5 × max_length and padded only at their ends, positions
     of the rejected response continuing from the prompt, each token scored from the hidden state
     before it."""
@@ -288,7 +288,7 @@ def test_qlora_and_gradient_checkpointing(examples, tokenizer, tmp_path):
 
 def test_fallback_to_padded(examples, tokenizer):
     """Gemma-2 soft-caps attention logits and a short sliding window is bypassed by a 4-D mask: both
-    run padded, and would be wrong in the shared layout (which is why the fallback exists)."""
+    run padded, and would be wrong in the packed layout (which is why the fallback exists)."""
     from transformers import Gemma2Config, MistralConfig
     args = train_args()
     gemma = tiny_model(Gemma2Config, len(tokenizer), attn_logit_softcapping=1.0,
@@ -299,15 +299,15 @@ def test_fallback_to_padded(examples, tokenizer):
         assert reason in packing.packing_problem(modeling.text_config(model), args.max_length)
         assert modeling.choose_layout(model, args.max_length)[1].startswith("batches: padded")
         assert_same_as_padded(model, examples, args, tokenizer.pad_token_id)
-    with torch.no_grad():  # the shared layout itself, forced: the window is lost
+    with torch.no_grad():  # the packed layout itself, forced: the window is lost
         padded = modeling.policy_logps(mistral, packing.build_batch(examples, 0, packed=False))
-        shared = modeling.policy_logps(mistral, packing.build_batch(examples, 0, packed=True))
-    assert (padded - shared).abs().max() > 1e-3
+        packed = modeling.policy_logps(mistral, packing.build_batch(examples, 0, packed=True))
+    assert (padded - packed).abs().max() > 1e-3
     llama = tiny_model(vocab_size=len(tokenizer))
     assert modeling.choose_layout(llama, 2048)[1].startswith("batches: packed")
 
 
-def test_pair_logps_uses_shared_layout(examples, tokenizer):
+def test_pair_logps_uses_packed_layout(examples, tokenizer):
     """eval's scoring (no gradients) equals the padded layout's, numpy ids included."""
     model = tiny_model(vocab_size=len(tokenizer)).eval()
     chosen, rejected = modeling.pair_logps(model, examples, tokenizer.pad_token_id, 4, packed=True)

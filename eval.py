@@ -255,8 +255,9 @@ def evaluate(args):
                                               args.generate, args.max_new_tokens, args.temperature,
                                               args.top_p, args.seed, batch_size=args.batch_size)
         health = {name: generation.health(samples, name) for name in ("policy", "base")}
-        report |= health["policy"] | health["base"] | generation.kl_sequence(samples)
-        report["degeneration"] = generation.degeneration(health["policy"], health["base"])
+        kl = generation.kl_sequence(samples)
+        report |= health["policy"] | health["base"] | kl
+        report["degeneration"] = generation.degeneration(health["policy"], health["base"], kl)
         # the reward model reads each prompt as messages, with its own chat template
         if args.judge:
             report["judge"] = judge.judge_samples(args, samples, split, device, dtype)

@@ -34,6 +34,9 @@ MAX_REP4_RISE = 0.2
 MAX_ENDED_DROP = 0.3
 MAX_EMPTY_RISE = 0.2
 LENGTH_FACTOR = 2.0
+# KL(π ‖ π_base) per sampled token: word salad of ordinary length shows here, not in the counts
+# above (SmolLM2-135M on UltraFeedback, README: 0.002 after a sound run, 1.2 after a collapse)
+MAX_KL_PER_TOKEN = 0.1
 
 
 def sample_batch(model, prompts, pad_id, sampling, stop, seed):
@@ -172,17 +175,22 @@ def health(samples, name):
 
 def kl_sequence(samples):
     """The sequence-level KL(π ‖ π_base) estimate, the mean log-ratio of the policy's own samples,
-    and its standard error: {"kl/sequence", "kl/sequence_se"}."""
+    its standard error, and the same per sampled token (all log-ratios over all policy tokens, the
+    stop tokens included as in the log-ratios): {"kl/sequence", "kl/sequence_se",
+    "kl/sequence_per_token"}."""
     mean, se = mean_and_se([s["log_ratio"] for s in samples])
-    return {"kl/sequence": mean, "kl/sequence_se": se}
+    tokens = sum(s["policy_tokens"] for s in samples)
+    per_token = sum(s["log_ratio"] for s in samples) / max(tokens, 1)
+    return {"kl/sequence": mean, "kl/sequence_se": se, "kl/sequence_per_token": per_token}
 
 
-def degeneration(policy_health, base_health):
-    """None, or one line naming what degenerated in the policy's samples relative to the base's (the
-    health dicts of `health`): seq-rep-4 more than MAX_REP4_RISE above the base's, the fraction
-    ending at a stop token more than MAX_ENDED_DROP below it, the fraction of empty answers more
-    than MAX_EMPTY_RISE above it, or the mean length below half or above twice the base's (a base
-    length of 0 counts as 1)."""
+def degeneration(policy_health, base_health, kl=None):
+    """None, or one line naming what degenerated in the policy's samples relative to the base's
+    (both dicts of `health`): seq-rep-4 more than MAX_REP4_RISE above the base's; the fraction
+    ending at a stop token more than MAX_ENDED_DROP below it; the fraction of empty answers more
+    than MAX_EMPTY_RISE above it; the mean length below half or above twice the base's (a base
+    length under 1 token counts as 1); or, given `kl` (of `kl_sequence`), a KL per sampled token
+    above MAX_KL_PER_TOKEN: the base finds the policy's answers improbable, whatever their form."""
     policy = {key.rsplit("/", 1)[1]: value for key, value in policy_health.items()}
     base = {key.rsplit("/", 1)[1]: value for key, value in base_health.items()}
     problems = []
@@ -196,6 +204,9 @@ def degeneration(policy_health, base_health):
     base_length = max(base["length"], 1.0)
     if not base_length / LENGTH_FACTOR <= policy["length"] <= base_length * LENGTH_FACTOR:
         problems.append(f"length ({policy['length']:.1f} tokens, base {base['length']:.1f})")
+    if kl is not None and kl["kl/sequence_per_token"] > MAX_KL_PER_TOKEN:
+        problems.append(f"far from the base (KL {kl['kl/sequence_per_token']:.2f} nats per "
+                        f"sampled token): read the samples")
     if not problems:
         return None
     return "warning: the policy's samples degenerate: " + "; ".join(problems)
@@ -258,11 +269,12 @@ class SampleMonitor:
         started = time.time()
         samples = self.sample(("policy",))
         policy_health = health(samples, "policy")
-        metrics = policy_health | kl_sequence(samples)
+        kl = kl_sequence(samples)
+        metrics = policy_health | kl
         metrics["sample/seconds"] = time.time() - started
         self.out_dir.mkdir(parents=True, exist_ok=True)
         pairs = zip(self.base_samples, samples, strict=True)
         lines = "".join(json.dumps(base | sample) + "\n" for base, sample in pairs)
         (self.out_dir / f"samples-step-{step}.jsonl").write_text(lines)
-        warning = degeneration(policy_health, base_health)
+        warning = degeneration(policy_health, base_health, kl)
         return metrics, warning if warning is None else f"step {step}: {warning}"

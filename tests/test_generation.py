@@ -1,0 +1,253 @@
+"""generation.py: health measures on hand-made samples with known values, the degeneration rule at
+its thresholds, sampling on a tiny model (stop tokens, log-ratios against float64 full logits), and
+SampleMonitor rounds that leave RNG states, module modes and training exactly as they were."""
+import json
+import math
+import random
+
+import pytest
+import torch
+from conftest import tokenize_pair
+
+import demo
+import generation
+import modeling
+import preferences
+
+STOP = 2
+
+
+def side(ids, ended, text):
+    return {"policy_ids": ids, "policy_ended": ended, "policy_tokens": len(ids), "policy": text}
+
+
+# one token repeated; a limit hit; an empty answer; a normal one
+HAND_MADE = [side([5] * 6 + [STOP], True, "hi hi hi hi hi hi"),
+             side([1, 2, 3, 4, 5, 6, 7, 8], False, "a b c d e f g h"),
+             side([STOP], True, ""),
+             side([9, 10, 11, 12, 13, STOP], True, "The sky is blue.")]
+
+
+def test_health_of_hand_made_samples():
+    health = generation.health(HAND_MADE, "policy")
+    # answer lengths 6, 8, 0, 5 (the stop token is not answer)
+    assert health["health/policy/length"] == 19 / 4
+    deviations = [6 - 19 / 4, 8 - 19 / 4, 0 - 19 / 4, 5 - 19 / 4]
+    assert health["health/policy/length_se"] == pytest.approx(
+        math.sqrt(sum(d * d for d in deviations) / 3) / 2)
+    assert health["health/policy/ended"] == 0.75
+    assert health["health/policy/cut"] == 0.25
+    assert health["health/policy/empty"] == 0.25
+    # seq-rep-4 of the answers with a 4-gram: 1 - 1/3 (three 4-grams, all one), 0, 0; the empty one
+    # has none
+    assert health["health/policy/rep4"] == pytest.approx(2 / 9)
+    assert health["health/policy/rep4_se"] == pytest.approx(2 / 9)
+    # bigrams: 5 of (5, 5), 7 distinct, none, 4 distinct: 12 distinct of 16
+    assert health["health/policy/distinct2"] == 0.75
+    assert all(type(value) is float for value in health.values())
+
+
+def test_health_counts_whitespace_as_empty_and_reads_the_named_side():
+    samples = [{"base_ids": [7, STOP], "base_ended": True, "base": " \n"}]
+    health = generation.health(samples, "base")
+    assert health["health/base/empty"] == 1.0 and health["health/base/length"] == 1.0
+    # no 4-gram, no bigram
+    assert health["health/base/rep4"] == health["health/base/distinct2"] == 0.0
+    assert health["health/base/length_se"] == 0.0  # one value estimates no spread
+
+
+def test_kl_sequence_is_the_mean_log_ratio_with_its_standard_error():
+    samples = [{"log_ratio": 1.0, "policy_tokens": 3}, {"log_ratio": 3.0, "policy_tokens": 5}]
+    assert generation.kl_sequence(samples) == {"kl/sequence": 2.0,
+                                               "kl/sequence_se": pytest.approx(1.0),
+                                               "kl/sequence_per_token": 0.5}
+
+
+def base_like(policy):
+    """The same health under the base's keys."""
+    return {key.replace("/policy/", "/base/"): value for key, value in policy.items()}
+
+
+def test_degeneration_fires_on_a_planted_collapse_and_not_on_a_healthy_set():
+    healthy = generation.health(HAND_MADE, "policy")
+    assert generation.degeneration(healthy, base_like(healthy)) is None
+    collapsed = [side([5] * 8, False, "hi " * 8) for _ in range(4)]
+    line = generation.degeneration(generation.health(collapsed, "policy"), base_like(healthy))
+    assert line.startswith("warning: the policy's samples degenerate")
+    assert "repetition" in line and "do not end" in line
+    assert "length" not in line and "empty" not in line  # 8 tokens: within twice the base's 4.75
+
+
+@pytest.mark.parametrize("key, inside, outside, word", [
+    ("rep4", 0.29, 0.31, "repetition"),     # base 0.1, limit +0.2
+    ("ended", 0.61, 0.59, "do not end"),    # base 0.9, limit -0.3
+    ("empty", 0.29, 0.31, "empty"),         # base 0.1, limit +0.2
+    ("length", 20.0, 19.9, "length"),       # base 40, limit / 2
+    ("length", 80.0, 80.1, "length"),       # base 40, limit × 2
+])
+def test_degeneration_thresholds(key, inside, outside, word):
+    base = {"health/base/rep4": 0.1, "health/base/ended": 0.9, "health/base/empty": 0.1,
+            "health/base/length": 40.0}
+    policy = {key.replace("/base/", "/policy/"): value for key, value in base.items()}
+    assert generation.degeneration(policy | {f"health/policy/{key}": inside}, base) is None
+    line = generation.degeneration(policy | {f"health/policy/{key}": outside}, base)
+    assert word in line and line.count(";") == 0
+
+
+def test_degeneration_on_kl_per_sampled_token():
+    healthy = generation.health(HAND_MADE, "policy")
+    base = base_like(healthy)
+    assert generation.degeneration(healthy, base, {"kl/sequence_per_token": 0.09}) is None
+    line = generation.degeneration(healthy, base, {"kl/sequence_per_token": 0.11})
+    assert "far from the base (KL 0.11 nats per sampled token)" in line
+
+
+# ---------------------------------------------------------------- on a tiny model
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny model's folder, its tokenizer and 16 demo pairs."""
+    folder = tmp_path_factory.mktemp("generation")
+    model_dir = demo.build_tiny_model(folder / "model", hidden_size=32)
+    tokenizer = modeling.load_tokenizer(model_dir)
+    lines = (demo.DATA_DIR / "train.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines[:16]]
+    examples = [tokenize_pair(tokenizer, [{"role": "user", "content": row["prompt"]}],
+                                   {"role": "assistant", "content": row["chosen"]},
+                                   {"role": "assistant", "content": row["rejected"]}, 64, 32)
+                for row in rows]
+    return model_dir, tokenizer, examples
+
+
+def fresh_policy(model_dir, seed=0):
+    """The tiny model with LoRA (lora_dropout on: training draws random numbers)."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear")
+    model = get_peft_model(modeling.load_model(model_dir), lora)
+    # B = 0 in a fresh adapter: a nonzero B makes policy and base differ
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.3)
+    return model
+
+
+def full_logps(model, prompt, answer):
+    """Float64 sum of the answer's log-probs from the model's full logits, unpadded."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + answer])).logits[0].double()
+    rows = logits[len(prompt) - 1:-1].log_softmax(-1)
+    return rows.gather(1, torch.tensor(answer)[:, None]).sum().item()
+
+
+def test_samples_stop_at_the_stop_token_and_log_ratios_match_full_logits(tiny):
+    model_dir, tokenizer, examples = tiny
+    policy = fresh_policy(model_dir).eval()
+    config = policy.generation_config
+    stop = tokenizer.eos_token_id
+    samples = generation.generate_samples(policy, lambda: generation.without_adapter(policy),
+                                          tokenizer, examples, 8, 6, seed=3, batch_size=3)
+    assert policy.generation_config is config  # restored
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(3))[:8].tolist()
+    assert [s["row"] for s in samples] == order
+    for sample, i in zip(samples, order, strict=True):
+        assert sample["prompt"] == tokenizer.decode(preferences.generation_prompt(examples[i]))
+        for name in ("policy", "base"):
+            ids = sample[f"{name}_ids"]
+            assert sample[f"{name}_tokens"] == len(ids)
+            assert sample[f"{name}_ended"] == (stop in ids)
+            if stop in ids:
+                assert ids.index(stop) == len(ids) - 1
+            else:
+                assert len(ids) == 6
+        prompt = preferences.generation_prompt(examples[i])
+        expected = full_logps(policy, prompt, sample["policy_ids"])
+        with policy.disable_adapter():
+            expected -= full_logps(policy, prompt, sample["policy_ids"])
+        assert sample["log_ratio"] == pytest.approx(expected, abs=1e-4)
+    ended = [s[f"{name}_ended"] for s in samples for name in ("policy", "base")]
+    assert any(ended) and not all(ended)  # both branches met (seed chosen so)
+    assert any(s["policy_ids"] != s["base_ids"] for s in samples)
+
+
+def monitor_for(tiny, model, out_dir, seed=1):
+    model_dir, tokenizer, examples = tiny
+    return generation.SampleMonitor(model, tokenizer, examples, 6, 8, seed, out_dir)
+
+
+def test_a_round_restores_rng_states_and_module_modes(tiny, tmp_path):
+    model = fresh_policy(tiny[0]).train()
+    # as modeling.prepare_model does: in train mode, checkpointing turns off the KV cache
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
+    frozen = next(m for name, m in model.named_modules() if name.endswith("layers.0.mlp"))
+    frozen.eval()  # a module left in eval mode stays so
+    modes = [module.training for module in model.modules()]
+    monitor = monitor_for(tiny, model, tmp_path)
+    torch.manual_seed(123)
+    random.seed(5)
+    cpu_state = torch.get_rng_state()
+    python_state = random.getstate()
+    expected = (torch.rand(4), random.random())
+    torch.set_rng_state(cpu_state)
+    random.setstate(python_state)
+
+    base = monitor.base()
+    metrics, warning = monitor.round(7)
+
+    assert torch.equal(torch.get_rng_state(), cpu_state) and random.getstate() == python_state
+    assert torch.equal(torch.rand(4), expected[0]) and random.random() == expected[1]
+    assert [module.training for module in model.modules()] == modes
+    names = ("length", "length_se", "ended", "cut", "empty", "rep4", "rep4_se", "distinct2")
+    assert set(base) == {f"health/base/{name}" for name in names}
+    policy = {key for key in metrics if key.startswith("health/")}
+    assert policy == {f"health/policy/{name}" for name in names}
+    assert metrics["sample/seconds"] > 0 and "kl/sequence_se" in metrics
+    assert warning is None or warning.startswith("step 7: warning:")
+    lines = (tmp_path / "samples-step-7.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    for line in lines:
+        assert {"policy", "base", "policy_ids", "base_ids", "log_ratio"} <= set(json.loads(line))
+
+
+def test_rounds_are_deterministic_for_a_seed(tiny, tmp_path):
+    model = fresh_policy(tiny[0]).train()
+    first = monitor_for(tiny, model, tmp_path / "a")
+    first.round(1)
+    first.round(2)
+    torch.manual_seed(999)  # the training's RNG does not matter
+    monitor_for(tiny, model, tmp_path / "b").round(1)
+    other_seed = monitor_for(tiny, model, tmp_path / "c", seed=2)
+    other_seed.round(1)
+    text = (tmp_path / "a" / "samples-step-1.jsonl").read_text()
+    assert text == (tmp_path / "a" / "samples-step-2.jsonl").read_text()
+    assert text == (tmp_path / "b" / "samples-step-1.jsonl").read_text()
+    assert text != (tmp_path / "c" / "samples-step-1.jsonl").read_text()
+
+
+def train_a_few_steps(tiny, monitor_dir=None):
+    """Three AdamW steps on a loss that goes through LoRA dropout; a sampling round before each step
+    when `monitor_dir` is given. Returns the trained LoRA weights."""
+    model_dir, tokenizer, examples = tiny
+    model = fresh_policy(model_dir, seed=4).train()
+    monitor = monitor_for(tiny, model, monitor_dir) if monitor_dir else None
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    torch.manual_seed(11)
+    random.seed(11)
+    for step in range(3):
+        if monitor:
+            monitor.round(step)
+        pair = examples[random.randrange(len(examples))]
+        logits = model(input_ids=torch.tensor([pair["prompt"] + pair["chosen"]])).logits
+        logits.float().logsumexp(-1).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_training_is_bit_identical_with_and_without_rounds(tiny, tmp_path):
+    without = train_a_few_steps(tiny)
+    with_rounds = train_a_few_steps(tiny, tmp_path)
+    assert (tmp_path / "samples-step-2.jsonl").is_file()
+    assert without.keys() == with_rounds.keys()
+    assert all(torch.equal(without[name], with_rounds[name]) for name in without)

@@ -260,8 +260,8 @@ def test_a_rerun_refuses_other_settings_or_other_prompts(setup, built, tmp_path,
     listed = (setup.dir / "prompts.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "reordered.jsonl").write_text("".join([listed[1], listed[0]] + listed[2:]))
     json_settings = json.loads((out / "onpolicy.json").read_text())
-    (out / "onpolicy.json").write_text(json.dumps(json_settings | {"prompts": str(tmp_path /
-                                                                                   "reordered.jsonl")}))
+    reordered = {"prompts": str(tmp_path / "reordered.jsonl")}
+    (out / "onpolicy.json").write_text(json.dumps(json_settings | reordered))
     argv = [str(tmp_path / "reordered.jsonl") if str(arg) == str(setup.dir / "prompts.jsonl")
             else arg for arg in setup.common]
     rc, _, err = run(capsys, *argv, "--out", out)

@@ -7,6 +7,7 @@ run_config.json, metrics.jsonl, curves.png) and the newest `--keep-checkpoints` 
 any code, and resumed only into the run they came from: `--resume` continues from the highest step.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -327,6 +328,51 @@ def make_output_dir(args):
         except FileExistsError:
             continue
     raise UsageError(f"cannot create a new folder {stamp}-N: pass --output-dir")
+
+
+def finished_already(args, start, total_steps):
+    """A resume of a run whose final save is there already changes nothing."""
+    if start >= total_steps and args.resume and args.resume_from == Path(args.output_dir):
+        print(f"{args.output_dir} finished all {total_steps} steps already")
+        return True
+    if start > total_steps:
+        raise UsageError(f"--resume {args.resume}: its newest checkpoint is at step {start}, past "
+                         f"the {total_steps} steps asked for")
+    return False
+
+
+def open_run_folder(args, start, main_process):
+    """The run folder, its run_config.json and the metrics log (one writer: the first process)."""
+    made = str(make_output_dir(args)) if main_process else None
+    out = Path(parallel.from_rank_0(made))
+    args.output_dir = str(out)
+    if args.resume:
+        changed = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                   if k in args.run_config and args.run_config[k] != v and k != "output_dir"]
+        print("continuing with " + (", ".join(changed) or "the run's settings"))
+    config = {k: v for k, v in vars(args).items()
+              if k not in ("resume", "overwrite", "run_config", "resume_from")}
+    if main_process:
+        (out / "run_config.json").write_text(json.dumps(config, indent=2))
+    return out, Logger(out, args.report_to, config, start, active=main_process)
+
+
+@contextlib.contextmanager
+def out_of_memory_stops(pairs, args):
+    """CUDA out of memory in a step: one line with what helps, the last checkpoint intact."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        memory = ""
+        if torch.cuda.is_available():
+            memory = (f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated, "
+                      f"{torch.cuda.memory_reserved() / 2**30:.1f} GiB reserved; ")
+        longest = max(len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in pairs)
+        raise StopRequested(
+            f"out of memory ({memory}longest sequence {longest} tokens, --micro-batch-size "
+            f"{args.micro_batch_size}): lower --micro-batch-size or --max-length, or turn on "
+            f"--load-in-4bit and --gradient-checkpointing; the last checkpoint is intact",
+            1) from None
 
 
 # ---------------------------------------------------------------- the metrics log

@@ -272,12 +272,6 @@ def evaluate(args):
     return report
 
 
-HEALTH_ROWS = (("length", "  mean length (tokens)"), ("length_se", "    its standard error"),
-               ("ended", "  ended at the end of turn"), ("cut", "  cut at --max-new-tokens"),
-               ("empty", "  empty"), ("rep4", "  repeated 4-grams (seq-rep-4)"),
-               ("distinct2", "  distinct bigrams (distinct-2)"))
-
-
 def print_report(report, args):
     print(f"\n{report['pairs']} pairs scored: {report['scored']} "
           f"(β={args.beta:g}, γ={args.gamma:g})")
@@ -293,19 +287,10 @@ def print_report(report, args):
             ("rewards/beyond_gamma", "pairs beyond margin γ"), ("loss", "SimPO loss"))
     for key, label in rows:
         print(f"{label:34}{report['policy'][key]:>10.3f}{report['base'][key]:>10.3f}")
-    if "kl/sequence" in report:
-        print(f"{report['settings']['generate']} sampled answers (up to "
-              f"{report['settings']['max_new_tokens']} tokens):")
-        for key, label in HEALTH_ROWS:
-            policy, base = report[f"health/policy/{key}"], report[f"health/base/{key}"]
-            print(f"{label:34}{policy:>10.3f}{base:>10.3f}")
     print(f"KL(policy ‖ base) per response token: chosen {report['kl/chosen']:.4f}, "
           f"rejected {report['kl/rejected']:.4f}")
     if "kl/sequence" in report:
-        print(f"KL(policy ‖ base) per sampled sequence: {report['kl/sequence']:.3f} ± "
-              f"{report['kl/sequence_se']:.3f}  (samples in {report['samples']})")
-        if report["degeneration"]:
-            print(report["degeneration"])
+        print(generation.describe(report))
     if "judge" in report:
         print(judge.describe(report["judge"]))
 

@@ -212,6 +212,27 @@ def degeneration(policy_health, base_health, kl=None):
     return "warning: the policy's samples degenerate: " + "; ".join(problems)
 
 
+# eval.py's table rows: health key, label
+ROWS = (("length", "  mean length (tokens)"), ("length_se", "    its standard error"),
+        ("ended", "  ended at the end of turn"), ("cut", "  cut at --max-new-tokens"),
+        ("empty", "  empty"), ("rep4", "  repeated 4-grams (seq-rep-4)"),
+        ("distinct2", "  distinct bigrams (distinct-2)"))
+
+
+def describe(report):
+    """eval.py's lines for the samples of policy and base: a table, the sequence KL, the warning."""
+    settings = report["settings"]
+    lines = [f"{settings['generate']} sampled answers (up to {settings['max_new_tokens']} tokens):",
+             f"{'':34}{'policy':>10}{'base':>10}"]
+    for key, label in ROWS:
+        policy = report[f"health/policy/{key}"]
+        base = report[f"health/base/{key}"]
+        lines.append(f"{label:34}{policy:>10.3f}{base:>10.3f}")
+    lines.append(f"KL(policy ‖ base) per sampled sequence: {report['kl/sequence']:.3f} ± "
+                 f"{report['kl/sequence_se']:.3f}  (samples in {report['samples']})")
+    return "\n".join(lines + [report["degeneration"] or ""]).rstrip()
+
+
 class SampleMonitor:
     """Sampling during training, from fixed prompts with a fixed seed, that leaves training as it
     was: RNG states (torch CPU and CUDA, Python's `random`) and each module's train/eval mode are

@@ -18,9 +18,7 @@ Batches are laid out by packing.py, the model is loaded and checked by modeling.
 (checkpoints, resuming, the metrics log) is checkpoints.py, and torchrun is parallel.py.
 """
 import argparse
-import contextlib
 import importlib.util
-import json
 import math
 import random
 import signal
@@ -93,9 +91,9 @@ def train(args):
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     # rounded down, with slack for float error (0.29 × 100 is 28.99…): a 1-step run has no warm-up
     warmup_steps = int(args.warmup_ratio * total_steps + 1e-9)
-    if finished_already(args, start, total_steps):
+    if checkpoints.finished_already(args, start, total_steps):
         return Path(args.output_dir)
-    out, logger = open_run_folder(args, start, main_process)
+    out, logger = checkpoints.open_run_folder(args, start, main_process)
     scorer = PairScorer(model)
     if args.world_size > 1:
         scorer = torch.nn.parallel.DistributedDataParallel(
@@ -118,7 +116,7 @@ def train(args):
             pairs, weight, indices = pairs_of_step(train_set, step, steps_per_epoch, args)
             lr = set_lr(optimizer, lr_at(step, total_steps, warmup_steps, args.lr))
             started = time.time()
-            with out_of_memory_stops(pairs, args):
+            with checkpoints.out_of_memory_stops(pairs, args):
                 stats, tokens = train_step(scorer, pairs, args, pad_id, packed, weight)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             metrics = read_step(stats, grad_norm, tokens, weight, started, lr, args)
@@ -179,24 +177,6 @@ def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
-
-
-@contextlib.contextmanager
-def out_of_memory_stops(pairs, args):
-    """CUDA out of memory in a step: one line with what helps, the last checkpoint intact."""
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError:
-        memory = ""
-        if torch.cuda.is_available():
-            memory = (f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated, "
-                      f"{torch.cuda.memory_reserved() / 2**30:.1f} GiB reserved; ")
-        longest = max(len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in pairs)
-        raise StopRequested(
-            f"out of memory ({memory}longest sequence {longest} tokens, --micro-batch-size "
-            f"{args.micro_batch_size}): lower --micro-batch-size or --max-length, or turn on "
-            f"--load-in-4bit and --gradient-checkpointing; the last checkpoint is intact",
-            1) from None
 
 
 def read_step(stats, grad_norm, tokens, weight, started, lr, args):
@@ -303,33 +283,6 @@ def prepare_data(args, main_process):
         raise UsageError(f"--resume {args.resume}: {'; '.join(conflicts)}: the run trained on "
                          f"other pairs or in another setting; start a new run instead")
     return tokenizer, train_set, eval_set
-
-
-def finished_already(args, start, total_steps):
-    """A resume of a run whose final save is there already changes nothing."""
-    if start >= total_steps and args.resume and args.resume_from == Path(args.output_dir):
-        print(f"{args.output_dir} finished all {total_steps} steps already")
-        return True
-    if start > total_steps:
-        raise UsageError(f"--resume {args.resume}: its newest checkpoint is at step {start}, past "
-                         f"the {total_steps} steps asked for")
-    return False
-
-
-def open_run_folder(args, start, main_process):
-    """The run folder, its run_config.json and the metrics log (one writer: the first process)."""
-    made = str(checkpoints.make_output_dir(args)) if main_process else None
-    out = Path(parallel.from_rank_0(made))
-    args.output_dir = str(out)
-    if args.resume:
-        changed = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                   if k in args.run_config and args.run_config[k] != v and k != "output_dir"]
-        print("continuing with " + (", ".join(changed) or "the run's settings"))
-    config = {k: v for k, v in vars(args).items()
-              if k not in ("resume", "overwrite", "run_config", "resume_from")}
-    if main_process:
-        (out / "run_config.json").write_text(json.dumps(config, indent=2))
-    return out, checkpoints.Logger(out, args.report_to, config, start, active=main_process)
 
 
 def finish(model, tokenizer, optimizer, out, saver, total_steps, logger, eval_set, packed, args):

@@ -125,12 +125,7 @@ def load_policy_and_base(args, device, dtype):
         detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0])
         raise UsageError(f"--adapter {adapter} does not fit --model {args.model} (it was trained "
                          f"on {config.get('base_model_name_or_path')}): {detail}") from None
-
-    @contextlib.contextmanager
-    def base_model():
-        with policy.disable_adapter():
-            yield policy
-    return policy, base_model
+    return policy, lambda: generation.without_adapter(policy)
 
 
 def token_kl(policy_hidden, base_hidden, policy_head, base_head, labels, chunk_size=1024):

@@ -399,9 +399,8 @@ def parse_args(argv=None):
                    help="fixed held-out prompts per sampling round")
     g.add_argument("--sample-max-new-tokens", type=positive_int, default=128,
                    help="tokens per sampled answer")
+    p.set_defaults(demo=False, run_config=None)
     args = p.parse_args(argv)
-    args.demo = False
-    args.run_config = None
     if args.resume:
         # the saved run's settings, overridden by whatever is on this command line
         gamma_given = args.gamma is not None or args.gamma_beta_ratio is not None
@@ -411,14 +410,13 @@ def parse_args(argv=None):
         args.run_config = saved
         args.output_dir = args.resume
         args.overwrite = False
+        # a demo run resumes as the run it became: its model and data are in run_config.json
         args.demo = False
         args.resume_from = max(checkpoints.saved_steps(args.resume).items())[1]
     elif args.model is None and args.dataset is None:
         import demo
-        p.set_defaults(**demo.TRAINING)
+        p.set_defaults(**demo.TRAINING, demo=True)
         args = p.parse_args(argv)
-        args.demo = True
-        args.run_config = None
     return check_args(args)
 
 
@@ -477,8 +475,7 @@ def check_args(args):
 
 
 def say(line):
-    """One write per message: processes under torchrun share stderr, and their lines must not
-    interleave."""
+    """One write per message: the lines of processes under torchrun must not interleave."""
     sys.stderr.write(f"\n{line}\n")
 
 

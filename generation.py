@@ -39,6 +39,22 @@ LENGTH_FACTOR = 2.0
 MAX_KL_PER_TOKEN = 0.1
 
 
+def sampling_config(model, tokenizer, temperature, top_p, max_new_tokens):
+    """A GenerationConfig that samples from the model's softmax alone, and the model's stop tokens.
+    transformers 5 fills every field a GenerationConfig leaves unset from the model's
+    generation_config.json (repetition_penalty, min_new_tokens, ...): once this config is the
+    model's own, the library's neutral defaults fill the rest (top_k's is 50, hence 0). The model's
+    stop tokens are kept (Gemma-2 ends a turn with <end_of_turn>, not its EOS)."""
+    from transformers import GenerationConfig
+    stop = model.generation_config.eos_token_id or tokenizer.eos_token_id
+    stop = sorted({tokenizer.eos_token_id, *(stop if isinstance(stop, list) else [stop])})
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                              max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=stop)
+    return config, stop
+
+
+
 def sample_batch(model, prompts, pad_id, sampling, stop, seed):
     """One answer to each prompt (lists of ids), sampled together from the RNG seeded with `seed`,
     the prompts padded on the left: [(ids up to and including the first stop token, ended at
@@ -90,7 +106,7 @@ def generate_samples(policy, base_model, tokenizer, examples, count, max_new_tok
     `name` (the answer's text), `name_ids` (up to and including the first stop token),
     `name_tokens` (len of those ids), `name_ended` (True if it stopped at a stop token, False if it
     hit the limit)."""
-    sampling, stop = modeling.sampling_config(policy, tokenizer, temperature, top_p, max_new_tokens)
+    sampling, stop = sampling_config(policy, tokenizer, temperature, top_p, max_new_tokens)
     models = {"policy": lambda: contextlib.nullcontext(policy), "base": base_model}
     rows = getattr(examples, "rows", range(len(examples)))
     seeded = torch.Generator().manual_seed(seed)

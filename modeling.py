@@ -1,6 +1,6 @@
 """The model side of train.py and eval.py: load the tokenizer and the model (maybe in 4-bit), add
-LoRA, check at start-up that simpo scores this model as the model itself does, and score responses
-from the final hidden states without building full logits.
+LoRA, score responses from the final hidden states, and check at start-up that this scoring agrees
+with the model's own logits.
 """
 import logging
 import re
@@ -16,16 +16,15 @@ import parallel
 import simpo
 from checkpoints import UsageError
 
-# On CPUs, bitsandbytes announces at import that an optional kernel package is missing: noise.
+# bitsandbytes on a CPU announces at import that an optional kernel package is missing: noise
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-# peft 0.21's PeftModel reads transformers' `is_gradient_checkpointing`, deprecated in transformers
-# 5: every run would print the warning, and there is nothing for a user to change.
+# peft 0.21 reads `is_gradient_checkpointing`, deprecated in transformers 5: nothing to change
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
                         category=FutureWarning)
 
 
 def refused_remote_code(flag, name, error):
-    """A model that ships its own Python code is loaded only with --trust-remote-code."""
+    """The one-line error of a failed load; a model that ships code runs only when trusted."""
     if "trust_remote_code" not in str(error):
         return UsageError(f"{flag} {name}: {str(error).strip().splitlines()[0]}")
     return UsageError(f"{flag} {name} ships its own Python code, which runs only with "
@@ -33,7 +32,7 @@ def refused_remote_code(flag, name, error):
 
 
 def read_chat_template(value):
-    """--chat-template: the template's text, given as itself or as a file to read."""
+    """--chat-template: a Jinja template, given as its text or as a file."""
     if value and "{{" not in value and "{%" not in value:
         if not Path(value).is_file():
             raise UsageError(f"--chat-template {value}: neither a file nor a Jinja template")
@@ -65,8 +64,6 @@ def quantization(load_in_4bit, dtype):
 
 def load_model(name, load_in_4bit=False, dtype=torch.float32, device="cpu",
                trust_remote_code=False):
-    """The model as `from_pretrained` gives it, from a folder or a hub id. Code shipped with a model
-    (`auto_map` in its config) runs only with `trust_remote_code=True`."""
     from transformers import AutoModelForCausalLM
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -74,13 +71,13 @@ def load_model(name, load_in_4bit=False, dtype=torch.float32, device="cpu",
             device_map={"": device}, trust_remote_code=trust_remote_code)
     except ValueError as error:
         raise refused_remote_code("--model", name, error) from None
-    # Cohere and Granite scale lm_head's output: simpo does not (choose_layout would refuse it too)
+    # Cohere and Granite scale lm_head's output; simpo does not (choose_layout would refuse it too)
     for key in ("logit_scale", "logits_scaling"):
         if getattr(model.config, key, None) not in (None, 1, 1.0):
             raise UsageError(f"--model {name} scales its logits by config.{key}, which simpo does "
                              f"not apply")
     # bitsandbytes repacks 4-bit weights for CPU inference in eval mode and never back, after which
-    # backward is wrong (this is the tests' QLoRA path)
+    # backward is wrong (the tests' QLoRA path)
     if load_in_4bit and device == "cpu":
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
@@ -97,15 +94,12 @@ def decoder_of(model):
     """The module that turns input ids into final hidden states (no lm_head)."""
     decoder = model.get_decoder()
     # Llama-4's text model answers get_decoder() with itself
-    if decoder.get_output_embeddings() is not None:
-        decoder = decoder.model
-    return decoder
+    return decoder.model if decoder.get_output_embeddings() is not None else decoder
 
 
 def language_model_linears(model):
-    """"all-linear" for this model: on a multimodal wrapper, a regex over the language model's
-    linear layers alone. The vision tower's would get no gradient from text, and DDP stops at
-    parameters that never get one."""
+    """"all-linear", or on a multimodal wrapper a regex over the language model's linear layers:
+    the vision tower's get no gradient from text, and DDP stops at such parameters."""
     decoder = decoder_of(model)
     head = model.get_output_embeddings()
     prefix = next(name for name, module in model.named_modules() if module is decoder)
@@ -124,7 +118,6 @@ def add_lora(model, args):
     if target == "all-linear":
         target = language_model_linears(model)
     else:
-        # "q_proj,v_proj": every name must be a module of this model
         target = target.split(",")
         known = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         unknown = [name for name in target if name not in known]
@@ -135,8 +128,7 @@ def add_lora(model, args):
     if "lm_head" in target:
         raise UsageError("--lora-target: lm_head cannot take LoRA here; train it with --full")
     # No peft.prepare_model_for_kbit_training: it upcasts embeddings, lm_head and norms to float32
-    # (2+ GB more on Llama-3-8B, and a slow float32 lm_head). Gradient checkpointing is turned on by
-    # hand instead, so the model stays in bf16 around the 4-bit weights.
+    # (2+ GB more on Llama-3-8B, and a slow float32 lm_head).
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=target, task_type="CAUSAL_LM")
     try:
@@ -147,8 +139,7 @@ def add_lora(model, args):
 
 
 def prepare_model(args, device, dtype):
-    """The model as train.py trains it: loaded, LoRA unless --full, checkpointing, train mode. Full
-    fine-tuning keeps float32 master weights (bf16 AdamW updates underflow)."""
+    """The model as train.py trains it; --full in float32, as bf16 AdamW updates underflow."""
     model = load_model(args.model, args.load_in_4bit, torch.float32 if args.full else dtype, device,
                        getattr(args, "trust_remote_code", False))
     model = model if args.full else add_lora(model, args)
@@ -160,24 +151,9 @@ def prepare_model(args, device, dtype):
     return model.train()
 
 
-def sampling_config(model, tokenizer, temperature, top_p, max_new_tokens):
-    """A GenerationConfig that samples from the model's softmax alone, and the model's stop tokens.
-    transformers 5 fills every field a GenerationConfig leaves unset from the model's
-    generation_config.json (repetition_penalty, min_new_tokens, ...): once this config is the
-    model's own, the library's neutral defaults fill the rest (top_k's is 50, hence 0). The model's
-    stop tokens are kept (Gemma-2 ends a turn with <end_of_turn>, not its EOS)."""
-    from transformers import GenerationConfig
-    stop = model.generation_config.eos_token_id or tokenizer.eos_token_id
-    stop = sorted({tokenizer.eos_token_id, *(stop if isinstance(stop, list) else [stop])})
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                              max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=stop)
-    return config, stop
-
-
 def final_hidden(model, batch):
-    """Final hidden states (rows, T, H) of a batch of either layout, and the lm_head arguments of
-    simpo.project_logits: no logits computed."""
+    """Final hidden states (rows, T, H) of a batch of either layout, and lm_head's arguments of
+    simpo.project_logits."""
     eager_dtype = None
     if text_config(model)._attn_implementation == "eager":
         device = batch["input_ids"].device.type
@@ -185,7 +161,6 @@ def final_hidden(model, batch):
         if torch.is_autocast_enabled(device):
             eager_dtype = torch.get_autocast_dtype(device)
     inputs = packing.attention_inputs(batch, eager_dtype)
-    # no KV cache: nothing is generated
     output = decoder_of(model)(input_ids=batch["input_ids"], use_cache=False, **inputs)
     head = model.get_output_embeddings()
     softcap = getattr(text_config(model), "final_logit_softcapping", None)
@@ -209,22 +184,19 @@ def policy_logps(model, batch, average=True, chunk_size=1024):
 
 @torch.no_grad()
 def pair_logps(model, examples, pad_id, batch_size, packed, average=True, desc="scoring"):
-    """Log-probs (averaged per token unless `average=False`) of every chosen and every rejected
-    response: two (N,) float32 tensors on the CPU, in the layout choose_layout chose."""
+    """(chosen, rejected) log-probs of every pair: two (N,) float32 tensors on the CPU."""
     device = next(model.parameters()).device
-    chosen, rejected = [], []
+    logps = []
     longest = max((len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"])) for e in examples),
                   default=0)
-    # under torchrun, one progress bar: the first process's
-    steps = range(0, len(examples), batch_size)
-    for i in tqdm(steps, desc=desc, leave=False, disable=parallel.rank() > 0):
+    # under torchrun, one progress bar
+    for i in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False,
+                  disable=parallel.rank() > 0):
         batch = packing.build_batch(examples[i:i + batch_size], pad_id, packed, longest)
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            logps = policy_logps(model, batch, average).float().cpu()
-        chosen.append(logps.chunk(2)[0])
-        rejected.append(logps.chunk(2)[1])
-    return torch.cat(chosen), torch.cat(rejected)
+            logps.append(policy_logps(model, batch, average).float().cpu().view(2, -1))
+    return tuple(torch.cat(logps, dim=1)) if logps else (torch.zeros(0), torch.zeros(0))
 
 
 def reward_metrics(chosen_logps, rejected_logps, beta, gamma):
@@ -235,15 +207,13 @@ def reward_metrics(chosen_logps, rejected_logps, beta, gamma):
                                        rejected_rewards)
     metrics["loss"] = losses.mean().item()
     beyond = (chosen_rewards - rejected_rewards > gamma).float().mean()
-    metrics["rewards/beyond_gamma"] = beyond.item()
-    return metrics
+    return metrics | {"rewards/beyond_gamma": beyond.item()}
 
 
 # ---------------------------------------------------------------- the start-up check
 
 def probe_pairs(vocab_size, max_length, window):
-    """Pairs of seeded random ids for `choose_layout`: one whose prompt is a single token, one with
-    longer sides, and one longer than the model's window when it declares one."""
+    """Seeded random pairs: one with a one-token prompt, one longer, one longer than the window."""
     shapes = [(1, 8, 6), (5, 9, 12)]
     if window and window < max_length:
         shapes.append((min(max_length, window + 8) - 8, 8, 6))
@@ -254,8 +224,8 @@ def probe_pairs(vocab_size, max_length, window):
 
 
 def own_logps(model, pairs):
-    """Average response log-probs (2B,) [chosen..., rejected...] from the model's own `logits`, one
-    sequence at a time: whatever the model does after its last layer is in them."""
+    """Average response log-probs (2B,) from the model's own `logits`, one sequence at a time:
+    whatever the model does after its last layer is in them."""
     device = next(model.parameters()).device
     logps = []
     for side in ("chosen", "rejected"):
@@ -269,25 +239,18 @@ def own_logps(model, pairs):
 
 @torch.no_grad()
 def choose_layout(model, max_length):
-    """(packed, the line a run prints): the batch layout for this model, checked on the model
-    itself.
-
-    The probe pairs are scored packed, padded, and from the model's own logits. Packed is used when
-    the config allows it and its numbers equal the model's own; padded when they do not; a model
-    whose padded numbers differ too (logits changed by model code simpo does not know) is refused.
-    The tolerance is per token of average log-prob: 1e-4 in float32, where the layouts agree to
-    ~1e-5; 0.2 in 16-bit compute, where SmolLM2-135M's agree to 0.05 (4-bit: 0.03) and a rejected
-    response that reads its chosen one moves them by 0.6 to 1.8.
-    """
+    """(packed, the line a run prints): probe pairs scored packed, padded and by the model's own
+    logits. Packed if the config allows it and it agrees; padded if not; refused if even padded
+    disagrees. Tolerance per token of average log-prob: 1e-4 in float32 (the layouts agree to
+    ~1e-5); 0.2 in 16-bit, where SmolLM2-135M's agree to 0.05 (4-bit: 0.03) and a rejected response
+    that reads its chosen one moves them by 0.6 to 1.8."""
     started = time.time()
     training = model.training
     config = text_config(model)
     device = next(model.parameters()).device
     embeddings = model.get_input_embeddings().weight
     tolerance = 0.2 if device.type == "cuda" or embeddings.dtype != torch.float32 else 1e-4
-    window = getattr(config, "sliding_window", None)
-    window = window or getattr(config, "attention_chunk_size", None)
-    pairs = probe_pairs(embeddings.shape[0], max_length, window)
+    pairs = probe_pairs(embeddings.shape[0], max_length, packing.window(config))
 
     def distance(packed):
         batch = packing.build_batch(pairs, 0, packed, max_length)
@@ -306,7 +269,7 @@ def choose_layout(model, max_length):
                 reason = (str(error).strip().splitlines() or [""])[0][:200]
                 raise UsageError(f"{config.model_type}: scoring fails on this model with LoRA "
                                  f"({type(error).__name__}: {reason}); try --lora-target") from None
-            # (NaN fails this too)
+            # "not <=": NaN fails too
             if not padded <= tolerance:
                 raise UsageError(f"{config.model_type}: simpo's log-probs differ from the model's "
                                  f"own logits by {padded:.3g} per token (tolerance {tolerance:g}): "
@@ -318,8 +281,7 @@ def choose_layout(model, max_length):
                     packed = distance(True)
                 except Exception as error:
                     # e.g. ALiBi models (Bloom) build their bias from a 2-D mask
-                    problem = (f"the packed layout fails on {config.model_type}: "
-                               f"{type(error).__name__}")
+                    problem = f"packed layout fails on {config.model_type}: {type(error).__name__}"
                 else:
                     if not packed <= tolerance:
                         problem = f"packed layout changes this model's numbers by {packed:.2g}"

@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoints
+import generation
 import judge
 import modeling
 import preferences
@@ -197,9 +198,9 @@ def sample_all(args, out, prompts, prompt_ids, done, tokenizer):
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     model = modeling.load_model(args.model, args.load_in_4bit, dtype, device,
                                 args.trust_remote_code).eval()
-    config, stop = modeling.sampling_config(model, tokenizer, args.temperature, args.top_p,
+    config, stop = generation.sampling_config(model, tokenizer, args.temperature, args.top_p,
                                             args.max_new_tokens)
-    # (see modeling.sampling_config)
+    # (see generation.sampling_config)
     model.generation_config = config
     reward = judge.load(args.reward_model, args.load_in_4bit, dtype, device, args.trust_remote_code,
                         "--reward-model")

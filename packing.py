@@ -1,14 +1,13 @@
 """How a micro-batch of preference pairs is laid out for one forward pass: packed or padded.
 
-packed: each pair is one segment [prompt, chosen, rejected], so its prompt is computed once.
-    Positions run 0..P+C-1 then P..P+R-1, and the mask lets rejected tokens see the prompt but
-    never the chosen ones, so every token sees exactly what it sees in its own padded row. Pairs
-    share as few rows as hold 1.5 × max_length tokens each, and only row ends are padded.
+packed: each pair is one segment [prompt, chosen, rejected], its prompt computed once. Positions run
+    0..P+C-1 then P..P+R-1, and the mask lets rejected tokens see the prompt but never the chosen
+    ones: each token sees what it would see in its own padded row. Pairs fill as few rows of
+    1.5 × max_length tokens as hold them; only row ends are padded.
 padded: 2B right-padded rows [chosen..., rejected...], each prompt computed twice, for models whose
     layers cannot take the packed mask (modeling.choose_layout decides, on the model itself).
-
-Both layouts carry `response_tokens` (2B,), the scored tokens of each sequence, and
-`sequence_tokens` (2B,), its prompt + response tokens (padding never counts).
+Both carry `response_tokens` (2B,), the scored tokens of each sequence, and `sequence_tokens` (2B,),
+its prompt + response tokens (padding never counts).
 """
 import math
 
@@ -17,15 +16,14 @@ import torch
 
 # label of positions that are not scored (prompt, padding)
 IGNORE_INDEX = -100
-# Layers whose only mixing of tokens is attention under the mask: any other kind (Mamba, linear
-# attention, convolution) carries a state along the whole row, across the pairs that share it.
+# Layers that mix tokens only by attention under the mask; any other kind (Mamba, linear attention,
+# convolution) carries a state along the whole row, across the pairs that share it.
 ATTENTION_LAYERS = {"attention", "full_attention", "sliding_attention", "chunked_attention"}
 
 
 def build_batch(examples, pad_id, packed=True, max_length=2048):
-    """Pairs ({"prompt", "chosen", "rejected"} ids as lists or numpy arrays, and optionally
-    "unscored": how many leading ids of each response are prompt text, read but not scored) -> model
-    inputs."""
+    """Pairs ({"prompt", "chosen", "rejected"} ids; optional "unscored": how many leading ids of
+    chosen and rejected are prompt text, read but not scored) -> model inputs."""
     prompts = [torch.as_tensor(e["prompt"], dtype=torch.long).reshape(-1) for e in examples]
     responses = [[torch.as_tensor(e[side], dtype=torch.long).reshape(-1) for e in examples]
                  for side in ("chosen", "rejected")]
@@ -37,19 +35,20 @@ def build_batch(examples, pad_id, packed=True, max_length=2048):
     counts = dict(response_tokens=scored.T.reshape(-1),
                   sequence_tokens=(lengths[:, :1] + lengths[:, 1:]).T.reshape(-1))
     if not packed:
-        return {**padded_rows(examples, pad_id), **counts}
-    return {**packed_rows(prompts, responses, lengths, unscored, pad_id, max_length), **counts}
+        return padded_rows(examples, pad_id) | counts
+    return packed_rows(prompts, responses, lengths, unscored, pad_id, max_length) | counts
 
 
 def padded_rows(examples, pad_id):
     """2B right-padded rows [chosen..., rejected...] with labels (IGNORE_INDEX where not scored)."""
-    examples = [{k: np.asarray(v).tolist() for k, v in e.items()} for e in examples]
     sequences, labels = [], []
     for s, side in enumerate(("chosen", "rejected")):
         for e in examples:
+            prompt = np.asarray(e["prompt"]).tolist()
+            response = np.asarray(e[side]).tolist()
             unscored = e.get("unscored", (0, 0))[s]
-            sequences.append(e["prompt"] + e[side])
-            labels.append([IGNORE_INDEX] * (len(e["prompt"]) + unscored) + e[side][unscored:])
+            sequences.append(prompt + response)
+            labels.append([IGNORE_INDEX] * (len(prompt) + unscored) + response[unscored:])
     width = max(map(len, sequences))
 
     def pad(rows, value):
@@ -77,8 +76,7 @@ def packed_rows(prompts, responses, lengths, unscored, pad_id, max_length):
     shape = (len(rows), max(filled))
     input_ids = torch.full(shape, pad_id)
     position_ids = torch.zeros(shape, dtype=torch.long)
-    # which pair a token belongs to (-1: padding), and its side: 0 prompt or padding, 1 chosen, 2
-    # rejected
+    # the pair of each token (-1: padding), and its side: 0 prompt or padding, 1 chosen, 2 rejected
     segment = torch.full(shape, -1)
     side = torch.zeros(shape, dtype=torch.int8)
     score_index, targets, sequence = [], [], []
@@ -92,8 +90,8 @@ def packed_rows(prompts, responses, lengths, unscored, pad_id, max_length):
             segment[r, start:end] = b
             side[r, start + P:start + P + C] = 1
             side[r, start + P + C:end] = 2
-            # The hidden state that predicts a response token is the one before it, except that the
-            # first rejected token follows the prompt, not the chosen response.
+            # A response token is predicted by the hidden state before it, except that the first
+            # rejected token follows the prompt, not the chosen response.
             j = torch.arange(R)
             predictors = (start + P - 1 + torch.arange(C),
                           torch.where(j == 0, start + P - 1, start + P + C - 1 + j))
@@ -110,17 +108,15 @@ def packed_rows(prompts, responses, lengths, unscored, pad_id, max_length):
 
 
 def attention_inputs(batch, eager_dtype=None):
-    """The attention arguments of either layout. Packed: positions and a (rows, 1, T, T) mask where
-    token q may see token k of its own pair at or before it, if k is prompt or on q's side. Bool for
-    SDPA; eager attention reads a bool mask wrongly, so with `eager_dtype` it is additive (0 /
-    min)."""
+    """The attention arguments of either layout. Packed: positions and a (rows, 1, T, T) mask: a
+    token sees the tokens of its own pair at or before it that are prompt or on its side. Bool for
+    SDPA; additive (0 or dtype min) for eager attention, which reads bool masks wrongly."""
     if "segment" not in batch:
         return dict(attention_mask=batch["attention_mask"])
     segment, side = batch["segment"], batch["side"]
     rows, width = segment.shape
     allowed = torch.empty(rows, 1, width, width, dtype=torch.bool, device=segment.device)
-    # a row at a time: the temporaries are one (T, T), not one per row. Padding sees earlier
-    # padding, so no row of the mask is empty.
+    # a row at a time: the temporaries are one (T, T). Padding sees earlier padding: no empty row.
     for r in range(rows):
         torch.eq(segment[r, :, None], segment[r, None, :], out=allowed[r, 0])
         allowed[r, 0] &= (side[r, None, :] == 0) | (side[r, None, :] == side[r, :, None])
@@ -131,25 +127,28 @@ def attention_inputs(batch, eager_dtype=None):
     return dict(position_ids=batch["position_ids"], attention_mask=allowed)
 
 
-def packing_problem(config, max_length):
-    """Why a decoder config rules out the packed layout (None when it does not): it needs a 4-D mask
-    used as given in every layer, so only attention layers, no attention soft-capping, and no window
-    or attention chunk that a sequence of `max_length` tokens could exceed (the mask bypasses
-    it)."""
-    attention = getattr(config, "_attn_implementation", None)
+def window(config):
+    """The attention window or chunk a decoder config declares, or None."""
     use_window = getattr(config, "use_sliding_window", True)
-    window = getattr(config, "sliding_window", None) if use_window else None
-    window = window or getattr(config, "attention_chunk_size", None)
+    sliding = getattr(config, "sliding_window", None) if use_window else None
+    return sliding or getattr(config, "attention_chunk_size", None)
+
+
+def packing_problem(config, max_length):
+    """Why a decoder config rules out packing (None if it does not). The 4-D mask must reach every
+    layer as given: attention layers only, no attention soft-capping, no window shorter than
+    `max_length` (the mask bypasses it)."""
     other = sorted(set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYERS)
     if other:
         return (f"{config.model_type} has {'/'.join(other)} layers, whose state runs along the "
                 f"whole row")
+    attention = getattr(config, "_attn_implementation", None)
     # FlashAttention and FlexAttention take no dense 4-D mask
     if attention not in ("sdpa", "eager"):
         return f"{attention} attention takes no 4-D mask"
     if getattr(config, "attn_logit_softcapping", None):
         return f"{config.model_type} soft-caps its attention logits"
-    if window and window < max_length:
-        return (f"{config.model_type}'s sliding window ({window}) is shorter than {max_length} "
-                f"tokens")
+    if window(config) and window(config) < max_length:
+        return (f"{config.model_type}'s sliding window ({window(config)}) is shorter than "
+                f"{max_length} tokens")
     return None

@@ -25,11 +25,10 @@ from torch.utils.checkpoint import checkpoint
 
 
 def sequence_logps(logits, labels, average=True, ignore_index=-100):
-    """Log-probability of each row's response tokens, from full logits.
+    """Log-prob of each row's response, from full logits: (B, T, V), (B, T) -> (B,).
 
-    logits: (B, T, V), labels: (B, T) as the model saw them; logits at t predict labels at t+1.
-    Positions whose label is `ignore_index` (prompt, padding) do not count.
-    Returns (B,): the sum of token log-probs, divided by the number of response tokens if `average`.
+    Logits at t predict labels at t+1; labels equal to `ignore_index` (prompt, padding) do not count.
+    The sum of token log-probs, divided by the number of response tokens if `average`.
     """
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
     mask = labels != ignore_index
@@ -43,9 +42,7 @@ def sequence_logps(logits, labels, average=True, ignore_index=-100):
 
 
 def project_logits(hidden, lm_head_weight, lm_head_bias=None, logit_softcap=None):
-    """(..., H) hidden states -> (..., V) float32 logits, with Gemma-2-style soft-capping if asked
-    for. Under bf16 autocast the matmul runs in bf16 and its result is upcast: the log-softmax is
-    float32 either way."""
+    """(..., H) -> (..., V) float32 logits, soft-capped as Gemma-2's if asked for."""
     logits = F.linear(hidden, lm_head_weight, lm_head_bias).float()
     return logits if logit_softcap is None else logit_softcap * torch.tanh(logits / logit_softcap)
 
@@ -58,72 +55,57 @@ def _chunk_token_logps(hidden, weight, bias, targets, softcap):
 
 def chunked_sequence_logps(hidden, lm_head_weight, labels, average=True, ignore_index=-100,
                            chunk_size=1024, lm_head_bias=None, logit_softcap=None):
-    """`sequence_logps` from the final hidden states, without ever building (B, T, V) logits.
+    """`sequence_logps` from final hidden states (B, T, H) and lm_head's (V, H) weight, without
+    ever building (B, T, V) logits.
 
-    hidden: (B, T, H) final hidden states (after the last norm); lm_head_weight: (V, H);
-    labels: (B, T). Returns (B,) like `sequence_logps`.
-
-    Only response positions are projected onto the vocabulary, `chunk_size` tokens at a time, and
-    each chunk runs under activation checkpointing, so backward recomputes its logits instead of
-    keeping them: peak memory is one (chunk_size, V) block instead of (B, T, V) logits plus their
-    float32 log-softmax (4+ GB for one Llama-3 pair of 2048 tokens). The price is a second lm_head
-    matmul per chunk in backward.
-
-    Models that transform logits after lm_head need it said here: Gemma-2 soft-caps them (pass
-    `logit_softcap=config.final_logit_softcapping`); a model that multiplies logits by a constant s
-    (e.g. Cohere's `logit_scale`) gives the same result with `lm_head_weight * s`; a biased lm_head
-    takes `lm_head_bias`.
+    Only response positions are projected, `chunk_size` tokens at a time under activation
+    checkpointing: peak memory is one (chunk_size, V) block instead of the logits and their float32
+    log-softmax (4+ GB for one Llama-3 pair of 2048 tokens), for a second lm_head matmul in backward.
+    A model that changes logits after lm_head needs it said: Gemma-2's `logit_softcap`, a biased
+    head's `lm_head_bias`; a constant logit scale s is `lm_head_weight * s`.
     """
     labels = labels[:, 1:]
     mask = labels != ignore_index
-    # (N, H) response positions only and their (N,) targets, N = number of response tokens
+    # (N, H) response positions only and their (N,) targets
     token_logps = chunked_token_logps(hidden[:, :-1][mask], lm_head_weight, labels[mask],
                                       chunk_size, lm_head_bias, logit_softcap)
-    # which sequence each response token belongs to
-    rows = mask.nonzero()[:, 0]
+    # each response token added to its own sequence's sum
     logps = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
-    logps = logps.index_add(0, rows, token_logps)
+    logps = logps.index_add(0, mask.nonzero()[:, 0], token_logps)
     return logps / mask.sum(-1).clamp(min=1) if average else logps
 
 
 def chunked_token_logps(positions, lm_head_weight, targets, chunk_size=1024, lm_head_bias=None,
                         logit_softcap=None):
-    """log π(target | position) of N tokens from their (N, H) final hidden states, `chunk_size` at a
-    time under activation checkpointing (see `chunked_sequence_logps`). Returns (N,) float32."""
+    """log π(target | position) of N tokens from their (N, H) hidden states: (N,) float32."""
     token_logps = [
         checkpoint(_chunk_token_logps, positions[i:i + chunk_size], lm_head_weight, lm_head_bias,
                    targets[i:i + chunk_size], logit_softcap, use_reentrant=False)
         for i in range(0, targets.numel(), chunk_size)
     ]
-    # No token at all: an empty (0,) tensor that is still in the graph.
+    # no token at all: an empty (0,) tensor that is still in the graph
     return torch.cat(token_logps) if token_logps else positions.float().sum(-1)
 
 
 def simpo_loss(chosen_logps, rejected_logps, beta=2.0, gamma=0.5, loss_type="sigmoid",
                label_smoothing=0.0):
-    """The SimPO loss for a batch of preference pairs.
+    """The SimPO loss of B preference pairs.
 
     chosen_logps, rejected_logps: (B,) average log-probs of the chosen (y_w) and rejected (y_l)
-        responses.
-    beta: reward scale β (the paper uses 2 to 10). gamma: target reward margin γ (≥ 0). The official
-        repo and its published configs give the margin as `gamma_beta_ratio` = γ/β instead (e.g.
-        β=2.5, gamma_beta_ratio=0.55 means γ=1.375): pass gamma = gamma_beta_ratio * beta.
-    loss_type: "sigmoid" (the paper) or "hinge" (relu(1 − z)).
-    label_smoothing ε ∈ [0, 0.5): assume each label is flipped with probability ε (the
-        conservative / noisy-label form).
+        responses. beta: reward scale β (2 to 10 in the paper). gamma: target margin γ; published
+        configs give γ/β (`gamma_beta_ratio`), so pass gamma = gamma_beta_ratio * beta.
+    loss_type: "sigmoid" (the paper) or "hinge" (relu(1 − z)); label_smoothing ε in [0, 0.5):
+        each label taken as flipped with probability ε.
     Returns (losses, chosen_rewards, rejected_rewards), each (B,); rewards are β·logps, detached.
     """
     # "not >": NaN fails too
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not gamma >= 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
-    if not 0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if not (beta > 0 and gamma >= 0 and 0 <= label_smoothing < 0.5):
+        raise ValueError(f"need beta > 0, gamma >= 0 and label_smoothing in [0, 0.5), got {beta}, "
+                         f"{gamma}, {label_smoothing}")
     if loss_type not in ("sigmoid", "hinge"):
         raise ValueError(f"loss_type must be 'sigmoid' or 'hinge', got {loss_type!r}")
     if chosen_logps.shape != rejected_logps.shape or chosen_logps.dim() != 1:
-        raise ValueError(f"chosen_logps and rejected_logps must both have shape (B,), got "
+        raise ValueError(f"chosen_logps and rejected_logps must both be (B,), got "
                          f"{tuple(chosen_logps.shape)} and {tuple(rejected_logps.shape)}")
     chosen_rewards = beta * chosen_logps                    # r(x, y_w) = β/|y_w| · log π(y_w | x)
     rejected_rewards = beta * rejected_logps                # r(x, y_l) = β/|y_l| · log π(y_l | x)
@@ -137,12 +119,10 @@ def simpo_loss(chosen_logps, rejected_logps, beta=2.0, gamma=0.5, loss_type="sig
 
 
 def preference_metrics(chosen_logps, rejected_logps, chosen_rewards, rejected_rewards):
-    """The numbers every preference trainer logs, as plain floats. All inputs (B,)."""
+    """The numbers every preference trainer logs, as floats, from (B,) tensors: one device sync."""
     margins = chosen_rewards - rejected_rewards
     values = torch.stack([chosen_rewards.mean(), rejected_rewards.mean(), margins.mean(),
                           (margins > 0).float().mean(), chosen_logps.mean(), rejected_logps.mean()])
-    # the single device sync
-    values = values.detach().float().tolist()
     names = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
              "logps/chosen", "logps/rejected"]
-    return dict(zip(names, values, strict=True))
+    return dict(zip(names, values.detach().float().tolist(), strict=True))

@@ -40,11 +40,10 @@ from checkpoints import StopRequested, UsageError
 
 
 def train_step(scorer, pairs, args, pad_id, packed, weight=None):
-    """Forward and backward over one optimizer step's pairs, --micro-batch-size at a time. Each
-    pair's loss counts `weight` times (default 1/len(pairs): the step's loss is the mean over its
-    pairs). Returns the detached per-pair (SimPO losses, SFT losses, chosen logps, rejected logps,
-    chosen rewards, rejected rewards) as one (6, pairs) tensor, and the step's tokens (prompt +
-    response of both sequences, no padding), both left on the device."""
+    """Forward and backward over one optimizer step's pairs, --micro-batch-size at a time; each
+    pair's loss counts `weight` times (default 1/len(pairs): the mean). Returns the per-pair SimPO
+    losses, SFT losses, chosen and rejected logps and rewards as one (6, pairs) tensor, and the
+    step's tokens (no padding), both left on the device."""
     device = next(scorer.parameters()).device
     average = not args.no_length_normalization
     weight = 1 / len(pairs) if weight is None else weight
@@ -54,8 +53,7 @@ def train_step(scorer, pairs, args, pad_id, packed, weight=None):
         batch = packing.build_batch(pairs[i:i + args.micro_batch_size], pad_id, packed,
                                     args.max_length)
         batch = {k: v.to(device) for k, v in batch.items()}
-        # under torchrun, gradients are all-reduced once per step, in the last micro-batch's
-        # backward
+        # under torchrun, gradients are all-reduced once per step, in the last backward
         scorer.require_backward_grad_sync = i + args.micro_batch_size >= len(pairs)
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             # one forward for both sides: the batch is [chosen..., rejected...]
@@ -69,8 +67,8 @@ def train_step(scorer, pairs, args, pad_id, packed, weight=None):
         # Summed, times 1/(pairs in the whole step): the update is the mean over the step's pairs
         # however they are split, so 1×8 and 4×2 (and 2 processes × 4) give the same update.
         ((losses + args.sft_weight * sft_losses).sum() * weight).backward()
-        logs.append(torch.stack([losses.detach(), sft_losses.detach(), chosen_logps.detach(),
-                                 rejected_logps.detach(), chosen_rewards, rejected_rewards]))
+        logs.append(torch.stack([losses, sft_losses, chosen_logps, rejected_logps, chosen_rewards,
+                                 rejected_rewards]).detach())
         tokens += batch["sequence_tokens"].sum()
     return torch.cat(logs, dim=1), tokens
 
@@ -139,8 +137,7 @@ def train(args):
 # ---------------------------------------------------------------- one call per concern of the loop
 
 class PairScorer(torch.nn.Module):
-    """modeling.policy_logps as a module: DistributedDataParallel wraps the call whose backward it
-    syncs."""
+    """modeling.policy_logps as a module: DistributedDataParallel syncs the backward of its call."""
 
     def __init__(self, model):
         super().__init__()
@@ -151,8 +148,8 @@ class PairScorer(torch.nn.Module):
 
 
 def pairs_of_step(train_set, step, steps_per_epoch, args):
-    """This process's pairs of optimizer step `step`, their weight in the step's mean loss, and the
-    step's pair indices. The order follows from (seed, epoch), so resuming needs only `step`."""
+    """This process's pairs of step `step`, their weight in the step's mean loss, and the step's
+    pair indices. The order follows from (seed, epoch): resuming needs only `step`."""
     epoch, index = divmod(step, steps_per_epoch)
     seeded = torch.Generator().manual_seed(args.seed + epoch)
     order = torch.randperm(len(train_set), generator=seeded)
@@ -162,10 +159,8 @@ def pairs_of_step(train_set, step, steps_per_epoch, args):
 
 
 def lr_at(step, total_steps, warmup_steps, peak_lr):
-    """Learning rate of optimizer step `step` (0-based): `warmup_steps` steps rise linearly to the
-    peak, the last of them at it (with no warm-up a 1-step run trains at the peak); then a cosine
-    towards 0, one step past the end."""
-    # warm-up, step k at (k + 1)/warmup_steps of the peak: early rewards are noisy
+    """The learning rate of 0-based step `step`: a linear warm-up whose last step is at the peak
+    (early rewards are noisy), then a cosine towards 0, one step past the end."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     peak_step = max(warmup_steps - 1, 0)
@@ -180,8 +175,8 @@ def set_lr(optimizer, lr):
 
 
 def read_step(stats, grad_norm, tokens, weight, started, lr, args):
-    """The step's metrics over all processes, read from the device once (each read waits for the GPU
-    to catch up), before optimizer.step(), so that a non-finite step never reaches the weights."""
+    """The step's metrics over all processes, read from the device once (each read waits for the
+    GPU), before optimizer.step(): a non-finite step never reaches the weights."""
     # a process whose share of a short last step was empty ran a pair that counts nowhere
     if weight == 0:
         stats = stats[:, :0]
@@ -193,16 +188,14 @@ def read_step(stats, grad_norm, tokens, weight, started, lr, args):
     loss, sft_loss, grad_norm, tokens = numbers.tolist()
     metrics = simpo.preference_metrics(chosen_logps, rejected_logps, chosen_rewards,
                                        rejected_rewards)
-    metrics |= dict(loss=loss, grad_norm=grad_norm, lr=lr,
-                    tokens_per_s=tokens / (time.time() - started))
-    if args.sft_weight:
-        metrics["sft_loss"] = sft_loss
-    return metrics
+    metrics |= dict(loss=loss, grad_norm=grad_norm, lr=lr)
+    metrics["tokens_per_s"] = tokens / (time.time() - started)
+    return metrics | (dict(sft_loss=sft_loss) if args.sft_weight else {})
 
 
 def finite_or_stop(metrics, step, indices, args):
-    """True for a finite step. Otherwise stop before the update (exit 3), or with --skip-nonfinite
-    say so and go on: the caller drops the step's gradients."""
+    """True for a finite step; otherwise stop before the update (exit 3), or with --skip-nonfinite
+    say so and return False (the caller drops the step's gradients)."""
     if all(map(math.isfinite, (metrics["loss"], metrics.get("sft_loss", 0), metrics["grad_norm"]))):
         return True
     where = (f"step {step + 1}: non-finite loss {metrics['loss']} or gradient norm "
@@ -229,17 +222,15 @@ def periodic(step, total_steps, model, eval_set, monitor, pad_id, packed, args):
 
 
 def evaluate(model, examples, args, pad_id, packed):
-    """Held-out metrics; with several processes each scores a slice and the slices are gathered."""
+    """Held-out metrics; under torchrun each process scores a slice and the slices are gathered."""
     # eval: no dropout
     model.eval()
     mine = [examples[i] for i in parallel.shard(range(len(examples)))]
-    logps = torch.zeros(2, 0)
-    if mine:
-        logps = torch.stack(modeling.pair_logps(model, mine, pad_id, args.micro_batch_size, packed,
-                                                not args.no_length_normalization, "evaluating"))
+    logps = torch.stack(modeling.pair_logps(model, mine, pad_id, args.micro_batch_size, packed,
+                                            not args.no_length_normalization, "evaluating"))
     logps = parallel.gather(logps.to(next(model.parameters()).device)).cpu()
-    metrics = modeling.reward_metrics(*logps, args.beta, args.gamma)
     model.train()
+    metrics = modeling.reward_metrics(*logps, args.beta, args.gamma)
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
@@ -247,17 +238,16 @@ def evaluate(model, examples, args, pad_id, packed):
 
 def prepare_data(args, main_process):
     """Seeds, the demo's model, a checked output folder, the tokenizer, and the tokenized pairs
-    (under torchrun by the first process; the others read its cache). A resume must find the very
-    pairs its run trained on."""
+    (under torchrun by the first process; the others read its cache)."""
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     # built next to the run, not in it: eval.py loads it as the base model
     if args.demo:
         import demo
-        if main_process:
-            demo.build_tiny_model(Path(args.output_dir).parent / "demo-model")
-        parallel.barrier()
         args.model = str((Path(args.output_dir).parent / "demo-model").resolve())
+        if main_process:
+            demo.build_tiny_model(args.model)
+        parallel.barrier()
     checkpoints.prepare_output_dir(args, [args.model, args.dataset])
     # every process has checked the folder before the first one writes to it
     parallel.barrier()
@@ -265,6 +255,7 @@ def prepare_data(args, main_process):
     # the run keeps the template it trains with, for eval.py and --resume
     if not args.resume:
         args.chat_template = tokenizer.chat_template
+    # the first process tokenizes (and caches) while the others wait
     if not main_process:
         parallel.barrier()
     train_set, eval_set, summary = preferences.load_examples(
@@ -280,15 +271,14 @@ def prepare_data(args, main_process):
     args.data_fingerprint = train_set.fingerprint()
     conflicts = checkpoints.resume_conflicts(args.run_config, vars(args)) if args.resume else []
     if conflicts:
-        raise UsageError(f"--resume {args.resume}: {'; '.join(conflicts)}: the run trained on "
-                         f"other pairs or in another setting; start a new run instead")
+        raise UsageError(f"--resume {args.resume}: {'; '.join(conflicts)}: these change what the "
+                         f"finished steps meant; start a new run instead")
     return tokenizer, train_set, eval_set
 
 
 def finish(model, tokenizer, optimizer, out, saver, total_steps, logger, eval_set, packed, args):
     """The final save, then (unless a signal came in the last step) the final evaluation."""
-    # every process's RNG, then one writer; the save comes first, so a signal in the final
-    # evaluation loses nothing
+    # every process's RNG, then one writer; saved first, so a signal in the evaluation loses nothing
     state = checkpoints.training_state(model, optimizer, total_steps)
     if parallel.rank() == 0:
         checkpoints.save_final(model, tokenizer, out, state)
@@ -311,32 +301,25 @@ def finish(model, tokenizer, optimizer, out, saver, total_steps, logger, eval_se
 def parse_args(argv=None):
     from checkpoints import count, non_negative, positive, positive_int, unit_interval
     p = checkpoints.Parser(description=__doc__.split("\n\n")[0])
+    on_off = argparse.BooleanOptionalAction
     g = p.add_argument_group("model")
-    g.add_argument("--model",
-                   help="SFT model: folder or hub id (omit with --dataset for the offline demo)")
-    g.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
-                   help="QLoRA: nf4 weights, double quantisation, bf16 compute "
-                        "(default: on with CUDA, off on CPU)")
-    g.add_argument("--full", action="store_true",
-                   help="full fine-tuning instead of LoRA (small models)")
+    g.add_argument("--model", help="SFT model folder or hub id (none for the offline demo)")
+    g.add_argument("--load-in-4bit", action=on_off,
+                   help="QLoRA: nf4, double quantisation, bf16 compute (default: on with CUDA)")
+    g.add_argument("--full", action="store_true", help="full fine-tuning, not LoRA (small models)")
     g.add_argument("--lora-r", type=positive_int, default=16, help="LoRA rank")
-    g.add_argument("--lora-alpha", type=positive_int, default=32,
-                   help="LoRA scale numerator: updates are scaled by alpha/r")
-    g.add_argument("--lora-dropout", type=unit_interval, default=0.05,
-                   help="dropout on the LoRA input")
+    g.add_argument("--lora-alpha", type=positive_int, default=32, help="updates scale by alpha/r")
+    g.add_argument("--lora-dropout", type=unit_interval, default=0.05, help="on the LoRA input")
     g.add_argument("--lora-target", type=checkpoints.names, default="all-linear",
                    help="comma-separated module names, or all-linear")
-    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help="recompute activations in backward: much less memory, ~30%% slower "
-                        "(default: on with CUDA)")
+    g.add_argument("--gradient-checkpointing", action=on_off,
+                   help="much less memory, ~30%% slower (default: on with CUDA)")
     g.add_argument("--chat-template", type=modeling.read_chat_template,
-                   help="a Jinja chat template for tokenizers without one: text, or a file "
-                        "(the run keeps its text)")
+                   help="Jinja template (text or file) for a tokenizer without one")
     g.add_argument("--trust-remote-code", action="store_true",
-                   help="run the Python code a hub model ships with (only for a model you trust)")
+                   help="run the Python code a hub model ships with (only a model you trust)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset",
-                   help=".jsonl/.json/.parquet/.csv file, folder or hub id (see preferences.py)")
+    g.add_argument("--dataset", help=".jsonl/.json/.parquet/.csv file, folder or hub id")
     g.add_argument("--split", default="train", help="training split")
     g.add_argument("--eval-split", help="held-out split of the same dataset, e.g. test_prefs")
     g.add_argument("--eval-fraction", type=unit_interval, default=0.0,
@@ -345,58 +328,43 @@ def parse_args(argv=None):
     g.add_argument("--max-prompt-length", type=positive_int, default=1800,
                    help="longer prompts lose their start")
     g = p.add_argument_group("SimPO objective")
-    g.add_argument("--beta", type=positive, default=2.0,
-                   help="reward scale β (the official repo's default)")
+    g.add_argument("--beta", type=positive, default=2.0, help="reward scale β")
     g.add_argument("--gamma", type=non_negative, help="target reward margin γ (default: 0.5)")
-    g.add_argument("--gamma-beta-ratio", type=non_negative,
-                   help="γ/β, as the published configs give it (instead of --gamma)")
+    g.add_argument("--gamma-beta-ratio", type=non_negative, help="γ/β, instead of --gamma")
     g.add_argument("--sft-weight", type=non_negative, default=0.0,
-                   help="add this × the chosen responses' NLL (average per token)")
+                   help="add this × the chosen responses' NLL per token")
     g.add_argument("--no-length-normalization", action="store_true",
                    help="reward from the summed log-prob (ablation)")
     g = p.add_argument_group("optimisation")
-    # LoRA trains ~0.5% of the weights from zero, so it wants a larger rate than the published full
-    # fine-tuning rates (3e-7 to 1e-6); 5e-6 to 2e-5 is the usual range for LoRA preference tuning.
+    # LoRA trains ~0.5% of the weights from zero: it wants more than the published full
+    # fine-tuning rates (3e-7 to 1e-6); 5e-6 to 2e-5 is usual for LoRA preference tuning.
     g.add_argument("--lr", type=positive, default=1e-5, help="peak learning rate")
     g.add_argument("--warmup-ratio", type=unit_interval, default=0.1,
-                   help="linear warm-up over this fraction of the steps (rounded down), its last "
-                        "step at the peak; then cosine decay to 0")
+                   help="linear warm-up over this fraction of the steps, then cosine decay to 0")
     g.add_argument("--max-grad-norm", type=positive, default=1.0, help="gradient clipping")
     g.add_argument("--epochs", type=positive_int, default=1, help="passes over the training pairs")
     g.add_argument("--max-steps", type=positive_int, help="optimizer steps (overrides --epochs)")
     g.add_argument("--batch-size", type=positive_int, default=32, help="pairs per optimizer step")
-    g.add_argument("--micro-batch-size", type=positive_int, default=2,
-                   help="pairs per forward pass; accumulation is derived")
-    g.add_argument("--seed", type=int, default=42,
-                   help="data order, LoRA init, --eval-fraction split")
+    g.add_argument("--micro-batch-size", type=positive_int, default=2, help="pairs per forward")
+    g.add_argument("--seed", type=int, default=42, help="data order, LoRA init, --eval-fraction")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", help="default runs/<timestamp>")
-    g.add_argument("--save-every", type=count, default=0,
-                   help="also checkpoint every N steps (0: off)")
+    g.add_argument("--save-every", type=count, default=0, help="also checkpoint every N steps")
     g.add_argument("--save-every-minutes", type=non_negative, default=30.0,
-                   help="checkpoint every this many minutes of wall-clock time (0: off)")
+                   help="checkpoint every this many minutes (0: off)")
     g.add_argument("--keep-checkpoints", type=positive_int, default=2,
-                   help="keep only the newest N checkpoint-<step> folders (the final save too)")
+                   help="keep the newest N checkpoint-<step> folders")
     g.add_argument("--eval-every", type=count, default=0,
                    help="held-out evaluation every N steps (always at start and end)")
-    g.add_argument("--resume", metavar="DIR",
-                   help="continue the run in DIR from its last checkpoint")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier run in --output-dir (a folder with a run_config.json)")
+    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last save")
+    g.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir")
     g.add_argument("--skip-nonfinite", action="store_true",
-                   help="skip a step whose loss or gradient is not finite instead of stopping the "
-                        "run; its pairs are then not learned from and the schedule moves on")
-    g.add_argument("--report-to", choices=["tensorboard", "wandb"],
-                   help="also log there (needs that package)")
+                   help="skip a step whose loss or gradient is not finite instead of stopping")
+    g.add_argument("--report-to", choices=["tensorboard", "wandb"], help="also log there")
     g = p.add_argument_group("generation health (generation.py)")
     g.add_argument("--sample-every", type=count, default=0, metavar="N",
-                   help="every N steps, sample --sample-prompts held-out prompts from the policy: "
-                        "length, end of turn, empty, seq-rep-4, distinct-2 and the sequence KL go "
-                        "to metrics.jsonl, the samples beside the run, and one warning line when "
-                        "the policy degenerates against the base (costs one sampling round: "
-                        "sample/seconds in the log; 0: off)")
-    g.add_argument("--sample-prompts", type=positive_int, default=8,
-                   help="fixed held-out prompts per sampling round")
+                   help="every N steps, sample held-out prompts and log their health (0: off)")
+    g.add_argument("--sample-prompts", type=positive_int, default=8, help="prompts per round")
     g.add_argument("--sample-max-new-tokens", type=positive_int, default=128,
                    help="tokens per sampled answer")
     p.set_defaults(demo=False, run_config=None)
@@ -421,18 +389,17 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """The rules that tie several flags together."""
+    """The rules that tie several flags together, and the defaults decided at run time."""
     if args.run_config and args.run_config.get("trust_remote_code") and not args.trust_remote_code:
         raise UsageError(f"--resume {args.resume}: the run's model ships its own Python code: "
-                         f"pass --trust-remote-code again if you trust it (it is never read from "
-                         f"the run)")
+                         f"pass --trust-remote-code again if you trust it (never read from a run)")
     if (args.model is None) != (args.dataset is None) and not args.demo:
         raise UsageError("pass both --model and --dataset, or neither for the offline demo")
-    if args.gamma is not None and args.gamma_beta_ratio is not None and not math.isclose(
-            args.gamma, args.gamma_beta_ratio * args.beta):
+    ratio = args.gamma_beta_ratio
+    if None not in (args.gamma, ratio) and not math.isclose(args.gamma, ratio * args.beta):
         raise UsageError("--gamma and --gamma-beta-ratio are two ways of setting γ: pass one")
     if args.gamma is None:
-        args.gamma = 0.5 if args.gamma_beta_ratio is None else args.gamma_beta_ratio * args.beta
+        args.gamma = 0.5 if ratio is None else ratio * args.beta
     if args.micro_batch_size > args.batch_size:
         raise UsageError("--micro-batch-size cannot exceed --batch-size")
     if args.max_prompt_length > args.max_length:
@@ -443,8 +410,7 @@ def check_args(args):
         raise UsageError(f"--batch-size {args.batch_size} pairs per step cannot be split evenly "
                          f"over {processes} processes: make it a multiple of {processes}")
     if args.report_to and importlib.util.find_spec(args.report_to) is None:
-        raise UsageError(f"--report-to {args.report_to} needs that package: pip install "
-                         f"{args.report_to}")
+        raise UsageError(f"--report-to {args.report_to} needs: pip install {args.report_to}")
     if args.eval_split and args.eval_fraction:
         raise UsageError("pass --eval-split or --eval-fraction, not both")
     if args.sample_every and args.full:
@@ -454,23 +420,16 @@ def check_args(args):
         raise UsageError("--sample-every samples held-out prompts: pass --eval-split or "
                          "--eval-fraction")
     if args.full and args.load_in_4bit:
-        raise UsageError("--full trains every weight: it cannot load them in 4-bit "
-                         "(drop --load-in-4bit)")
-    cuda = torch.cuda.is_available()
+        raise UsageError("--full trains every weight: it cannot load them in 4-bit")
     # QLoRA and gradient checkpointing by default on a GPU, where memory is what runs out
     if args.load_in_4bit is None:
-        args.load_in_4bit = cuda and not args.full
+        args.load_in_4bit = torch.cuda.is_available() and not args.full
     if args.gradient_checkpointing is None:
-        args.gradient_checkpointing = cuda
+        args.gradient_checkpointing = torch.cuda.is_available()
     # run_config.json must still find local paths from another folder
     for name in ("model", "dataset"):
         if getattr(args, name) and Path(getattr(args, name)).exists():
             setattr(args, name, str(Path(getattr(args, name)).resolve()))
-    if args.resume:
-        conflicts = checkpoints.resume_conflicts(args.run_config, vars(args))
-        if conflicts:
-            raise UsageError(f"--resume {args.resume}: {'; '.join(conflicts)}: these change what "
-                             f"the finished steps meant; start a new run instead")
     return args
 
 

@@ -15,6 +15,7 @@ from test_judge import build_reward_model
 
 import demo
 import eval
+import generation
 import judge
 import modeling
 import onpolicy
@@ -300,7 +301,7 @@ def test_the_conversational_layout_gives_the_same_prompts():
 def test_left_padding_does_not_change_an_answer(tmp_path):
     folder = demo.build_tiny_model(tmp_path / "model", hidden_size=16)
     tokenizer, model = modeling.load_tokenizer(folder), modeling.load_model(folder).eval()
-    config, stop = modeling.sampling_config(model, tokenizer, 1.0, 1.0, 8)
+    config, stop = generation.sampling_config(model, tokenizer, 1.0, 1.0, 8)
     config.do_sample = False  # greedy: the same answer whatever the random numbers
     model.generation_config = config
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}],

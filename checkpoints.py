@@ -1,19 +1,14 @@
-"""The run folder: checkpoints a long run can trust, resuming, the metrics log; and the one-line
-errors of the command lines.
-
-A run folder holds the final save at its top (adapter or model, tokenizer, training_state.pt,
-run_config.json, metrics.jsonl, curves.png) and the newest `--keep-checkpoints` folders
-`checkpoint-<step>/` of the same form. Saves are written whole or not at all, loaded without running
-any code, and resumed only into the run they came from: `--resume` continues from the highest step.
-"""
+"""The run folder, and the command lines' one-line errors and flag checks. A run folder holds the
+final save at its top (adapter or model, tokenizer, training_state.pt, run_config.json,
+metrics.jsonl, curves.png) and the newest `--keep-checkpoints` `checkpoint-<step>/` of the same
+form: written whole or not at all, loaded without running code, and resumed (from the highest step)
+only into their own run."""
 import argparse
 import contextlib
 import json
 import math
-import os
 import pickle
 import random
-import re
 import shutil
 import signal
 import sys
@@ -24,15 +19,12 @@ import torch
 
 import parallel
 
-# Settings that change what the finished steps meant: a resume may not change them. Every other
-# setting (--max-steps, --epochs, the lr schedule, --eval-every, --report-to, ...) only changes what
-# comes next, and is allowed.
+# What the finished steps meant: a resume may not change these. The other settings (--max-steps,
+# --epochs, the lr schedule, --eval-every, --report-to, ...) only change what comes next.
 FIXED_BY_THE_RUN = ("model", "full", "load_in_4bit", "lora_r", "lora_alpha", "lora_target",
                     "chat_template", "dataset", "split", "eval_split", "eval_fraction",
                     "max_length", "max_prompt_length", "data_fingerprint", "beta", "gamma",
                     "sft_weight", "no_length_normalization", "batch_size", "seed", "world_size")
-# exactly this: a "checkpoint-2-backup" folder is not one
-CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 class UsageError(ValueError):
@@ -51,9 +43,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with defaults, except None and False (off, or decided at run time)."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
+        off = action.default is None or action.default is False
+        return action.help if off else super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
@@ -68,8 +59,6 @@ class Parser(argparse.ArgumentParser):
 
 def names(text):
     """--lora-target: "all-linear", or module names separated by commas ("q_proj, v_proj")."""
-    if text == "all-linear":
-        return text
     listed = [name.strip() for name in text.split(",") if name.strip()]
     if not listed:
         raise argparse.ArgumentTypeError(f"names no module: {text!r}")
@@ -95,16 +84,15 @@ unit_interval = checked("in [0, 1)", lambda v: 0 <= v < 1)
 
 
 class StopFlag:
-    """SIGINT (Ctrl-C) and SIGTERM (preemption) only set a flag while in use as a context manager:
-    the work in progress finishes first. A second Ctrl-C changes nothing."""
+    """Inside `with`, SIGINT (Ctrl-C) and SIGTERM (preemption) only set a flag, so the work in
+    progress finishes first; a second Ctrl-C changes nothing."""
 
     def __init__(self, announce):
         self.announce = announce
         self.signal = None
 
     def __enter__(self):
-        signals = (signal.SIGINT, signal.SIGTERM)
-        self.previous = {s: signal.signal(s, self._set) for s in signals}
+        self.previous = {s: signal.signal(s, self._set) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *_):
@@ -117,16 +105,13 @@ class StopFlag:
         self.signal = signum
 
 
-# ---------------------------------------------------------------- resuming
-
 def resume_settings(run_dir, gamma_given):
     """The run's saved settings, and the defaults a resume parses its command line with."""
     config_file = Path(run_dir) / "run_config.json"
     if not config_file.is_file():
         raise UsageError(f"--resume {run_dir}: no run_config.json there")
     if not saved_steps(run_dir):
-        raise UsageError(f"--resume {run_dir}: no checkpoint there (the run stopped before its "
-                         f"first one): start it again with --overwrite")
+        raise UsageError(f"--resume {run_dir}: no checkpoint there yet: rerun it with --overwrite")
     saved = json.loads(config_file.read_text())
     # Running a model's own code is never read from a file: a run folder could name any model.
     defaults = {k: v for k, v in saved.items() if k != "trust_remote_code"}
@@ -142,9 +127,8 @@ def resume_conflicts(saved, current):
     """The settings of `current` that differ from the run's `saved` ones and may not change."""
     def same(key):
         a, b = saved.get(key), current.get(key)
-        if isinstance(a, float) or isinstance(b, float):
-            return a is not None and b is not None and abs(a - b) <= 1e-9 * max(1.0, abs(a))
-        return a == b
+        floats = float in (type(a), type(b)) and None not in (a, b)
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9) if floats else a == b
     described = {"data_fingerprint": "training pairs with fingerprint {} (the run's: {})",
                  "world_size": "{} processes where the run had {} (resume with as many)"}
     return [described.get(key, f"--{key.replace('_', '-')} {{}} (the run used {{}})").format(
@@ -153,20 +137,17 @@ def resume_conflicts(saved, current):
 
 
 def saved_steps(run_dir):
-    """{step: folder} of every complete save in `run_dir`: the final one and each checkpoint-<step>.
-    A save is complete when its checkpoint.json, written last, is there."""
-    found = {}
-    for folder in [Path(run_dir), *Path(run_dir).glob("checkpoint-*")]:
-        marker = folder / "checkpoint.json"
-        if (folder == Path(run_dir) or CHECKPOINT.fullmatch(folder.name)) and marker.is_file():
-            found[json.loads(marker.read_text())["step"]] = folder
-    return found
+    """{step: folder} of the complete saves (checkpoint.json, written last, is there): the final one
+    in `run_dir` and each checkpoint-<step>/."""
+    numbered = [f for f in Path(run_dir).glob("checkpoint-*")
+                if f.name.removeprefix("checkpoint-").isdecimal()]
+    return {json.loads((f / "checkpoint.json").read_text())["step"]: f
+            for f in [Path(run_dir), *numbered] if (f / "checkpoint.json").is_file()}
 
 
 def training_state(model, optimizer, step):
-    """Everything `--resume` needs to continue exactly: tensors, numbers and strings only. The RNG
-    states of every process (dropout masks are drawn per process): all processes call this
-    together."""
+    """Tensors and plain values to resume exactly. All processes call this: it holds each one's RNG
+    state (dropout masks differ per process)."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -178,9 +159,8 @@ def write(model, tokenizer, folder, state):
     """Adapter (or model) in the usual format, tokenizer and training state, into `folder`."""
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    # transformers 5 leaves `legacy` out of the saved tokenizer_config.json; reloaded without it, a
-    # SentencePiece tokenizer (Mistral, Llama-2) puts "▁" before text after a special token, so the
-    # copy would tokenize differently from the model's own tokenizer.
+    # transformers 5 does not save `legacy`; a SentencePiece tokenizer (Mistral, Llama-2) reloaded
+    # without it puts "▁" after a special token, tokenizing differently from the model's own.
     if getattr(tokenizer, "legacy", None) is not None:
         config_file = Path(folder) / "tokenizer_config.json"
         config = json.loads(config_file.read_text()) | {"legacy": tokenizer.legacy}
@@ -190,18 +170,16 @@ def write(model, tokenizer, folder, state):
 
 
 def save_final(model, tokenizer, run_dir, state):
-    """The final save goes to the run folder itself, where eval.py and PeftModel look for it. Its
-    marker is removed first, so a crash halfway leaves a folder that --resume does not trust."""
+    """Into the run folder itself, where eval.py and PeftModel look; its marker goes first, so
+    --resume never trusts a save a crash cut short."""
     (Path(run_dir) / "checkpoint.json").unlink(missing_ok=True)
     write(model, tokenizer, run_dir, state)
 
 
 def restore(model, optimizer, folder):
-    """Load a save written by `write`; returns its step. `weights_only=True`: a state file that
-    holds anything but tensors and plain values (a planted pickle) is refused, never run."""
+    """Load a `write` save, returning its step; a planted pickle in it is refused, never run."""
     try:
-        state = torch.load(Path(folder) / "training_state.pt", weights_only=True,
-                           map_location="cpu")
+        state = torch.load(f"{folder}/training_state.pt", weights_only=True, map_location="cpu")
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UsageError(f"--resume: {folder}/training_state.pt cannot be loaded safely, refusing "
@@ -222,12 +200,10 @@ def restore(model, optimizer, folder):
 
 
 class Checkpointer(StopFlag):
-    """Saves every `save_every` steps, every `save_minutes` minutes, and on SIGTERM or Ctrl-C: the
-    signal only sets a flag, the optimizer step finishes, then a checkpoint is written and the run
-    stops. Use as a context manager around the loop."""
+    """Around the loop: saves every `save_every` steps or `save_minutes` minutes, and on SIGTERM or
+    Ctrl-C, which only set a flag: the step finishes, a checkpoint is written, the run stops."""
 
-    def __init__(self, model, tokenizer, optimizer, run_dir, save_every=0, save_minutes=0.0,
-                 keep=2):
+    def __init__(self, model, tokenizer, optimizer, run_dir, save_every, save_minutes, keep):
         super().__init__("finishing this step, then saving a checkpoint")
         self.model = model
         self.tokenizer = tokenizer
@@ -244,17 +220,15 @@ class Checkpointer(StopFlag):
     def after_step(self, step, last_step):
         """After each optimizer step (1-based), in every process; StopRequested after a signal."""
         clock = self.save_seconds and time.monotonic() - self.last_save >= self.save_seconds
-        due = bool((self.save_every and step % self.save_every == 0) or clock) and step < last_step
-        # Processes see the clock and the signal at slightly different moments: all act on the
-        # first.
+        due = bool((self.save_every and step % self.save_every == 0) or clock)
+        # All act on the first process to see the clock or a signal. A signal that lands after the
+        # flags were read stays set for the next step: never lost.
         due, signum = parallel.agree(int(due), self.signal or 0)
-        # A signal that lands after the flags were read stays set for the next step: never lost.
         self.signal = signum or self.signal
         # the final save comes next anyway
-        if step == last_step:
+        if step == last_step or not (due or signum):
             return
-        if due or signum:
-            self.save(step)
+        self.save(step)
         if signum:
             world = parallel.world_size()
             launch = f"torchrun --nproc-per-node {world}" if world > 1 else "python"
@@ -263,22 +237,19 @@ class Checkpointer(StopFlag):
                                 128 + signum)
 
     def save(self, step):
-        """checkpoint-<step>/, written to a temporary folder and renamed into place, so a crash
-        while saving leaves the previous checkpoints as they were; then only the newest `keep` are
-        kept."""
-        # in every process (RNG states); one writes. The clock restarts when the checkpoint starts.
+        """checkpoint-<step>/ via a temporary folder renamed into place, so a crash leaves the older
+        ones intact; the newest `keep` stay. Called in every process (RNG states); one writes."""
         state = training_state(self.model, self.optimizer, step)
+        # the clock restarts when the checkpoint starts
         self.last_save = time.monotonic()
         if parallel.rank() != 0:
             return
         final = self.run_dir / f"checkpoint-{step}"
         temporary = self.run_dir / f".tmp-checkpoint-{step}"
-        shutil.rmtree(temporary, ignore_errors=True)
         write(self.model, self.tokenizer, temporary, state)
         # the same step saved again after a resume
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temporary, final)
+        shutil.rmtree(final, ignore_errors=True)
+        temporary.replace(final)
         saves = sorted((s, f) for s, f in saved_steps(self.run_dir).items() if f != self.run_dir)
         for _, old in saves[:-self.keep]:
             shutil.rmtree(old)
@@ -299,8 +270,7 @@ def prepare_output_dir(args, inputs):
     # never empty a folder train.py did not make (., ~, ...)
     if not (out / "run_config.json").is_file():
         raise UsageError(f"--output-dir {out} holds no earlier run (no run_config.json): "
-                         f"--overwrite only replaces a run folder; pick an empty or new "
-                         f"--output-dir")
+                         f"--overwrite only replaces a run folder; pick an empty or new one")
     # --overwrite deletes the whole folder: it must not hold what this run reads
     for path in inputs:
         if path and Path(path).exists() and Path(path).resolve().is_relative_to(out.resolve()):
@@ -309,9 +279,8 @@ def prepare_output_dir(args, inputs):
 
 
 def make_output_dir(args):
-    """The run folder, created only now. The default name is unique even for runs started in the
-    same second: mkdir without exist_ok either creates the folder or fails, so two runs never share
-    one."""
+    """The run folder, made only now; mkdir without exist_ok makes one or fails, so two runs
+    started in the same second never share a default one."""
     if args.output_dir is not None:
         out = Path(args.output_dir)
         # prepare_output_dir checked it: a run folder holding no input
@@ -321,12 +290,9 @@ def make_output_dir(args):
         return out
     stamp = time.strftime("runs/%Y%m%d-%H%M%S")
     for suffix in ["", *(f"-{n}" for n in range(2, 1000))]:
-        try:
+        with contextlib.suppress(FileExistsError):
             Path(stamp + suffix).mkdir(parents=True)
-            args.output_dir = stamp + suffix
-            return Path(args.output_dir)
-        except FileExistsError:
-            continue
+            return Path(stamp + suffix)
     raise UsageError(f"cannot create a new folder {stamp}-N: pass --output-dir")
 
 
@@ -343,8 +309,7 @@ def finished_already(args, start, total_steps):
 
 def open_run_folder(args, start, main_process):
     """The run folder, its run_config.json and the metrics log (one writer: the first process)."""
-    made = str(make_output_dir(args)) if main_process else None
-    out = Path(parallel.from_rank_0(made))
+    out = Path(parallel.objects(str(make_output_dir(args)) if main_process else None)[0])
     args.output_dir = str(out)
     if args.resume:
         changed = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
@@ -370,19 +335,16 @@ def out_of_memory_stops(pairs, args):
         longest = max(len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) for p in pairs)
         raise StopRequested(
             f"out of memory ({memory}longest sequence {longest} tokens, --micro-batch-size "
-            f"{args.micro_batch_size}): lower --micro-batch-size or --max-length, or turn on "
-            f"--load-in-4bit and --gradient-checkpointing; the last checkpoint is intact",
-            1) from None
+            f"{args.micro_batch_size}): lower it or --max-length, or turn on --load-in-4bit and "
+            f"--gradient-checkpointing; the last checkpoint is intact", 1) from None
 
-
-# ---------------------------------------------------------------- the metrics log
 
 def json_step(line):
-    """The step of a metrics.jsonl line, or None for a line that a crash cut short."""
+    """The step of a metrics.jsonl line; infinity (never kept) for a line a crash cut short."""
     try:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        return None
+        return math.inf
 
 
 class Logger:
@@ -392,15 +354,11 @@ class Logger:
     def __init__(self, out, report_to, config, start_step, active=True):
         self.path = out / "metrics.jsonl"
         self.active = active
-        self.writer = None
-        self.wandb = None
+        self.writer = self.wandb = None
         if not active:
             return
         old = self.path.read_text().splitlines() if self.path.exists() else []
-        steps = [json_step(line) for line in old]
-        kept = [line for line, step in zip(old, steps, strict=True)
-                if step is not None and step <= start_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        self.path.write_text("".join(f"{line}\n" for line in old if json_step(line) <= start_step))
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(out / "tensorboard"))
@@ -433,14 +391,12 @@ def smooth(values, weight=0.8):
 
 def plot_curves(out):
     """curves.png: the training curves raw and smoothed, held-out points, and generation health."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     keys = ["loss", "rewards/accuracies", "rewards/margins"]
     keys += [k for k in ("health/policy/rep4", "health/policy/ended") if any(k in r for r in rows)]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.5))
-    for ax, key in zip(axes, keys, strict=True):
+    fig = Figure(figsize=(4.4 * len(keys), 3.5), layout="tight")
+    for ax, key in zip(fig.subplots(1, len(keys)), keys, strict=True):
         steps = [r["step"] for r in rows if key in r]
         values = [r[key] for r in rows if key in r]
         if key.startswith("health"):
@@ -453,6 +409,4 @@ def plot_curves(out):
             ax.plot(*zip(*points, strict=True), "o--", label="held-out")
         ax.set(title=key, xlabel="step")
         ax.legend()
-    fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
-    plt.close(fig)

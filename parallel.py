@@ -1,33 +1,27 @@
-"""Data parallelism for processes started by torchrun: each process holds the whole model (4-bit
-where asked) on its own GPU, trains on its share of every optimizer step's pairs, and
+"""Data parallelism for `torchrun --nproc_per_node 4 train.py ...`: each process holds the whole
+model (4-bit where asked) on its own GPU, trains on its share of every optimizer step's pairs, and
 DistributedDataParallel averages the gradients once per step. A plain `python train.py` is a world
-of one: nothing here acts.
-
-    torchrun --nproc_per_node 4 train.py --model ... --dataset ...
-"""
+of one: nothing here acts."""
 import os
 import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 
 def setup():
     """(rank, world size, device) from torchrun's environment; joins the process group when there
     are several processes (nccl on GPUs, gloo on CPUs) and silences all but the first."""
     world = launched_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     if world > 1 and not dist.is_initialized():
         if device != "cpu":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device != "cpu" else "gloo")
-    # one voice: the other processes' output would repeat it (their errors still show)
+    # one voice: the others' output would repeat it (their errors still show); open until exit
     if rank() > 0:
         import datasets
         import transformers
-        # for the whole run: closed when the process ends
         sys.stdout = open(os.devnull, "w")
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
@@ -42,73 +36,52 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def shard(items):
-    """This process's contiguous slice of `items`: the slices of ranks 0, 1, ... in order are the
-    whole list in order, so the gathered per-item numbers are those of a single process."""
-    bounds = [len(items) * r // world_size() for r in range(world_size() + 1)]
-    return items[bounds[rank()]:bounds[rank() + 1]]
-
-
-def share(pairs):
-    """This process's pairs of an optimizer step, and the weight of each in the step's mean loss:
-    world/pairs, since DDP averages over the world. A process whose slice of a short last step is
-    empty must still join the all-reduce: it runs one pair of weight 0 (read_step counts it
-    nowhere)."""
-    mine = shard(pairs)
-    return (mine, world_size() / len(pairs)) if mine else (pairs[:1], 0.0)
-
-
 def launched_world_size():
     """The processes torchrun started (before they join a group)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def shard(items):
+    """This process's contiguous slice of `items`: ranks 0, 1, ... in order hold the whole list in
+    order, so the gathered per-item numbers are those of a single process."""
+    bounds = [len(items) * r // world_size() for r in range(world_size() + 1)]
+    return items[bounds[rank()]:bounds[rank() + 1]]
+
+
+def share(pairs):
+    """This process's pairs of a step, each weighing world/pairs in the mean loss (DDP averages over
+    processes); if none are left, one pair of weight 0, as all must join the all-reduce."""
+    mine = shard(pairs)
+    return (mine, world_size() / len(pairs)) if mine else (pairs[:1], 0.0)
+
+
 def gather(values):
-    """(k, n_rank) tensors of every process -> one (k, n_0 + n_1 + ...) tensor in rank order,
-    everywhere."""
+    """(k, n_rank) tensors of every process -> one (k, n_0 + n_1 + ...) in rank order, everywhere.
+    all_gather_object takes slices of any width (small ones: one step's pairs, the held-out set)."""
     if world_size() == 1:
         return values
-    sizes = [torch.zeros(1, dtype=torch.long, device=values.device) for _ in range(world_size())]
-    dist.all_gather(sizes, torch.tensor([values.shape[-1]], device=values.device))
-    width = max(int(size) for size in sizes)
-    parts = [torch.empty(*values.shape[:-1], width, dtype=values.dtype, device=values.device)
-             for _ in sizes]
-    dist.all_gather(parts, F.pad(values, (0, width - values.shape[-1])).contiguous())
-    parts = [part[..., :int(size)] for part, size in zip(parts, sizes, strict=True)]
-    return torch.cat(parts, dim=-1)
+    return torch.cat([part.to(values.device) for part in objects(values.cpu())], dim=-1)
 
 
 def total(value):
-    """The sum of a tensor over all processes."""
+    """The sum of a tensor over all processes (in place)."""
     if world_size() > 1:
         dist.all_reduce(value)
     return value
 
 
 def agree(*flags):
-    """The largest of each integer flag over all processes, so that all take the same decision."""
-    if world_size() == 1:
-        return flags
-    values = torch.tensor(flags, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return tuple(values.tolist())
+    """The largest of each flag over all processes, so that all take the same decision."""
+    return tuple(max(column) for column in zip(*objects(flags), strict=True))
 
 
 def objects(value):
-    """[value of rank 0, value of rank 1, ...] on every process (small objects: RNG states)."""
+    """[value of rank 0, value of rank 1, ...] on every process (small ones: flags, RNG states)."""
     if world_size() == 1:
         return [value]
     gathered = [None] * world_size()
     dist.all_gather_object(gathered, value)
     return gathered
-
-
-def from_rank_0(value):
-    if world_size() > 1:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        value = box[0]
-    return value
 
 
 def barrier():

@@ -169,13 +169,6 @@ def write(model, tokenizer, folder, state):
     (Path(folder) / "checkpoint.json").write_text(json.dumps({"step": state["step"]}))
 
 
-def save_final(model, tokenizer, run_dir, state):
-    """Into the run folder itself, where eval.py and PeftModel look; its marker goes first, so
-    --resume never trusts a save a crash cut short."""
-    (Path(run_dir) / "checkpoint.json").unlink(missing_ok=True)
-    write(model, tokenizer, run_dir, state)
-
-
 def restore(model, optimizer, folder):
     """Load a `write` save, returning its step; a planted pickle in it is refused, never run."""
     try:
@@ -235,6 +228,14 @@ class Checkpointer(StopFlag):
             raise StopRequested(f"{signal.Signals(signum).name} after step {step}: checkpoint "
                                 f"saved; resume with: {launch} train.py --resume {self.run_dir}",
                                 128 + signum)
+
+    def save_final(self, step):
+        """Into the run folder itself, where eval.py and PeftModel look; its marker goes first, so
+        --resume never trusts a save a crash cut short. Called in every process (RNG states)."""
+        state = training_state(self.model, self.optimizer, step)
+        if parallel.rank() == 0:
+            (self.run_dir / "checkpoint.json").unlink(missing_ok=True)
+            write(self.model, self.tokenizer, self.run_dir, state)
 
     def save(self, step):
         """checkpoint-<step>/ via a temporary folder renamed into place, so a crash leaves the older
@@ -372,8 +373,10 @@ class Logger:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.writer:
+            # numbers only: a skipped step says why in words
             for k, v in metrics.items():
-                self.writer.add_scalar(k, v, step)
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(k, v, step)
             # its thread writes every 120 s: a run that ends or is killed would lose its last steps
             self.writer.flush()
         if self.wandb:

@@ -27,8 +27,8 @@ from torch.utils.checkpoint import checkpoint
 def sequence_logps(logits, labels, average=True, ignore_index=-100):
     """Log-prob of each row's response, from full logits: (B, T, V), (B, T) -> (B,).
 
-    Logits at t predict labels at t+1; labels equal to `ignore_index` (prompt, padding) do not count.
-    The sum of token log-probs, divided by the number of response tokens if `average`.
+    Logits at t predict labels at t+1; labels equal to `ignore_index` (prompt, padding) do not
+    count. The sum of token log-probs, divided by the number of response tokens if `average`.
     """
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
     mask = labels != ignore_index
@@ -59,8 +59,9 @@ def chunked_sequence_logps(hidden, lm_head_weight, labels, average=True, ignore_
     ever building (B, T, V) logits.
 
     Only response positions are projected, `chunk_size` tokens at a time under activation
-    checkpointing: peak memory is one (chunk_size, V) block instead of the logits and their float32
-    log-softmax (4+ GB for one Llama-3 pair of 2048 tokens), for a second lm_head matmul in backward.
+    checkpointing: peak memory is one (chunk_size, V) block instead of the logits and their
+    float32 log-softmax (4+ GB for a Llama-3 pair of 2048 tokens), for a second lm_head matmul in
+    backward.
     A model that changes logits after lm_head needs it said: Gemma-2's `logit_softcap`, a biased
     head's `lm_head_bias`; a constant logit scale s is `lm_head_weight * s`.
     """

@@ -130,7 +130,7 @@ def train(args):
             logger.log(step + 1, metrics)
             # every N steps or minutes, and on SIGTERM / Ctrl-C
             saver.after_step(step + 1, total_steps)
-    finish(model, tokenizer, optimizer, out, saver, total_steps, logger, eval_set, packed, args)
+    finish(model, tokenizer, out, saver, total_steps, logger, eval_set, packed, args)
     return out
 
 
@@ -276,12 +276,9 @@ def prepare_data(args, main_process):
     return tokenizer, train_set, eval_set
 
 
-def finish(model, tokenizer, optimizer, out, saver, total_steps, logger, eval_set, packed, args):
+def finish(model, tokenizer, out, saver, total_steps, logger, eval_set, packed, args):
     """The final save, then (unless a signal came in the last step) the final evaluation."""
-    # every process's RNG, then one writer; saved first, so a signal in the evaluation loses nothing
-    state = checkpoints.training_state(model, optimizer, total_steps)
-    if parallel.rank() == 0:
-        checkpoints.save_final(model, tokenizer, out, state)
+    saver.save_final(total_steps)
     print(f"saved to {out}")
     if saver.signal:
         raise StopRequested(f"{signal.Signals(saver.signal).name} during the last step: the final "

@@ -4,9 +4,8 @@
     python eval.py --adapter runs/llama3 --dataset HuggingFaceH4/ultrafeedback_binarized \
         --split test_prefs --generate 64 --out report.json
 
-With a LoRA run the base model is the same model with its adapter switched off: no second copy in
-memory. For a full fine-tuning run (`--adapter` is the trained model folder) `--ref-model` names the
-base.
+A LoRA run's base is the same model with its adapter switched off: no second copy in memory. For a
+full fine-tuning run (`--adapter` is the trained model folder) `--ref-model` names the base.
 """
 import argparse
 import contextlib
@@ -28,35 +27,23 @@ from checkpoints import UsageError, non_negative, positive, positive_int
 
 
 def parse_args(argv=None):
-    p = checkpoints.Parser(description=__doc__.split("\n\n")[0],
-                           epilog="eval.py runs in one process, also on runs trained with "
-                                  "torchrun.")
-    p.add_argument("--adapter", required=True,
-                   help="run folder or checkpoint (LoRA), or a fully fine-tuned model folder")
-    p.add_argument("--model", help="the base SFT model (default: the run's --model)")
-    p.add_argument("--ref-model",
-                   help="base model of a full fine-tuning run (default: --model); LoRA runs need "
-                        "none")
-    p.add_argument("--dataset", help="default: the run's")
+    epilog = "Defaults: the run's own settings. eval.py runs in one process, also on torchrun runs."
+    p = checkpoints.Parser(description=__doc__.split("\n\n")[0], epilog=epilog)
+    p.add_argument("--adapter", required=True, help="LoRA run or checkpoint, or full model folder")
+    p.add_argument("--model", help="the base SFT model")
+    p.add_argument("--ref-model", help="a full fine-tuning run's base (default: --model)")
+    p.add_argument("--dataset", help="a file, folder or hub dataset")
     p.add_argument("--split", help="evaluate this whole split (default: the run's held-out pairs)")
-    p.add_argument("--beta", type=positive, default=2.0,
-                   help="for reward margins, unless the run set it")
-    p.add_argument("--gamma", type=non_negative, default=0.5,
-                   help="target margin γ, unless the run set it")
-    p.add_argument("--max-length", type=positive_int, default=2048,
-                   help="prompt + response tokens, unless the run set it")
-    p.add_argument("--max-prompt-length", type=positive_int, default=1800,
-                   help="unless the run set it")
-    p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: the run's")
+    p.add_argument("--beta", type=positive, default=2.0, help="β of the reward margins")
+    p.add_argument("--gamma", type=non_negative, default=0.5, help="target margin γ")
+    p.add_argument("--max-length", type=positive_int, default=2048, help="prompt + response tokens")
+    p.add_argument("--max-prompt-length", type=positive_int, default=1800)
+    p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction,
+                   default=torch.cuda.is_available(), help="a 4-bit base, as QLoRA trains")
     p.add_argument("--batch-size", type=positive_int, default=4, help="pairs per forward pass")
-    p.add_argument("--chunk-size", type=positive_int, default=1024,
-                   help="response tokens per KL chunk")
+    p.add_argument("--chunk-size", type=positive_int, default=1024, help="tokens per KL chunk")
     p.add_argument("--generate", type=checkpoints.count, default=0, metavar="N",
-                   help="also sample N held-out prompts from policy and base, and report their "
-                        "health: length, ended at the end of turn or cut, empty, seq-rep-4 "
-                        "(repeated 4-grams within an answer), distinct-2 (across answers), and a "
-                        "warning when the policy degenerates (generation.py)")
+                   help="also sample N held-out prompts from policy and base: their health")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="with --generate")
     # Temperature 1 and no top-p: the sequence-level KL estimate is unbiased only on samples from π.
     p.add_argument("--temperature", type=positive, default=1.0, help="with --generate")
@@ -72,21 +59,18 @@ def parse_args(argv=None):
     adapter = Path(args.adapter)
     if not adapter.is_dir():
         raise UsageError(f"--adapter {adapter}: no such folder")
-    # a checkpoint's run config is one folder up
-    found = [f for f in (adapter, adapter.parent) if (f / "run_config.json").is_file()]
-    run = json.loads((found[0] / "run_config.json").read_text()) if found else {}
-    # peft records the base it trained on
+    # a checkpoint's run config is one folder up; peft records the base it trained on
+    configs = [folder / "run_config.json" for folder in (adapter, adapter.parent)]
+    run = next((json.loads(f.read_text()) for f in configs if f.is_file()), {})
     if (adapter / "adapter_config.json").is_file():
         adapter_config = json.loads((adapter / "adapter_config.json").read_text())
         run.setdefault("model", adapter_config.get("base_model_name_or_path"))
     keys = ("model", "dataset", "beta", "gamma", "max_length", "max_prompt_length", "load_in_4bit")
-    p.set_defaults(**{k: run[k] for k in keys if run.get(k) is not None})
+    p.set_defaults(run=run, **{k: run[k] for k in keys if run.get(k) is not None})
     args = p.parse_args(argv)
-    args.run = run
-    if args.model is None and args.ref_model is None:
-        raise UsageError(f"no run_config.json next to {adapter}: pass --model")
-    if args.dataset is None:
-        raise UsageError(f"no run_config.json next to {adapter}: pass --dataset")
+    for flag, value in (("--model", args.model or args.ref_model), ("--dataset", args.dataset)):
+        if value is None:
+            raise UsageError(f"no run_config.json next to {adapter}: pass {flag}")
     if args.max_prompt_length > args.max_length:
         raise UsageError(f"--max-prompt-length {args.max_prompt_length} exceeds --max-length "
                          f"{args.max_length}")
@@ -98,65 +82,50 @@ def parse_args(argv=None):
 def load_policy_and_base(args, device, dtype):
     """The trained policy, and a context manager that yields the base model."""
     adapter = Path(args.adapter)
-    # full fine-tuning: two models
+    # full fine-tuning: two models (in eval mode, as from_pretrained gives them)
     if not (adapter / "adapter_config.json").is_file():
         if not (adapter / "config.json").is_file():
-            newest = sorted(adapter.glob("checkpoint-*/adapter_config.json"),
-                            key=lambda f: f.stat().st_mtime)
-            hint = ""
-            if newest:
-                hint = (f" (the run has no final save yet: evaluate {newest[-1].parent}, or finish "
-                        f"it with train.py --resume {adapter})")
-            raise UsageError(f"--adapter {adapter}: neither a LoRA adapter nor a model "
-                             f"folder{hint}")
+            message = f"--adapter {adapter}: neither a LoRA adapter nor a model folder"
+            if saved := checkpoints.saved_steps(adapter):
+                message += (f" (the run has no final save yet: evaluate {saved[max(saved)]}, or "
+                            f"finish it with train.py --resume {adapter})")
+            raise UsageError(message)
         policy, reference = (
             modeling.load_model(name, args.load_in_4bit, dtype, device, args.trust_remote_code)
             for name in (str(adapter), args.ref_model or args.model))
-        policy.eval()
-        reference.eval()
         return policy, lambda: contextlib.nullcontext(reference)
     from peft import PeftModel
     base = modeling.load_model(args.model, args.load_in_4bit, dtype, device, args.trust_remote_code)
     try:
         policy = PeftModel.from_pretrained(base, str(adapter)).eval()
     except (RuntimeError, ValueError, KeyError) as error:
-        config = json.loads((adapter / "adapter_config.json").read_text())
         lines = str(error).strip().splitlines() or [type(error).__name__]
         detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0])
         raise UsageError(f"--adapter {adapter} does not fit --model {args.model} (it was trained "
-                         f"on {config.get('base_model_name_or_path')}): {detail}") from None
+                         f"on {args.run.get('model')}): {detail}") from None
     return policy, lambda: generation.without_adapter(policy)
 
 
 def token_kl(policy_hidden, base_hidden, policy_head, base_head, labels, chunk_size=1024):
-    """Exact KL(π ‖ π_base) over the whole vocabulary at every response position, summed per
-    sequence.
-
-    policy_hidden, base_hidden: (B, T, H); *_head: keyword arguments of simpo.project_logits;
-    labels: (B, T). Holds only (chunk_size, V) logits of each model at a time. Returns (kl sums
-    (B,), response tokens (B,)).
-    """
+    """Exact KL(π ‖ π_base) over the vocabulary per response token, summed per sequence: (B,) sums,
+    (B,) token counts. *_hidden: (B, T, H), labels: (B, T). Holds (chunk_size, V) logits at once."""
     mask = labels[:, 1:] != packing.IGNORE_INDEX
-    # (N, H)
-    policy_hidden, base_hidden = policy_hidden[:, :-1][mask], base_hidden[:, :-1][mask]
+    policy_hidden, base_hidden = policy_hidden[:, :-1][mask], base_hidden[:, :-1][mask]  # (N, H)
     kl = [torch.zeros(0, device=labels.device)]
     for i in range(0, len(policy_hidden), chunk_size):
         log_p = simpo.project_logits(policy_hidden[i:i + chunk_size], **policy_head).log_softmax(-1)
         log_q = simpo.project_logits(base_hidden[i:i + chunk_size], **base_head).log_softmax(-1)
-        # Σ_v π(v) (log π(v) − log π_base(v)) ≥ 0; float32 rounding (~1e-7) can dip below 0 when the
-        # models agree
+        # Σ_v π(v) (log π(v) − log π_base(v)) ≥ 0, but float32 rounding (~1e-7) can dip below 0
         kl.append((log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0))
-    rows = mask.nonzero()[:, 0]
-    sums = torch.zeros(len(labels), device=labels.device).index_add(0, rows, torch.cat(kl))
-    return sums, mask.sum(-1)
+    sums = torch.zeros(mask.shape, device=labels.device).masked_scatter(mask, torch.cat(kl))
+    return sums.sum(-1), mask.sum(-1)
 
 
 @torch.no_grad()
 def kl_to_base(policy, base_model, examples, pad_id, batch_size, chunk_size):
     """Mean per-token KL(policy ‖ base) over chosen and over rejected responses, and counts."""
     device = next(policy.parameters()).device
-    # [chosen, rejected]
-    kl_sums = torch.zeros(2, device=device)
+    kl_sums = torch.zeros(2, device=device)  # [chosen, rejected]
     token_counts = torch.zeros(2, device=device)
     for i in tqdm(range(0, len(examples), batch_size), desc="KL", leave=False):
         batch = packing.padded_rows(examples[i:i + batch_size], pad_id)
@@ -167,34 +136,31 @@ def kl_to_base(policy, base_model, examples, pad_id, batch_size, chunk_size):
                 base_hidden, base_head = modeling.final_hidden(base, batch)
             kl, tokens = token_kl(policy_hidden, base_hidden, policy_head, base_head,
                                   batch["labels"], chunk_size)
-        # the batch is [chosen..., rejected...]
-        kl_sums += kl.view(2, -1).sum(1)
+        kl_sums += kl.view(2, -1).sum(1)  # the batch is [chosen..., rejected...]
         token_counts += tokens.view(2, -1).sum(1)
-    kl_chosen, kl_rejected = (kl_sums / token_counts.clamp(min=1)).tolist()
-    n_chosen, n_rejected = token_counts.tolist()
-    return {"kl/chosen": kl_chosen, "kl/rejected": kl_rejected,
-            "kl/chosen_tokens": int(n_chosen), "kl/rejected_tokens": int(n_rejected)}
+    kl = (kl_sums / token_counts.clamp(min=1)).tolist()
+    return {"kl/chosen": kl[0], "kl/rejected": kl[1],
+            "kl/chosen_tokens": int(token_counts[0]), "kl/rejected_tokens": int(token_counts[1])}
 
 
 def pairs_to_score(args):
-    """Which pairs to score: (split, held-out fraction, what they are in words, whether the run
-    trained on them). By default the pairs the run held out, cut as train.py cut them, never its
-    training pairs."""
+    """(split, held-out fraction, the pairs in words, whether the run trained on them)."""
     run, dataset = args.run, args.dataset
-    same = (run.get("dataset") is not None
-            and str(Path(dataset).resolve()) == str(Path(run["dataset"]).resolve()))
-    # (as train.py refuses --eval-split)
-    if args.split and Path(dataset).is_file():
-        raise UsageError(f"--split {args.split}: {dataset} is a single file, which has no splits: "
-                         f"eval.py scores the pairs the run held out of it, or all of a file the "
-                         f"run did not train on")
+    same = run.get("dataset") is not None and (
+        Path(dataset).resolve() == Path(run["dataset"]).resolve())
+    if args.split and Path(dataset).is_file():  # as train.py refuses --eval-split
+        raise UsageError(f"--split {args.split}: {dataset} is a single file (no splits): eval.py "
+                         f"scores the run's held-out pairs of it, or all of a file the run did not "
+                         f"train on")
     if args.split:
         training = same and args.split == run.get("split", "train")
         note = ": the run trained on them" if training else ""
         return args.split, 0.0, f"split {args.split!r} of {dataset}{note}", training
-    if same and run.get("eval_split"):
-        what = f"split {run['eval_split']!r} of {dataset}, held out by the run"
-        return run["eval_split"], 0.0, what, False
+    if Path(dataset).is_file() and not same:
+        return "train", 0.0, f"all of {dataset}, not the run's training data", False
+    if run.get("eval_split"):
+        note = ", held out by the run" if same else ""
+        return run["eval_split"], 0.0, f"split {run['eval_split']!r} of {dataset}{note}", False
     if same and run.get("eval_fraction"):
         what = (f"the pairs the run held out of {dataset} (--eval-fraction "
                 f"{run['eval_fraction']:g}, seed {run.get('seed', 0)})")
@@ -202,20 +168,13 @@ def pairs_to_score(args):
     if same:
         raise UsageError(f"the run held out no pairs of {dataset}: pass other data with --dataset "
                          f"(and --split for a folder or hub dataset)")
-    if Path(dataset).is_file():
-        return "train", 0.0, f"all of {dataset}, not the run's training data", False
-    if not run.get("eval_split"):
-        raise UsageError(f"{dataset}: pass --split")
-    return run["eval_split"], 0.0, f"split {run['eval_split']!r} of {dataset}", False
+    raise UsageError(f"{dataset}: pass --split")
 
 
 def evaluate(args):
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    args.load_in_4bit = cuda if args.load_in_4bit is None else args.load_in_4bit
-    adapter = Path(args.adapter)
-    # The base model's tokenizer and the run's template, exactly as train.py tokenized (not a
-    # re-saved copy)
+    # the base's tokenizer and the run's template, as train.py tokenized (not a re-saved copy)
     tokenizer = modeling.load_tokenizer(args.ref_model or args.model, None, args.trust_remote_code)
     trained_with = args.run.get("chat_template")
     if trained_with and trained_with != tokenizer.chat_template:
@@ -233,10 +192,9 @@ def evaluate(args):
     packed, layout = modeling.choose_layout(policy, args.max_length)
     print(layout)
     average = not args.run.get("no_length_normalization", False)
-    settings = {k: v for k, v in vars(args).items() if k != "run"}
-    report = {"settings": settings, "pairs": len(examples), "scored": scored,
-              # counts of the pairs evaluated only, not of training's:
-              "includes_training_pairs": training,
+    # skipped and counts: of the pairs scored only, not of training's
+    report = {"settings": {k: v for k, v in vars(args).items() if k != "run"},
+              "pairs": len(examples), "scored": scored, "includes_training_pairs": training,
               "skipped": summary.skipped(part), "counts": summary.counts[part]}
     pad_id = tokenizer.pad_token_id
     for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
@@ -253,18 +211,16 @@ def evaluate(args):
         kl = generation.kl_sequence(samples)
         report |= health["policy"] | health["base"] | kl
         report["degeneration"] = generation.degeneration(health["policy"], health["base"], kl)
-        # the reward model reads each prompt as messages, with its own chat template
         if args.judge:
             report["judge"] = judge.judge_samples(args, samples, split, device, dtype)
-        samples_path = Path(args.samples or adapter / "samples.jsonl")
+        samples_path = Path(args.samples or Path(args.adapter) / "samples.jsonl")
         samples_path.parent.mkdir(parents=True, exist_ok=True)
         samples_path.write_text("".join(json.dumps(s) + "\n" for s in samples))
         report["samples"] = str(samples_path)
-    out = Path(args.out or adapter / "eval.json")
+    out = Path(args.out or Path(args.adapter) / "eval.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print_report(report, args)
-    return report
 
 
 def print_report(report, args):
@@ -277,10 +233,9 @@ def print_report(report, args):
         print("warning: these are training pairs, not held-out ones: the accuracy says little "
               "about new data")
     print(f"{'':34}{'policy':>10}{'base':>10}")
-    rows = (("rewards/accuracies", "reward accuracy"),
-            ("rewards/margins", "mean reward margin β·Δ"),
-            ("rewards/beyond_gamma", "pairs beyond margin γ"), ("loss", "SimPO loss"))
-    for key, label in rows:
+    for key, label in (("rewards/accuracies", "reward accuracy"),
+                       ("rewards/margins", "mean reward margin β·Δ"),
+                       ("rewards/beyond_gamma", "pairs beyond margin γ"), ("loss", "SimPO loss")):
         print(f"{label:34}{report['policy'][key]:>10.3f}{report['base'][key]:>10.3f}")
     print(f"KL(policy ‖ base) per response token: chosen {report['kl/chosen']:.4f}, "
           f"rejected {report['kl/rejected']:.4f}")

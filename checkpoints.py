@@ -136,6 +136,14 @@ def resume_conflicts(saved, current):
             for key in FIXED_BY_THE_RUN if key in current and key in saved and not same(key)]
 
 
+def refuse_conflicts(args):
+    """A resume that changes what the finished steps meant is refused, in one line."""
+    conflicts = resume_conflicts(args.run_config, vars(args)) if args.resume else []
+    if conflicts:
+        raise UsageError(f"--resume {args.resume}: {'; '.join(conflicts)}: these change what the "
+                         f"finished steps meant; start a new run instead")
+
+
 def saved_steps(run_dir):
     """{step: folder} of the complete saves (checkpoint.json, written last, is there): the final one
     in `run_dir` and each checkpoint-<step>/."""

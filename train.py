@@ -269,10 +269,8 @@ def prepare_data(args, main_process):
         raise preferences.DataError(f"{args.dataset}: no training pairs left after holding out and "
                                     f"truncation")
     args.data_fingerprint = train_set.fingerprint()
-    conflicts = checkpoints.resume_conflicts(args.run_config, vars(args)) if args.resume else []
-    if conflicts:
-        raise UsageError(f"--resume {args.resume}: {'; '.join(conflicts)}: these change what the "
-                         f"finished steps meant; start a new run instead")
+    # again with the data's fingerprint
+    checkpoints.refuse_conflicts(args)
     return tokenizer, train_set, eval_set
 
 
@@ -427,6 +425,8 @@ def check_args(args):
     for name in ("model", "dataset"):
         if getattr(args, name) and Path(getattr(args, name)).exists():
             setattr(args, name, str(Path(getattr(args, name)).resolve()))
+    # before any work: the settings a resume may not change
+    checkpoints.refuse_conflicts(args)
     return args
 
 

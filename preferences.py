@@ -1,20 +1,17 @@
 """Preference data for train.py and eval.py: load, check, apply the chat template, tokenize, batch.
 
-Two layouts are read, detected row by row:
-  standard        {"prompt": str, "chosen": str, "rejected": str}
-  conversational  {"chosen": [messages], "rejected": [messages],
-                   "prompt": str | [messages] | absent}
-                  where a message is {"role": ..., "content": ...}. The response is the last
-                  (assistant) message; turns before it, shared by chosen and rejected, are the
-                  prompt. This covers HuggingFaceH4/ultrafeedback_binarized and
-                  princeton-nlp/llama3-ultrafeedback-armorm.
-Every problem is a DataError whose message names the file, row and field.
+Two layouts, detected row by row (README, Data formats): standard (prompt, chosen, rejected strings)
+and conversational (chosen and rejected message lists, whose last, assistant message is the response
+and whose shared turns before it are the prompt, else a `prompt` column: text or messages). Every
+problem is a DataError whose message names the file, row and field.
 """
+import contextlib
 import csv
 import hashlib
 import json
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,6 +19,10 @@ import numpy as np
 from jinja2 import TemplateError
 
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# the token id columns of a tokenized split; "unscored": see `_token_ids`
+COLUMNS = ("prompt", "chosen", "rejected", "unscored")
+# status of a row
+KEPT, IDENTICAL, EMPTIED = 0, 1, 2
 
 
 class DataError(ValueError):
@@ -29,25 +30,23 @@ class DataError(ValueError):
 
 
 class Pair(NamedTuple):
-    # messages
+    """prompt: messages; chosen, rejected: one assistant message each; conversational: read from
+    message lists (needs a chat template); where: "file: row N", for error messages."""
     prompt: list
-    # the preferred response, one assistant message
     chosen: dict
     rejected: dict
-    # read from message lists (needs a chat template)
     conversational: bool
-    # "file: row N", for error messages
     where: str
 
 
 def load_rows(dataset, split):
-    """Rows of a local file or folder, or of a hub dataset, as a `datasets.Dataset`."""
+    """Rows of a local file or folder, or of a hub dataset ("name" or "org/name"), as a
+    `datasets.Dataset`; a single file serves as whatever split is asked for."""
     # slow to import; only needed here
-    from datasets import load_dataset
+    from datasets import Features, Value, load_dataset
 
     path = Path(dataset)
     suffix = path.suffix.lower()
-    # hub ids are "name" or "org/name"
     looks_local = (suffix in FILE_TYPES or dataset.startswith((".", "/", "~"))
                    or dataset.count("/") > 1 or (path.parent != Path(".") and path.parent.is_dir()))
     if looks_local and not path.exists():
@@ -55,32 +54,27 @@ def load_rows(dataset, split):
     if path.is_file() and suffix not in FILE_TYPES:
         raise DataError(f"{dataset}: unsupported file type {path.suffix!r} "
                         f"(use {', '.join(FILE_TYPES)})")
+    options = {}
+    if suffix == ".csv" and path.is_file():
+        # cells as text: pandas would read "42" as 42, "007" as 7, and "NA" or "None" as missing
+        with open(path, newline="") as f:
+            features = Features({name: Value("string") for name in next(csv.reader(f), [])})
+        options = {"features": features, "keep_default_na": False}
     try:
-        # a single file serves as whatever split is asked for
         if path.is_file():
             return load_dataset(FILE_TYPES[suffix], data_files={split: str(path)}, split=split,
-                                **(_csv_as_text(path) if suffix == ".csv" else {}))
+                                **options)
         return load_dataset(dataset, split=split)
     except Exception as error:
         # find the exact row that arrow choked on
         if suffix in (".json", ".jsonl"):
             rows = _json_rows(path)
-            for index, row in enumerate(rows):
-                to_pair(row, f"{dataset}: row {index + 1}")
+            for number, row in enumerate(rows, 1):
+                to_pair(row, f"{dataset}: row {number}")
             if not rows:
                 raise DataError(f"{dataset}: no rows") from None
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise DataError(f"{dataset}: cannot load split {split!r}: {reason}") from None
-
-
-def _csv_as_text(path):
-    """CSV cells as the text they are: pandas would turn an answer "42" into 42 and "007" into 7,
-    and "NA" or "None" into a missing value."""
-    from datasets import Features, Value
-    with open(path, newline="") as f:
-        header = next(csv.reader(f), [])
-    features = Features({name: Value("string") for name in header})
-    return {"features": features, "keep_default_na": False}
 
 
 def _json_rows(path):
@@ -124,38 +118,31 @@ def to_pair(row, where):
     """One row of either layout -> a Pair."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: not an object with 'prompt', 'chosen' and 'rejected' fields")
-    if isinstance(row.get("chosen"), list) or isinstance(row.get("rejected"), list):
-        chosen = _messages(row.get("chosen"), where, "chosen")
-        rejected = _messages(row.get("rejected"), where, "rejected")
-        for field, messages in (("chosen", chosen), ("rejected", rejected)):
-            if messages[-1]["role"] != "assistant":
-                raise DataError(f"{where}: field '{field}': last message must be the assistant's "
-                                f"response")
-        if chosen[:-1] != rejected[:-1]:
-            raise DataError(f"{where}: fields 'chosen' and 'rejected' differ before their last "
-                            f"message")
-        prompt = chosen[:-1]
-        # the prompt is not inside the conversations: it has its own column
-        if not prompt:
-            value = row.get("prompt")
-            if isinstance(value, list):
-                prompt = _messages(value, where, "prompt")
-            else:
-                prompt = [{"role": "user", "content": _text(value, where, "prompt")}]
-        return Pair(prompt, chosen[-1], rejected[-1], True, where)
-    prompt = _text(row.get("prompt"), where, "prompt")
-    chosen, rejected = (_text(row.get(field), where, field) for field in ("chosen", "rejected"))
-    return Pair([{"role": "user", "content": prompt}], {"role": "assistant", "content": chosen},
-                {"role": "assistant", "content": rejected}, False, where)
+    if not isinstance(row.get("chosen"), list) and not isinstance(row.get("rejected"), list):
+        prompt, chosen, rejected = (_text(row.get(f), where, f) for f in COLUMNS[:3])
+        return Pair([{"role": "user", "content": prompt}], {"role": "assistant", "content": chosen},
+                    {"role": "assistant", "content": rejected}, False, where)
+    chosen = _messages(row.get("chosen"), where, "chosen")
+    rejected = _messages(row.get("rejected"), where, "rejected")
+    for field, messages in (("chosen", chosen), ("rejected", rejected)):
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: field '{field}': last message must be the assistant's "
+                            f"response")
+    if chosen[:-1] != rejected[:-1]:
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' differ before their last message")
+    # no turns before the responses: the prompt has its own column, messages or a string
+    prompt = chosen[:-1] or row.get("prompt")
+    if not isinstance(prompt, list):
+        prompt = [{"role": "user", "content": _text(prompt, where, "prompt")}]
+    return Pair(_messages(prompt, where, "prompt"), chosen[-1], rejected[-1], True, where)
 
 
 def read_pairs(dataset, split):
     """Every row of a split as a Pair (checked, in file order): judge.py reads prompts this way."""
-    rows = _checked_rows(dataset, split)
-    return [to_pair(row, f"{dataset}: row {i + 1}") for i, row in enumerate(rows)]
+    return [to_pair(row, f"{dataset}: row {i}") for i, row in enumerate(_rows(dataset, split), 1)]
 
 
-def _checked_rows(dataset, split):
+def _rows(dataset, split):
     rows = load_rows(dataset, split)
     if "chosen" not in rows.column_names or "rejected" not in rows.column_names:
         raise DataError(f"{dataset}: unknown column layout {rows.column_names}: expected 'prompt', "
@@ -167,41 +154,53 @@ def _checked_rows(dataset, split):
 
 # ---------------------------------------------------------------- chat template and tokens
 
+SENTINEL = "SimpoSentinel"
+
+
 class EndOfTurn(NamedTuple):
-    """What a chat template writes after an assistant message's content."""
-    # the special token that ends the turn (Llama-3 <|eot_id|>, Gemma-2 <end_of_turn>)
+    """What a chat template writes after an assistant message's content: all of it (`suffix`,
+    Gemma-2 "<end_of_turn>\\n"; "" if the template could not say), and the special token that ends
+    the turn (`terminator`: Llama-3 <|eot_id|>, Gemma-2 <end_of_turn>; None if none)."""
     terminator: str | None
-    # all of it (Gemma-2: "<end_of_turn>\n"); "" if the template could not say
     suffix: str
 
 
+def _templated(tokenizer, conversation):
+    """One conversation through the chat template, as text; "" with no template or when it fails."""
+    if tokenizer.chat_template is not None:
+        with contextlib.suppress(TemplateError):
+            return tokenizer.apply_chat_template(conversation, tokenize=False)
+    return ""
+
+
 def end_of_turn(tokenizer):
-    """Read from the template itself, not from a table of model names: template a conversation whose
-    reply is a sentinel and look at what follows it. The terminator is the first special token
-    there."""
-    # plain text: EOS ends each response
-    if tokenizer.chat_template is None:
+    """Read from the template, not from a table of model names: what follows a sentinel reply. The
+    terminator is the first special token there. Without one, EOS ends each response."""
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL}]
+    text = _templated(tokenizer, conversation)
+    if SENTINEL not in text:
         return EndOfTurn(None, "")
-    sentinel = "SimpoSentinelReply"
-    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": sentinel}]
-    try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False)
-    except TemplateError:
-        return EndOfTurn(None, "")
-    if sentinel not in text:
-        return EndOfTurn(None, "")
-    suffix = text[text.rindex(sentinel) + len(sentinel):]
+    suffix = text[text.rindex(SENTINEL) + len(SENTINEL):]
     specials = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
     found = sorted((suffix.index(token), -len(token), token)
                    for token in specials | {tokenizer.eos_token} if token and token in suffix)
     return EndOfTurn(found[0][2] if found else None, suffix)
 
 
+def prompt_head(tokenizer):
+    """The ids a truncated prompt keeps at its start: what the template writes before a lone user
+    message (BOS, a default system turn, the user's role header); without a template, BOS."""
+    text = _templated(tokenizer, [{"role": "user", "content": SENTINEL}])
+    if SENTINEL not in text:
+        return [tokenizer.bos_token_id]
+    return tokenizer(text[:text.index(SENTINEL)], add_special_tokens=False)["input_ids"]
+
+
 def _render(tokenizer, conversations, pairs, **options):
-    """The template applied to many conversations in one call; on an error, the row that fails."""
+    """The template applied to many conversations in one call; on an error, the row that fails
+    (Gemma-2's template refuses a system turn)."""
     try:
         return tokenizer.apply_chat_template(conversations, tokenize=False, **options)
-    # e.g. Gemma-2's template refuses a system turn
     except TemplateError as error:
         for conversation, pair in zip(conversations, pairs, strict=True):
             try:
@@ -213,11 +212,9 @@ def _render(tokenizer, conversations, pairs, **options):
 
 
 def _up_to_end_of_turn(text, prompt_text, response, end):
-    """The templated conversation cut right after the response's terminator (what follows, e.g.
-    Gemma-2's "\\n", is never generated: scoring it would dilute the average log-prob). True if EOS
-    must follow."""
-    # a template that rewrites earlier turns: the raw response after the prompt, as the model
-    # would generate it
+    """(The conversation cut right after the response's terminator, whether EOS must follow): what
+    follows (Gemma-2's "\\n") is never generated; scoring it would dilute the average log-prob."""
+    # a template that rewrites earlier turns: the raw response after the prompt, as generated
     if not text.startswith(prompt_text):
         text = prompt_text + response["content"] + end.suffix
     at = text.rfind(end.terminator, len(prompt_text)) if end.terminator else -1
@@ -227,85 +224,76 @@ def _up_to_end_of_turn(text, prompt_text, response, end):
     return text[:at + len(end.terminator)], False
 
 
-def _first_response_token(encoded, i, text, boundary):
-    """Index of the token holding the response's first character: a token that spans the
-    prompt/response boundary (SentencePiece's "▁Hello") is part of the response, as the model reads
-    it."""
-    for char in range(boundary, len(text)):
-        token = encoded.char_to_token(i, char)
-        if token is not None:
-            return token
-    return len(encoded["input_ids"][i])
-
-
 def _token_ids(tokenizer, pairs, end):
-    """(prompt, chosen, rejected) ids of each pair, not yet truncated, tokenized in batched calls.
-
-    With a chat template, each whole conversation is tokenized as the model reads it (no special
-    tokens added: the template writes BOS, and another is the double BOS of Llama-3), and the prompt
-    ends where the generation prompt ends. Without one (standard layout only), the prompt gets the
-    tokenizer's BOS and each response is tokenized on its own, as TRL does."""
+    """(prompt, chosen, rejected, unscored) ids of each pair, untruncated, in batched calls. With a
+    template each conversation is tokenized whole, as the model reads it (no special tokens added:
+    the template writes BOS), the prompt ending where the generation prompt ends; without one
+    (standard layout only), the prompt gets BOS and each response is tokenized alone (as TRL)."""
+    if not pairs:
+        return []
     eos = [tokenizer.eos_token_id]
+    n = len(pairs)
     if tokenizer.chat_template is None:
         prompts = tokenizer([pair.prompt[-1]["content"] for pair in pairs])["input_ids"]
         texts = [pair.chosen["content"] for pair in pairs] + [p.rejected["content"] for p in pairs]
         responses = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [(prompt, chosen + eos, rejected + eos, [0, 0]) for prompt, chosen, rejected
-                in zip(prompts, responses[:len(pairs)], responses[len(pairs):], strict=True)]
-    prompt_texts = _render(tokenizer, [pair.prompt for pair in pairs], pairs,
-                           add_generation_prompt=True)
+        return [(prompts[i], responses[i] + eos, responses[n + i] + eos, [0, 0]) for i in range(n)]
     # [chosen..., rejected...]
-    sides = [(pair, prompt_text, getattr(pair, side)) for side in ("chosen", "rejected")
-             for pair, prompt_text in zip(pairs, prompt_texts, strict=True)]
-    conversations = _render(tokenizer, [pair.prompt + [response] for pair, _, response in sides],
-                            [pair for pair, _, _ in sides])
-    cut = [_up_to_end_of_turn(text, prompt_text, response, end)
-           for text, (_, prompt_text, response) in zip(conversations, sides, strict=True)]
+    sides = pairs * 2
+    responses = [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs]
+    prompt_texts = _render(tokenizer, [pair.prompt for pair in pairs], pairs,
+                           add_generation_prompt=True) * 2
+    conversations = [pair.prompt + [reply] for pair, reply in zip(sides, responses, strict=True)]
+    cut = [_up_to_end_of_turn(text, prompt_text, response, end) for text, prompt_text, response
+           in zip(_render(tokenizer, conversations, sides), prompt_texts, responses, strict=True)]
     texts = [text for text, _ in cut]
-    add_eos = [eos_follows for _, eos_follows in cut]
+    eos_follows = [follows for _, follows in cut]
     encoded = tokenizer(texts, add_special_tokens=False)
     ids = encoded["input_ids"]
-    # a Python tokenizer knows no characters: tokenize the prompts on their own
-    if encoded.encodings is None:
-        prompt_ids = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"] * 2
-        starts = [_shared_length(p, full) for p, full in zip(prompt_ids, ids, strict=True)]
-    else:
-        starts = [_first_response_token(encoded, i, text, len(prompt_text))
-                  for i, (text, (_, prompt_text, _)) in enumerate(zip(texts, sides, strict=True))]
+    starts = []
+    for i, (text, prompt_text) in enumerate(zip(texts, prompt_texts, strict=True)):
+        # a Python tokenizer knows no characters: the prompt tokenized on its own
+        if encoded.encodings is None:
+            prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+            starts.append(_shared_length(prompt_ids, ids[i]))
+            continue
+        # the token holding the response's first character: one that spans the boundary
+        # (SentencePiece's "▁Hello") belongs to the response, as the model reads it
+        tokens = (encoded.char_to_token(i, char) for char in range(len(prompt_text), len(text)))
+        starts.append(next((token for token in tokens if token is not None), len(ids[i])))
     result = []
-    n = len(pairs)
     for i in range(n):
         chosen = ids[i]
         rejected = ids[n + i]
-        # the prompt both sides share
-        cut = _shared_length(chosen[:starts[i]], rejected[:starts[n + i]])
-        # Prompt tokens past the shared ones are read but not scored: on Mistral, one side's first
-        # token can swallow the prompt's last "]" ("][") while the other side keeps a bare "]".
-        unscored = [starts[i] - cut, starts[n + i] - cut]
-        result.append((chosen[:cut], chosen[cut:] + eos * add_eos[i],
-                       rejected[cut:] + eos * add_eos[n + i], unscored))
+        # The prompt both sides share. Prompt tokens past it are read but not scored: on Mistral,
+        # one side's first token can swallow the prompt's last "]" ("][") while the other keeps a
+        # bare "]".
+        shared = _shared_length(chosen[:starts[i]], rejected[:starts[n + i]])
+        unscored = [starts[i] - shared, starts[n + i] - shared]
+        result.append((chosen[:shared], chosen[shared:] + eos * eos_follows[i],
+                       rejected[shared:] + eos * eos_follows[n + i], unscored))
     return result
 
 
 def _shared_length(a, b):
     # the usual case, compared in C
-    if len(a) == len(b) and a == b:
+    if a == b:
         return len(a)
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+    different = (n for n, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    return next(different, min(len(a), len(b)))
 
 
-def _truncate(prompt, responses, bos_id, max_length, max_prompt_length):
-    """Fit a pair into max_length: first the prompt loses its start (its end holds the question; BOS
-    stays), down to max_prompt_length, then the responses lose their end. A pair that fits keeps its
-    whole prompt."""
+def _truncate(prompt, responses, head, max_length, max_prompt_length):
+    """Fit a pair into max_length: first the prompt loses the start of its text, down to
+    max_prompt_length, then the responses lose their end. A pair that fits keeps all its prompt."""
     if len(prompt) + max(map(len, responses)) <= max_length:
         return prompt, responses
     if len(prompt) > max_prompt_length:
-        bos = prompt[:1] if prompt[0] == bos_id else []
-        prompt = bos + prompt[len(prompt) - max_prompt_length + len(bos):]
+        # The end holds the question and the assistant's header; the template's head stays, in at
+        # most half the room, so the model still reads a conversation's start (a lone BOS would not
+        # do: ChatML's BOS <|im_start|> opens every turn).
+        keep = min(_shared_length(prompt, head), max_prompt_length // 2)
+        prompt = prompt[:keep] + prompt[len(prompt) - max_prompt_length + keep:]
     return prompt, [ids[:max(0, max_length - len(prompt))] for ids in responses]
 
 
@@ -319,45 +307,37 @@ def generation_prompt(example):
 
 # ---------------------------------------------------------------- a whole split, batched and cached
 
-# status of a row
-KEPT, IDENTICAL, EMPTIED = 0, 1, 2
-REASONS = {IDENTICAL: "identical", EMPTIED: "emptied"}
-
-
-def tokenize_batch(batch, indices, tokenizer, source, end, max_length, max_prompt_length):
+def tokenize_batch(batch, indices, tokenizer, source, end, head, max_length, max_prompt_length):
     """`datasets.map(batched=True)` function: rows in, token ids and a status per row out."""
     pairs = [to_pair(dict(zip(batch, values, strict=True)), f"{source}: row {i + 1}")
              for values, i in zip(zip(*batch.values(), strict=True), indices, strict=True)]
-    if tokenizer.chat_template is None:
-        for pair in pairs:
-            if pair.conversational:
-                raise DataError(f"{pair.where}: conversational data needs a chat template, and "
-                                f"tokenizer has none (pass --chat-template)")
-    # chosen == rejected teaches nothing: its loss is the constant log σ(−γ), with no gradient at
-    # all
+    for pair in pairs:
+        if pair.conversational and tokenizer.chat_template is None:
+            raise DataError(f"{pair.where}: conversational data needs a chat template, and "
+                            f"tokenizer has none (pass --chat-template)")
+    # chosen == rejected teaches nothing: its loss is the constant log σ(−γ), with no gradient
     identical = [pair.chosen["content"] == pair.rejected["content"] for pair in pairs]
     different = [pair for pair, same in zip(pairs, identical, strict=True) if not same]
     token_ids = iter(_token_ids(tokenizer, different, end))
-    out = {name: [] for name in ("prompt", "chosen", "rejected", "unscored", "status", "truncated")}
+    out = {name: [] for name in (*COLUMNS, "status", "truncated")}
     for same in identical:
-        prompt, responses, unscored, status, truncated = [], [[], []], [0, 0], IDENTICAL, False
+        row = ([], [], [], [0, 0], IDENTICAL, False)
         if not same:
             prompt, *untruncated, unscored = next(token_ids)
-            prompt, responses = _truncate(prompt, untruncated, tokenizer.bos_token_id, max_length,
-                                          max_prompt_length)
-            kept = all(len(ids) > n for ids, n in zip(responses, unscored, strict=True))
-            status = KEPT if kept else EMPTIED
-            truncated = kept and list(map(len, responses)) != list(map(len, untruncated))
-            prompt, responses = (prompt, responses) if kept else ([], [[], []])
-        for name, value in zip(out, (prompt, *responses, unscored, status, truncated), strict=True):
+            prompt, responses = _truncate(prompt, untruncated, head, max_length, max_prompt_length)
+            row = ([], [], [], unscored, EMPTIED, False)
+            # a response left with no ids past the prompt's text has nothing to score
+            if all(len(ids) > n for ids, n in zip(responses, unscored, strict=True)):
+                truncated = list(map(len, responses)) != list(map(len, untruncated))
+                row = (prompt, *responses, unscored, KEPT, truncated)
+        for name, value in zip(out, row, strict=True):
             out[name].append(value)
     return out
 
 
 def _tokenizer_state(tokenizer):
-    """Everything that decides the token ids, as text: the tokenizer's files as loaded, its
-    Python-side settings (`split_special_tokens` changes the ids, not the files) and the library
-    versions. (Hashing the tokenizer object itself, as `datasets` would, takes 10 s for Gemma-2.)"""
+    """All that decides the ids, as text (files as loaded, Python-side settings such as
+    `split_special_tokens`, library versions): hashing the object itself takes 10 s on Gemma-2."""
     import tokenizers
     import transformers
     where = ("name_or_path", "is_local", "local_files_only", "vocab_file", "tokenizer_file")
@@ -375,30 +355,25 @@ def _tokenizer_state(tokenizer):
 
 
 def tokenize_split(tokenizer, dataset, split, max_length, max_prompt_length):
-    """Every row of one split, tokenized, as a `datasets.Dataset` with a status per row.
-
-    `datasets` keeps the result in its cache, next to the Arrow copy of the data
-    (~/.cache/huggingface/ datasets, or $HF_DATASETS_CACHE), under a fingerprint of everything that
-    decides it: the data, the tokenizer, its chat template, the length limits and this file. The
-    next run with the same inputs reads it back instead of tokenizing again; a change in any of them
-    tokenizes anew."""
+    """Every row of one split, tokenized, with a status per row: (a `datasets.Dataset`, its cache
+    files, whether it was read from them). `datasets` caches it under a fingerprint of all that
+    decides it, so a run with the same inputs reads it back and a change in any tokenizes anew."""
     from datasets import Features, List, Value
     from datasets.fingerprint import Hasher
 
-    rows = _checked_rows(dataset, split)
+    rows = _rows(dataset, split)
     end = end_of_turn(tokenizer)
-    # EOS and BOS too: EOS ends a response when the template writes no terminator, BOS survives
-    # truncation.
+    head = prompt_head(tokenizer)
+    # EOS too: it ends a response when the template writes no terminator
     fingerprint = Hasher.hash([rows._fingerprint, _tokenizer_state(tokenizer),
-                               tokenizer.chat_template, tokenizer.eos_token_id,
-                               tokenizer.bos_token_id, repr(end), str(dataset), max_length,
-                               max_prompt_length, Path(__file__).read_text()])
+                               tokenizer.chat_template, tokenizer.eos_token_id, repr(end), head,
+                               str(dataset), max_length, max_prompt_length,
+                               Path(__file__).read_text()])
     # 4 bytes per token id (Python ints in lists take 70)
-    ids = List(Value("int32"))
-    features = Features({"prompt": ids, "chosen": ids, "rejected": ids, "unscored": ids,
+    features = Features({**{name: List(Value("int32")) for name in COLUMNS},
                          "status": Value("int8"), "truncated": Value("bool")})
     started = time.time()
-    settings = dict(tokenizer=tokenizer, source=dataset, end=end, max_length=max_length,
+    settings = dict(tokenizer=tokenizer, source=dataset, end=end, head=head, max_length=max_length,
                     max_prompt_length=max_prompt_length)
     options = dict(batched=True, with_indices=True, remove_columns=rows.column_names,
                    features=features, new_fingerprint=fingerprint, fn_kwargs=settings)
@@ -416,10 +391,9 @@ def tokenize_split(tokenizer, dataset, split, max_length, max_prompt_length):
 
 
 class Examples:
-    """Tokenized pairs as numpy arrays over Arrow data (4 bytes per token id), in a given order.
+    """Tokenized pairs, in a given order, as numpy arrays over Arrow data (4 bytes per token id).
     `examples[i]` is {"prompt", "chosen", "rejected", "unscored"}: lists of ids, built for that pair
-    only ("unscored": how many leading ids of chosen and rejected are prompt text, read but not
-    scored)."""
+    ("unscored": how many leading ids of chosen and rejected are prompt text, read, not scored)."""
 
     def __init__(self, columns, rows):
         # name -> (ids of all rows end to end, where each row starts)
@@ -430,16 +404,17 @@ class Examples:
     def __len__(self):
         return len(self.rows)
 
+    def lengths(self, name):
+        return np.diff(self.columns[name][1])[self.rows]
+
     def fingerprint(self):
-        """sha256 of the token ids of these pairs, in order, read in place: a resume must see the
-        very same training pairs (however the Arrow data happens to be laid out)."""
+        """sha256 of these pairs' lengths and ids, in order, however the Arrow data is laid out: a
+        resume must see the very same training pairs."""
         digest = hashlib.sha256()
-        for ids, starts in self.columns.values():
-            # the lengths, then the ids
-            digest.update(np.diff(starts)[self.rows].astype(np.int64))
+        for name, (ids, starts) in self.columns.items():
+            digest.update(self.lengths(name).astype(np.int64))
             for row in self.rows:
-                row_ids = ids[starts[row]:starts[row + 1]]
-                digest.update(np.ascontiguousarray(row_ids, dtype=np.int32))
+                digest.update(np.ascontiguousarray(ids[starts[row]:starts[row + 1]], np.int32))
         return digest.hexdigest()[:16]
 
     def __getitem__(self, i):
@@ -452,25 +427,22 @@ class Examples:
 
 
 def _columns(tokenized):
-    columns = {}
-    for name in ("prompt", "chosen", "rejected", "unscored"):
-        array = tokenized.data.column(name).combine_chunks()
-        columns[name] = (array.values.to_numpy(), array.offsets.to_numpy())
-    return columns
+    """What Examples reads: name -> (ids of all rows end to end, where each row starts)."""
+    arrays = {name: tokenized.data.column(name).combine_chunks() for name in COLUMNS}
+    return {name: (a.values.to_numpy(), a.offsets.to_numpy()) for name, a in arrays.items()}
 
 
+@dataclass
 class Summary:
     """What load_examples kept and left out, per part ("train", "held-out"), and token lengths."""
-
-    def __init__(self, counts, lengths, cache_files, from_cache):
-        # part -> {"pairs": kept, "identical": n, "emptied": n, "truncated": n}
-        self.counts = counts
-        # "prompt" / "chosen" / "rejected" -> {"mean", "p50", "p95", "max"}
-        self.lengths = lengths
-        # where `datasets` keeps the tokenized rows
-        self.cache_files = cache_files
-        # True when nothing was tokenized this time
-        self.from_cache = from_cache
+    # part -> {"pairs": kept, "identical": n, "emptied": n, "truncated": n}
+    counts: dict
+    # "prompt" / "chosen" / "rejected" -> {"mean", "p50", "p95", "max"}; {} with no pairs
+    lengths: dict
+    # where `datasets` keeps the tokenized rows
+    cache_files: list
+    # True when nothing was tokenized this time
+    from_cache: bool
 
     def skipped(self, part):
         return self.counts[part]["identical"] + self.counts[part]["emptied"]
@@ -490,8 +462,7 @@ class Summary:
                 lines.append(f"  {name:10}{stats['mean']:>8.1f}{quantiles}")
         where = ", ".join(self.cache_files) or "not cached (in-memory data)"
         done = "read from the cache" if self.from_cache else "tokenized; cached"
-        lines.append(f"  {done}: {where}")
-        return "\n".join(lines)
+        return "\n".join([*lines, f"  {done}: {where}"])
 
 
 def load_examples(tokenizer, dataset, split, eval_split=None, eval_fraction=0.0, seed=0,
@@ -506,7 +477,8 @@ def load_examples(tokenizer, dataset, split, eval_split=None, eval_fraction=0.0,
     if eval_split:
         held_out, files, cached = tokenize_split(tokenizer, dataset, eval_split, *limits)
         parts["held-out"] = (held_out, np.arange(len(held_out)))
-        cache_files, from_cache = cache_files + files, from_cache and cached
+        cache_files = cache_files + files
+        from_cache = from_cache and cached
     # a fixed, seeded slice of the training split
     elif eval_fraction > 0:
         order = list(range(len(tokenized)))
@@ -514,29 +486,24 @@ def load_examples(tokenizer, dataset, split, eval_split=None, eval_fraction=0.0,
         cut = max(1, int(len(tokenized) * eval_fraction))
         parts = {"train": (tokenized, np.array(order[cut:])),
                  "held-out": (tokenized, np.array(order[:cut]))}
-    examples, counts, lengths = {}, {}, {"prompt": [], "chosen": [], "rejected": []}
-    columns = {}
+    # train and held-out may share one table: its ids are read once
+    tables = {id(table): table for table, _ in parts.values()}
+    columns = {key: _columns(table) for key, table in tables.items()}
+    counts = {}
+    examples = {}
     for part, (table, rows) in parts.items():
-        # train and held-out may share one table
-        columns.setdefault(id(table), _columns(table))
         status = table.data.column("status").to_numpy()[rows]
-        truncated = table.data.column("truncated").to_numpy()[rows]
-        kept = rows[status == KEPT]
-        counts[part] = {"pairs": len(kept), "identical": int((status == IDENTICAL).sum()),
+        counts[part] = {"pairs": int((status == KEPT).sum()),
+                        "identical": int((status == IDENTICAL).sum()),
                         "emptied": int((status == EMPTIED).sum()),
-                        "truncated": int(truncated.sum())}
-        examples[part] = Examples(columns[id(table)], kept)
-        for name in lengths:
-            lengths[name].append(np.diff(columns[id(table)][name][1])[kept])
-    lengths = {name: _distribution(np.concatenate(values)) for name, values in lengths.items()}
-    any_pairs = counts["train"]["pairs"] + counts["held-out"]["pairs"]
-    summary = Summary(counts, lengths if any_pairs else {}, cache_files, from_cache)
+                        "truncated": int(table.data.column("truncated").to_numpy()[rows].sum())}
+        examples[part] = Examples(columns[id(table)], rows[status == KEPT])
+    lengths = {}
+    if counts["train"]["pairs"] + counts["held-out"]["pairs"]:
+        for name in COLUMNS[:3]:
+            values = np.concatenate([part.lengths(name) for part in examples.values()])
+            p50, p95 = np.percentile(values, [50, 95], method="nearest")
+            lengths[name] = {"mean": float(values.mean()), "p50": int(p50), "p95": int(p95),
+                             "max": int(values.max())}
+    summary = Summary(counts, lengths, cache_files, from_cache)
     return examples["train"], examples["held-out"], summary
-
-
-def _distribution(lengths):
-    if not len(lengths):
-        return {"mean": 0.0, "p50": 0, "p95": 0, "max": 0}
-    p50, p95 = np.percentile(lengths, [50, 95], method="nearest")
-    return {"mean": float(lengths.mean()), "p50": int(p50), "p95": int(p95),
-            "max": int(lengths.max())}

@@ -52,8 +52,9 @@ def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_le
     pair = preferences.Pair(prompt, chosen, rejected, True, "pair")
     end = preferences.end_of_turn(tokenizer)
     [(prompt_ids, *responses, unscored)] = preferences._token_ids(tokenizer, [pair], end)
-    prompt_ids, responses = preferences._truncate(prompt_ids, responses, tokenizer.bos_token_id,
-                                                  max_length, max_prompt_length)
+    prompt_ids, responses = preferences._truncate(prompt_ids, responses,
+                                                  preferences.prompt_head(tokenizer), max_length,
+                                                  max_prompt_length)
     if not all(len(ids) > n for ids, n in zip(responses, unscored, strict=True)):
         return None
     return {"prompt": prompt_ids, "chosen": responses[0], "rejected": responses[1],

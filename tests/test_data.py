@@ -3,6 +3,7 @@ when absent), and on the tiny demo tokenizer: exact token ids, identical pairs, 
 CSV text, and which pairs eval.py scores. The real-tokenizer runs use a random Llama model of hidden
 size 8 with that vocabulary."""
 import json
+import os
 import random
 import shutil
 from collections.abc import Mapping
@@ -22,6 +23,10 @@ FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 REAL_ROWS = FIXTURES / "real-data" / "ultrafeedback_trl_eval200.jsonl"
 REAL_TOKENIZERS = ["llama3-instruct", "gemma2-it", "mistral-instruct"]
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/fixtures is absent")
+# SmolLM2-135M-Instruct, as tests/test_real_model.py finds it (ChatML: its BOS <|im_start|> opens
+# every turn)
+SMOLLM2 = Path(os.environ.get("SIMPO_REAL_MODEL",
+                              "~/.cache/simpo-fixtures/smollm2-135m-instruct")).expanduser()
 
 
 @pytest.fixture(autouse=True)
@@ -135,6 +140,45 @@ def test_train_and_eval_run_with_each_real_tokenizer(name, tmp_path, capsys):
         assert template_ids(saved, conversation) == template_ids(tokenizer, conversation)
 
 
+# the template's head, and the end of a one-question prompt after its text
+CHATML = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+          "Face<|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n")
+LLAMA3 = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
+          "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+LLAMA3_FOLDER = FIXTURES / "real-tokenizers" / "llama3-instruct"
+
+
+@pytest.mark.parametrize("folder, template", [(SMOLLM2, CHATML), (LLAMA3_FOLDER, LLAMA3)],
+                         ids=["smollm2-chatml", "llama3-instruct"])
+def test_a_truncated_prompt_keeps_the_template_head_and_the_assistant_header(folder, template,
+                                                                              tmp_path):
+    """A prompt over --max-prompt-length loses the start of its text, not of the conversation: the
+    template's head (BOS, SmolLM2's default system turn, the user's role header) and the end (the
+    question, the assistant's header) stay."""
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip(f"no tokenizer at {folder}")
+    tokenizer = modeling.load_tokenizer(str(folder))
+    head = preferences.prompt_head(tokenizer)
+    assert tokenizer.decode(head) == template[0]
+    prompt = " ".join(demo.WORDS * 20) + " So which word comes last?"
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": prompt, "chosen": "Yes, that one.",
+                                                      "rejected": "No idea."}])
+    examples, _, _ = preferences.load_examples(tokenizer, dataset, "train", max_length=64,
+                                               max_prompt_length=48)
+    whole = template_ids(tokenizer, [{"role": "user", "content": prompt}],
+                         add_generation_prompt=True)
+    ids = examples[0]["prompt"]
+    assert len(whole) > 100 and len(ids) == 48
+    assert ids == whole[:len(head)] + whole[len(head) - 48:]
+    text = tokenizer.decode(ids)
+    assert text.startswith(template[0])
+    assert text.endswith(" So which word comes last?" + template[1])
+    # with little room, the head has at most half of it: the end still holds the assistant's header
+    short, _ = preferences._truncate(whole, [[7]], head, 20, 16)
+    keep = min(len(head), 8)
+    assert short == whole[:keep] + whole[keep - 16:]
+
+
 # ---------------------------------------------------------------- identical pairs, summary, storage
 
 def test_identical_pairs_are_left_out_and_counted(tiny_model, tmp_path):
@@ -155,6 +199,16 @@ def test_identical_pairs_are_left_out_and_counted(tiny_model, tmp_path):
     assert ("2 training pairs, 0 held-out, 1 skipped (response truncated to nothing), 1 left out "
             "(chosen and rejected identical), 1 truncated but kept" in text)
     assert "mean" in text and "p95" in text and summary.lengths["chosen"]["max"] == 2
+
+
+def test_a_split_of_identical_pairs_only_loads_as_no_pairs(tiny_model, tmp_path):
+    """A batch with no pair to tokenize: a chat template refuses an empty list of conversations."""
+    dataset = write_jsonl(tmp_path / "pairs.jsonl",
+                          [{"prompt": "shout: river", "chosen": "RIVER", "rejected": "RIVER"}])
+    examples, _, summary = preferences.load_examples(modeling.load_tokenizer(tiny_model), dataset,
+                                                     "train")
+    assert len(examples) == 0 and summary.counts["train"]["identical"] == 1
+    assert summary.lengths == {} and "0 training pairs" in str(summary)
 
 
 def test_pairs_are_held_in_numpy_and_indexed_like_a_list(tiny_model, tmp_path):

@@ -402,13 +402,13 @@ def test_prompt_keeps_its_end_and_response_is_cut(tokenizer):
     assert tokenize_pair(tokenizer, prompt, chosen, rejected,
                               max_length=1000, max_prompt_length=5) == full
     cut = tokenize_pair(tokenizer, prompt, chosen, rejected, max_length=20, max_prompt_length=5)
-    # left truncation: BOS and the end survive
-    assert cut["prompt"] == full["prompt"][:1] + full["prompt"][-4:]
+    # left truncation: the template's head (<bos> <user>) and the end survive
+    assert cut["prompt"] == full["prompt"][:2] + full["prompt"][-3:]
     assert tokenizer.convert_ids_to_tokens(cut["prompt"])[-1] == "<|assistant|>"
     assert cut["chosen"] == full["chosen"] and cut["rejected"] == full["rejected"]
 
     short = tokenize_pair(tokenizer, prompt, chosen, rejected, max_length=10, max_prompt_length=7)
-    assert short["prompt"] == full["prompt"][:1] + full["prompt"][-6:]
+    assert short["prompt"] == full["prompt"][:2] + full["prompt"][-5:]
     assert short["chosen"] == full["chosen"][:3]  # max_length - prompt length
     assert short["rejected"] == full["rejected"]  # already short enough
     assert len(short["prompt"] + short["chosen"]) == 10

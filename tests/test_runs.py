@@ -2,6 +2,7 @@
 run, checkpoint files that cannot run code, and an output folder that is never shared or wrongly
 emptied."""
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -110,14 +111,22 @@ def test_a_non_finite_loss_stops_before_the_update(model_dir, tmp_path, capsys, 
     assert all(all(v == v for v in row.values() if isinstance(v, float)) for row in metrics(out))
     assert [row["step"] for row in train_rows(out)] == [1, 2, 3, 4]
 
-    # --skip-nonfinite: the step is skipped, logged without numbers, and the run finishes with
-    # finite weights
+    # --skip-nonfinite: the step is skipped, logged without numbers (tensorboard, where installed,
+    # gets its lr alone), and the run finishes with finite weights
     calls.clear()
     skipped = tmp_path / "skipped"
-    code, stdout, err = run(long_run(model_dir, dataset, skipped, "--skip-nonfinite"), capsys)
+    report = ["--report-to", "tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    code, stdout, err = run(long_run(model_dir, dataset, skipped, "--skip-nonfinite", *report),
+                            capsys)
     assert code == 0, err
     assert "skipped step 5: non-finite" in stdout + err
     assert {"step": 5, "skipped": "non-finite"}.items() <= metrics(skipped)[4].items()
+    if report:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        events = EventAccumulator(str(skipped / "tensorboard"))
+        events.Reload()
+        assert 5 in [event.step for event in events.Scalars("lr")]
+        assert 5 not in [event.step for event in events.Scalars("loss")]
     assert all(torch.isfinite(t).all() for t in adapter(skipped).values())
 
 

@@ -204,19 +204,8 @@ def evaluate(args):
         report[name] = modeling.reward_metrics(*logps, args.beta, args.gamma)
     report |= kl_to_base(policy, base_model, examples, pad_id, args.batch_size, args.chunk_size)
     if args.generate:
-        samples = generation.generate_samples(policy, base_model, tokenizer, examples,
-                                              args.generate, args.max_new_tokens, args.temperature,
-                                              args.top_p, args.seed, batch_size=args.batch_size)
-        health = {name: generation.health(samples, name) for name in ("policy", "base")}
-        kl = generation.kl_sequence(samples)
-        report |= health["policy"] | health["base"] | kl
-        report["degeneration"] = generation.degeneration(health["policy"], health["base"], kl)
-        if args.judge:
-            report["judge"] = judge.judge_samples(args, samples, split, device, dtype)
-        samples_path = Path(args.samples or Path(args.adapter) / "samples.jsonl")
-        samples_path.parent.mkdir(parents=True, exist_ok=True)
-        samples_path.write_text("".join(json.dumps(s) + "\n" for s in samples))
-        report["samples"] = str(samples_path)
+        report |= generation.eval_report(policy, base_model, tokenizer, examples, split, device,
+                                         dtype, args)
     out = Path(args.out or Path(args.adapter) / "eval.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

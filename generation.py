@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import judge
 import modeling
 import packing
 import preferences
@@ -233,6 +234,27 @@ ROWS = (("length", "  mean length (tokens)"), ("length_se", "    its standard er
         ("ended", "  ended at the end of turn"), ("cut", "  cut at --max-new-tokens"),
         ("empty", "  empty"), ("rep4", "  repeated 4-grams (seq-rep-4)"),
         ("distinct2", "  distinct bigrams (distinct-2)"))
+
+
+def eval_report(policy, base_model, tokenizer, examples, split, device, dtype, args):
+    """eval.py --generate: policy and base sampled on the same prompts, each side's health, the
+    sequence KL and the degeneration verdict; with --judge, the reward model's comparison.
+    The samples go to --samples (default <adapter>/samples.jsonl)."""
+    samples = generate_samples(policy, base_model, tokenizer, examples, args.generate,
+                               args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                               batch_size=args.batch_size)
+    policy_health = health(samples, "policy")
+    base_health = health(samples, "base")
+    kl = kl_sequence(samples)
+    report = policy_health | base_health | kl
+    report["degeneration"] = degeneration(policy_health, base_health, kl)
+    # the reward model reads each prompt as messages, with its own chat template
+    if args.judge:
+        report["judge"] = judge.judge_samples(args, samples, split, device, dtype)
+    path = Path(args.samples or Path(args.adapter) / "samples.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(sample) + "\n" for sample in samples))
+    return report | {"samples": str(path)}
 
 
 def describe(report):

@@ -111,7 +111,8 @@ def resume_settings(run_dir, gamma_given):
     if not config_file.is_file():
         raise UsageError(f"--resume {run_dir}: no run_config.json there")
     if not saved_steps(run_dir):
-        raise UsageError(f"--resume {run_dir}: no checkpoint there yet: rerun it with --overwrite")
+        raise UsageError(f"--resume {run_dir}: no checkpoint there (the run stopped before its "
+                         f"first one): start it again with --overwrite")
     saved = json.loads(config_file.read_text())
     # Running a model's own code is never read from a file: a run folder could name any model.
     defaults = {k: v for k, v in saved.items() if k != "trust_remote_code"}
@@ -351,9 +352,10 @@ def out_of_memory_stops(pairs, args):
 def json_step(line):
     """The step of a metrics.jsonl line; infinity (never kept) for a line a crash cut short."""
     try:
-        return json.loads(line)["step"]
+        step = json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return math.inf
+    return step if isinstance(step, int) else math.inf
 
 
 class Logger:
@@ -363,7 +365,8 @@ class Logger:
     def __init__(self, out, report_to, config, start_step, active=True):
         self.path = out / "metrics.jsonl"
         self.active = active
-        self.writer = self.wandb = None
+        self.writer = None
+        self.wandb = None
         if not active:
             return
         old = self.path.read_text().splitlines() if self.path.exists() else []

@@ -27,7 +27,8 @@ from checkpoints import UsageError, non_negative, positive, positive_int
 
 
 def parse_args(argv=None):
-    epilog = "Defaults: the run's own settings. eval.py runs in one process, also on torchrun runs."
+    epilog = ("Defaults of --model, --dataset, --beta, --gamma, the lengths and --load-in-4bit: "
+              "the run's. eval.py runs in one process, also on torchrun runs.")
     p = checkpoints.Parser(description=__doc__.split("\n\n")[0], epilog=epilog)
     p.add_argument("--adapter", required=True, help="LoRA run or checkpoint, or full model folder")
     p.add_argument("--model", help="the base SFT model")
@@ -37,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=positive, default=2.0, help="β of the reward margins")
     p.add_argument("--gamma", type=non_negative, default=0.5, help="target margin γ")
     p.add_argument("--max-length", type=positive_int, default=2048, help="prompt + response tokens")
-    p.add_argument("--max-prompt-length", type=positive_int, default=1800)
+    p.add_argument("--max-prompt-length", type=positive_int, default=1800, help="prompt tokens")
     p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction,
                    default=torch.cuda.is_available(), help="a 4-bit base, as QLoRA trains")
     p.add_argument("--batch-size", type=positive_int, default=4, help="pairs per forward pass")

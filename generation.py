@@ -55,7 +55,6 @@ def sampling_config(model, tokenizer, temperature, top_p, max_new_tokens):
     return config, stop
 
 
-
 def sample_batch(model, prompts, pad_id, sampling, stop, seed):
     """One answer to each prompt (lists of ids), sampled together from the RNG seeded with `seed`,
     the prompts padded on the left: [(ids up to and including the first stop token, ended at

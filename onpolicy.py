@@ -199,7 +199,7 @@ def sample_all(args, out, prompts, prompt_ids, done, tokenizer):
     model = modeling.load_model(args.model, args.load_in_4bit, dtype, device,
                                 args.trust_remote_code).eval()
     config, stop = generation.sampling_config(model, tokenizer, args.temperature, args.top_p,
-                                            args.max_new_tokens)
+                                              args.max_new_tokens)
     # (see generation.sampling_config)
     model.generation_config = config
     reward = judge.load(args.reward_model, args.load_in_4bit, dtype, device, args.trust_remote_code,

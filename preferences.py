@@ -54,13 +54,13 @@ def load_rows(dataset, split):
     if path.is_file() and suffix not in FILE_TYPES:
         raise DataError(f"{dataset}: unsupported file type {path.suffix!r} "
                         f"(use {', '.join(FILE_TYPES)})")
-    options = {}
-    if suffix == ".csv" and path.is_file():
-        # cells as text: pandas would read "42" as 42, "007" as 7, and "NA" or "None" as missing
-        with open(path, newline="") as f:
-            features = Features({name: Value("string") for name in next(csv.reader(f), [])})
-        options = {"features": features, "keep_default_na": False}
     try:
+        options = {}
+        if suffix == ".csv" and path.is_file():
+            # cells as text: pandas would read "42" as 42, "007" as 7, and "NA" or "None" as missing
+            with open(path, newline="") as f:
+                features = Features({name: Value("string") for name in next(csv.reader(f), [])})
+            options = {"features": features, "keep_default_na": False}
         if path.is_file():
             return load_dataset(FILE_TYPES[suffix], data_files={split: str(path)}, split=split,
                                 **options)
@@ -250,17 +250,18 @@ def _token_ids(tokenizer, pairs, end):
     eos_follows = [follows for _, follows in cut]
     encoded = tokenizer(texts, add_special_tokens=False)
     ids = encoded["input_ids"]
-    starts = []
-    for i, (text, prompt_text) in enumerate(zip(texts, prompt_texts, strict=True)):
-        # a Python tokenizer knows no characters: the prompt tokenized on its own
-        if encoded.encodings is None:
-            prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-            starts.append(_shared_length(prompt_ids, ids[i]))
-            continue
+    # a Python tokenizer knows no characters: the prompts tokenized on their own
+    if encoded.encodings is None:
+        prompt_ids = tokenizer(prompt_texts[:n], add_special_tokens=False)["input_ids"] * 2
+        starts = [_shared_length(p, full) for p, full in zip(prompt_ids, ids, strict=True)]
+    else:
+        starts = []
         # the token holding the response's first character: one that spans the boundary
         # (SentencePiece's "▁Hello") belongs to the response, as the model reads it
-        tokens = (encoded.char_to_token(i, char) for char in range(len(prompt_text), len(text)))
-        starts.append(next((token for token in tokens if token is not None), len(ids[i])))
+        for i, (text, prompt_text) in enumerate(zip(texts, prompt_texts, strict=True)):
+            chars = range(len(prompt_text), len(text))
+            tokens = (encoded.char_to_token(i, char) for char in chars)
+            starts.append(next((token for token in tokens if token is not None), len(ids[i])))
     result = []
     for i in range(n):
         chosen = ids[i]

@@ -101,8 +101,8 @@ def simpo_loss(chosen_logps, rejected_logps, beta=2.0, gamma=0.5, loss_type="sig
     """
     # "not >": NaN fails too
     if not (beta > 0 and gamma >= 0 and 0 <= label_smoothing < 0.5):
-        raise ValueError(f"need beta > 0, gamma >= 0 and label_smoothing in [0, 0.5), got {beta}, "
-                         f"{gamma}, {label_smoothing}")
+        raise ValueError(f"need beta > 0, gamma >= 0, label_smoothing in [0, 0.5); got "
+                         f"beta={beta}, gamma={gamma}, label_smoothing={label_smoothing}")
     if loss_type not in ("sigmoid", "hinge"):
         raise ValueError(f"loss_type must be 'sigmoid' or 'hinge', got {loss_type!r}")
     if chosen_logps.shape != rejected_logps.shape or chosen_logps.dim() != 1:

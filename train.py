@@ -344,7 +344,8 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=42, help="data order, LoRA init, --eval-fraction")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", help="default runs/<timestamp>")
-    g.add_argument("--save-every", type=count, default=0, help="also checkpoint every N steps")
+    g.add_argument("--save-every", type=count, default=0,
+                   help="also checkpoint every N steps (0: off)")
     g.add_argument("--save-every-minutes", type=non_negative, default=30.0,
                    help="checkpoint every this many minutes (0: off)")
     g.add_argument("--keep-checkpoints", type=positive_int, default=2,
@@ -415,7 +416,8 @@ def check_args(args):
         raise UsageError("--sample-every samples held-out prompts: pass --eval-split or "
                          "--eval-fraction")
     if args.full and args.load_in_4bit:
-        raise UsageError("--full trains every weight: it cannot load them in 4-bit")
+        raise UsageError("--full trains every weight: it cannot load them in 4-bit (drop "
+                         "--load-in-4bit)")
     # QLoRA and gradient checkpointing by default on a GPU, where memory is what runs out
     if args.load_in_4bit is None:
         args.load_in_4bit = torch.cuda.is_available() and not args.full

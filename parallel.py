@@ -7,6 +7,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 
 def setup():
@@ -56,11 +57,16 @@ def share(pairs):
 
 
 def gather(values):
-    """(k, n_rank) tensors of every process -> one (k, n_0 + n_1 + ...) in rank order, everywhere.
-    all_gather_object takes slices of any width (small ones: one step's pairs, the held-out set)."""
+    """(k, n_rank) tensors of every process -> one (k, n_0 + n_1 + ...) in rank order, on all."""
     if world_size() == 1:
         return values
-    return torch.cat([part.to(values.device) for part in objects(values.cpu())], dim=-1)
+    sizes = [torch.zeros(1, dtype=torch.long, device=values.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([values.shape[-1]], device=values.device))
+    width = max(int(size) for size in sizes)
+    parts = [torch.empty(*values.shape[:-1], width, dtype=values.dtype, device=values.device)
+             for _ in sizes]
+    dist.all_gather(parts, F.pad(values, (0, width - values.shape[-1])).contiguous())
+    return torch.cat([part[..., :int(size)] for part, size in zip(parts, sizes, strict=True)], -1)
 
 
 def total(value):
@@ -71,8 +77,12 @@ def total(value):
 
 
 def agree(*flags):
-    """The largest of each flag over all processes, so that all take the same decision."""
-    return tuple(max(column) for column in zip(*objects(flags), strict=True))
+    """The largest of each integer flag over all processes, so that all take the same decision."""
+    if world_size() == 1:
+        return flags
+    values = torch.tensor(flags, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return tuple(values.tolist())
 
 
 def objects(value):

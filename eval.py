@@ -190,8 +190,8 @@ def evaluate(args):
     if not examples:
         raise preferences.DataError(f"{args.dataset}: no pairs to evaluate in split {split!r}")
     policy, base_model = load_policy_and_base(args, device, dtype)
-    packed, layout = modeling.choose_layout(policy, args.max_length)
-    print(layout)
+    layout, line = modeling.choose_layout(policy, preferences.longest(examples))
+    print(line)
     average = not args.run.get("no_length_normalization", False)
     # skipped and counts: of the pairs scored only, not of training's
     report = {"settings": {k: v for k, v in vars(args).items() if k != "run"},
@@ -200,7 +200,7 @@ def evaluate(args):
     pad_id = tokenizer.pad_token_id
     for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
         with context as model:
-            logps = modeling.pair_logps(model, examples, pad_id, args.batch_size, packed, average,
+            logps = modeling.pair_logps(model, examples, pad_id, args.batch_size, layout, average,
                                         f"scoring {name}")
         report[name] = modeling.reward_metrics(*logps, args.beta, args.gamma)
     report |= kl_to_base(policy, base_model, examples, pad_id, args.batch_size, args.chunk_size)

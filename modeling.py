@@ -183,16 +183,14 @@ def policy_logps(model, batch, average=True, chunk_size=1024):
 
 
 @torch.no_grad()
-def pair_logps(model, examples, pad_id, batch_size, packed, average=True, desc="scoring"):
+def pair_logps(model, examples, pad_id, batch_size, layout, average=True, desc="scoring"):
     """(chosen, rejected) log-probs of every pair: two (N,) float32 tensors on the CPU."""
     device = next(model.parameters()).device
     logps = []
-    longest = max((len(e["prompt"]) + max(len(e["chosen"]), len(e["rejected"])) for e in examples),
-                  default=0)
     # under torchrun, one progress bar
     for i in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False,
                   disable=parallel.rank() > 0):
-        batch = packing.build_batch(examples[i:i + batch_size], pad_id, packed, longest)
+        batch = packing.build_batch(examples[i:i + batch_size], pad_id, layout)
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             logps.append(policy_logps(model, batch, average).float().cpu().view(2, -1))
@@ -212,15 +210,19 @@ def reward_metrics(chosen_logps, rejected_logps, beta, gamma):
 
 # ---------------------------------------------------------------- the start-up check
 
-def probe_pairs(vocab_size, max_length, window):
-    """Seeded random pairs: one with a one-token prompt, one longer, one longer than the window."""
-    shapes = [(1, 8, 6), (5, 9, 12)]
-    if window and window < max_length:
-        shapes.append((min(max_length, window + 8) - 8, 8, 6))
+def probe_pairs(vocab_size, max_length):
+    """Seeded random pairs (prompt, chosen, rejected lengths) as real rows exercise the model: a
+    one-token prompt; a short pair; a long prompt read across a long chosen response; and the
+    longest packed row a run can build (packing.longest_row), whose rejected tokens sit
+    max_length − 1 places in the row after their positions. Every window shorter than max_length
+    is crossed."""
+    half = max_length // 2
+    shapes = [(1, 8, 6), (5, 9, 12), (half, max_length - half, max_length - half),
+              (1, max_length - 1, max_length - 1)]
     generator = torch.Generator().manual_seed(0)
     return [{name: torch.randint(vocab_size, (n,), generator=generator).tolist()
              for name, n in zip(("prompt", "chosen", "rejected"), shape, strict=True)}
-            for shape in shapes]
+            for shape in shapes if min(shape) > 0]
 
 
 def own_logps(model, pairs):
@@ -239,21 +241,28 @@ def own_logps(model, pairs):
 
 @torch.no_grad()
 def choose_layout(model, max_length):
-    """(packed, the line a run prints): probe pairs scored packed, padded and by the model's own
-    logits. Packed if the config allows it and it agrees; padded if not; refused if even padded
-    disagrees. Tolerance per token of average log-prob: 1e-4 in float32 (the layouts agree to
-    ~1e-5); 0.2 in 16-bit, where SmolLM2-135M's agree to 0.05 (4-bit: 0.03) and a rejected response
-    that reads its chosen one moves them by 0.6 to 1.8."""
+    """(packing.Layout, the line a run prints) for sequences (prompt + the longer response) of at
+    most `max_length` tokens, the longest the run scores: probe pairs as long as real ones scored
+    packed, padded and by the model's own logits. Packed if the config allows it and it agrees;
+    padded if not; refused if even padded disagrees, or if the sequences pass the model's
+    positions. Tolerance per token of average log-prob: 1e-4 in float32 (the layouts agree to
+    ~1e-5); 0.2 in 16-bit, where SmolLM2-135M's agree to 0.05 (4-bit: 0.03) and a rejected
+    response that reads its chosen one moves them by 0.6 to 1.8."""
     started = time.time()
     training = model.training
     config = text_config(model)
     device = next(model.parameters()).device
     embeddings = model.get_input_embeddings().weight
     tolerance = 0.2 if device.type == "cuda" or embeddings.dtype != torch.float32 else 1e-4
-    pairs = probe_pairs(embeddings.shape[0], max_length, packing.window(config))
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and max_length > positions:
+        raise UsageError(f"pairs of up to {max_length} tokens pass {config.model_type}'s "
+                         f"{positions} positions (config.max_position_embeddings): pass "
+                         f"--max-length {positions}")
+    pairs = probe_pairs(embeddings.shape[0], max_length)
 
     def distance(packed):
-        batch = packing.build_batch(pairs, 0, packed, max_length)
+        batch = packing.build_batch(pairs, 0, packing.Layout(packed, max_length))
         batch = {k: v.to(device) for k, v in batch.items()}
         return (policy_logps(model, batch) - own).abs().max().item()
 
@@ -289,6 +298,7 @@ def choose_layout(model, max_length):
         model.train(training)
     checked = f"checked against the model's own logits in {time.time() - started:.1f} s"
     if problem:
-        return False, f"batches: padded, each prompt computed twice ({problem}); {checked}"
-    return True, (f"batches: packed, each prompt computed once for chosen and rejected, no "
-                  f"padding; {checked}")
+        return (packing.Layout(False, max_length),
+                f"batches: padded, each prompt computed twice ({problem}); {checked}")
+    return packing.Layout(True, max_length), (f"batches: packed, each prompt computed once for "
+                                              f"chosen and rejected, no padding; {checked}")

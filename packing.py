@@ -3,13 +3,14 @@
 packed: each pair is one segment [prompt, chosen, rejected], its prompt computed once. Positions run
     0..P+C-1 then P..P+R-1, and the mask lets rejected tokens see the prompt but never the chosen
     ones: each token sees what it would see in its own padded row. Pairs fill as few rows of
-    1.5 × max_length tokens as hold them; only row ends are padded.
+    longest_row(max_length) tokens as hold them; only row ends are padded.
 padded: 2B right-padded rows [chosen..., rejected...], each prompt computed twice, for models whose
     layers cannot take the packed mask (modeling.choose_layout decides, on the model itself).
 Both carry `response_tokens` (2B,), the scored tokens of each sequence, and `sequence_tokens` (2B,),
 its prompt + response tokens (padding never counts).
 """
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,7 +22,20 @@ IGNORE_INDEX = -100
 ATTENTION_LAYERS = {"attention", "full_attention", "sliding_attention", "chunked_attention"}
 
 
-def build_batch(examples, pad_id, packed=True, max_length=2048):
+class Layout(NamedTuple):
+    """What modeling.choose_layout decided: packed or padded rows, for sequences (prompt + the
+    longer response) of at most `max_length` tokens, the longest the run scores."""
+    packed: bool
+    max_length: int
+
+
+def longest_row(max_length):
+    """The most tokens a packed row holds: as many as one pair can span (a one-token prompt and two
+    responses of max_length − 1 tokens), so that pairs share rows without a longer one."""
+    return 2 * max_length - 1
+
+
+def build_batch(examples, pad_id, layout):
     """Pairs ({"prompt", "chosen", "rejected"} ids; optional "unscored": how many leading ids of
     chosen and rejected are prompt text, read but not scored) -> model inputs."""
     prompts = [torch.as_tensor(e["prompt"], dtype=torch.long).reshape(-1) for e in examples]
@@ -34,9 +48,9 @@ def build_batch(examples, pad_id, packed=True, max_length=2048):
     scored = lengths[:, 1:] - torch.maximum(unscored, (lengths[:, :1] == 0).long())
     counts = dict(response_tokens=scored.T.reshape(-1),
                   sequence_tokens=(lengths[:, :1] + lengths[:, 1:]).T.reshape(-1))
-    if not packed:
+    if not layout.packed:
         return padded_rows(examples, pad_id) | counts
-    return packed_rows(prompts, responses, lengths, unscored, pad_id, max_length) | counts
+    return packed_rows(prompts, responses, lengths, unscored, pad_id, layout.max_length) | counts
 
 
 def padded_rows(examples, pad_id):
@@ -61,7 +75,7 @@ def padded_rows(examples, pad_id):
 
 def packed_rows(prompts, responses, lengths, unscored, pad_id, max_length):
     spans = lengths.sum(1).tolist()
-    limit = max(3 * max_length // 2, *spans)
+    limit = longest_row(max_length)
     order = sorted(range(len(spans)), key=lambda b: -spans[b])
     # the fewest rows that fit, filled longest pair first onto the emptiest row: nearly equal rows
     for n_rows in range(math.ceil(sum(spans) / limit), len(spans) + 1):
@@ -136,8 +150,10 @@ def window(config):
 
 def packing_problem(config, max_length):
     """Why a decoder config rules out packing (None if it does not). The 4-D mask must reach every
-    layer as given: attention layers only, no attention soft-capping, no window shorter than
-    `max_length` (the mask bypasses it)."""
+    layer as given, and nothing may read a token's place in the row instead of its position: no
+    layers but attention, no attention soft-capping, no window shorter than `max_length` (the mask
+    bypasses it), rows within the model's positions. modeling.choose_layout then checks the
+    numbers on rows as long as these."""
     other = sorted(set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYERS)
     if other:
         return (f"{config.model_type} has {'/'.join(other)} layers, whose state runs along the "
@@ -151,4 +167,15 @@ def packing_problem(config, max_length):
     if window(config) and window(config) < max_length:
         return (f"{config.model_type}'s sliding window ({window(config)}) is shorter than "
                 f"{max_length} tokens")
+    row = longest_row(max_length)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and row > positions:
+        return f"packed rows of up to {row} tokens pass {config.model_type}'s {positions} positions"
+    # GPT-Neo's local layers window by place in the row (its `bias` buffer), not by position
+    if getattr(config, "window_size", None):
+        return f"{config.model_type}'s local attention windows by place in the row"
+    # Llama-4's NoPE layers scale queries by place in the row once it reaches floor_scale
+    if getattr(config, "attn_temperature_tuning", False) and row >= config.floor_scale:
+        return (f"{config.model_type} tunes attention temperature by place in the row past "
+                f"{config.floor_scale} tokens")
     return None

@@ -427,6 +427,14 @@ class Examples:
                 for name, (ids, starts) in self.columns.items()}
 
 
+def longest(*parts):
+    """The most tokens of one sequence, prompt + the longer response, over these Examples (1 if
+    none): the length packing.Layout and the start-up check are built for."""
+    return max([1] + [int((part.lengths("prompt") + np.maximum(part.lengths("chosen"),
+                                                               part.lengths("rejected"))).max())
+                      for part in parts if len(part)])
+
+
 def _columns(tokenized):
     """What Examples reads: name -> (ids of all rows end to end, where each row starts)."""
     arrays = {name: tokenized.data.column(name).combine_chunks() for name in COLUMNS}

@@ -39,7 +39,7 @@ import simpo
 from checkpoints import StopRequested, UsageError
 
 
-def train_step(scorer, pairs, args, pad_id, packed, weight=None):
+def train_step(scorer, pairs, args, pad_id, layout, weight=None):
     """Forward and backward over one optimizer step's pairs, --micro-batch-size at a time; each
     pair's loss counts `weight` times (default 1/len(pairs): the mean). Returns the per-pair SimPO
     losses, SFT losses, chosen and rejected logps and rewards as one (6, pairs) tensor, and the
@@ -50,8 +50,7 @@ def train_step(scorer, pairs, args, pad_id, packed, weight=None):
     logs = []
     tokens = 0
     for i in range(0, len(pairs), args.micro_batch_size):
-        batch = packing.build_batch(pairs[i:i + args.micro_batch_size], pad_id, packed,
-                                    args.max_length)
+        batch = packing.build_batch(pairs[i:i + args.micro_batch_size], pad_id, layout)
         batch = {k: v.to(device) for k, v in batch.items()}
         # under torchrun, gradients are all-reduced once per step, in the last backward
         scorer.require_backward_grad_sync = i + args.micro_batch_size >= len(pairs)
@@ -80,8 +79,9 @@ def train(args):
     # bf16 compute on GPUs; bf16 is slow on CPUs
     dtype = torch.bfloat16 if device != "cpu" else torch.float32
     model = modeling.prepare_model(args, device, dtype)
-    packed, layout = modeling.choose_layout(model, args.max_length)
-    print(layout)
+    # the longest pair as truncated (at most --max-length): what rows and the check are built for
+    layout, line = modeling.choose_layout(model, preferences.longest(train_set, eval_set))
+    print(line)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     start = checkpoints.restore(model, optimizer, args.resume_from) if args.resume else 0
@@ -104,7 +104,7 @@ def train(args):
         monitor = generation.SampleMonitor(model, tokenizer, eval_set, args.sample_prompts,
                                            args.sample_max_new_tokens, args.seed, out / "samples")
     if eval_set and start == 0:
-        before = evaluate(model, eval_set, args, pad_id, packed)
+        before = evaluate(model, eval_set, args, pad_id, layout)
         logger.log(0, before | (monitor.base() if monitor else {}))
         print(f"held-out reward accuracy before training: {before['eval/rewards/accuracies']:.3f}")
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="training",
@@ -115,12 +115,12 @@ def train(args):
             lr = set_lr(optimizer, lr_at(step, total_steps, warmup_steps, args.lr))
             started = time.time()
             with checkpoints.out_of_memory_stops(pairs, args):
-                stats, tokens = train_step(scorer, pairs, args, pad_id, packed, weight)
+                stats, tokens = train_step(scorer, pairs, args, pad_id, layout, weight)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             metrics = read_step(stats, grad_norm, tokens, weight, started, lr, args)
             if finite_or_stop(metrics, step, indices, args):
                 optimizer.step()
-                metrics |= periodic(step + 1, total_steps, model, eval_set, monitor, pad_id, packed,
+                metrics |= periodic(step + 1, total_steps, model, eval_set, monitor, pad_id, layout,
                                     args)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}",
                                 tok_s=f"{metrics['tokens_per_s']:.0f}")
@@ -130,7 +130,7 @@ def train(args):
             logger.log(step + 1, metrics)
             # every N steps or minutes, and on SIGTERM / Ctrl-C
             saver.after_step(step + 1, total_steps)
-    finish(model, tokenizer, out, saver, total_steps, logger, eval_set, packed, args)
+    finish(model, tokenizer, out, saver, total_steps, logger, eval_set, layout, args)
     return out
 
 
@@ -208,11 +208,11 @@ def finite_or_stop(metrics, step, indices, args):
     return False
 
 
-def periodic(step, total_steps, model, eval_set, monitor, pad_id, packed, args):
+def periodic(step, total_steps, model, eval_set, monitor, pad_id, layout, args):
     """Held-out metrics every --eval-every steps, and generation health every --sample-every."""
     metrics = {}
     if args.eval_every and step % args.eval_every == 0 and step < total_steps and eval_set:
-        metrics |= evaluate(model, eval_set, args, pad_id, packed)
+        metrics |= evaluate(model, eval_set, args, pad_id, layout)
     if monitor and step % args.sample_every == 0:
         health, warning = monitor.round(step)
         metrics |= health
@@ -221,12 +221,12 @@ def periodic(step, total_steps, model, eval_set, monitor, pad_id, packed, args):
     return metrics
 
 
-def evaluate(model, examples, args, pad_id, packed):
+def evaluate(model, examples, args, pad_id, layout):
     """Held-out metrics; under torchrun each process scores a slice and the slices are gathered."""
     # eval: no dropout
     model.eval()
     mine = [examples[i] for i in parallel.shard(range(len(examples)))]
-    logps = torch.stack(modeling.pair_logps(model, mine, pad_id, args.micro_batch_size, packed,
+    logps = torch.stack(modeling.pair_logps(model, mine, pad_id, args.micro_batch_size, layout,
                                             not args.no_length_normalization, "evaluating"))
     logps = parallel.gather(logps.to(next(model.parameters()).device)).cpu()
     model.train()
@@ -274,7 +274,7 @@ def prepare_data(args, main_process):
     return tokenizer, train_set, eval_set
 
 
-def finish(model, tokenizer, out, saver, total_steps, logger, eval_set, packed, args):
+def finish(model, tokenizer, out, saver, total_steps, logger, eval_set, layout, args):
     """The final save, then (unless a signal came in the last step) the final evaluation."""
     saver.save_final(total_steps)
     print(f"saved to {out}")
@@ -283,7 +283,7 @@ def finish(model, tokenizer, out, saver, total_steps, logger, eval_set, packed, 
                             f"save is complete, the final evaluation skipped (python eval.py "
                             f"--adapter {out} gives it)", 128 + saver.signal)
     if eval_set:
-        after = evaluate(model, eval_set, args, tokenizer.pad_token_id, packed)
+        after = evaluate(model, eval_set, args, tokenizer.pad_token_id, layout)
         logger.log(total_steps, after)
         print(f"held-out reward accuracy after training: {after['eval/rewards/accuracies']:.3f} "
               f"(margin {after['eval/rewards/margins']:.2f}, loss {after['eval/loss']:.3f})")

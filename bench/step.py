@@ -82,14 +82,16 @@ def make_lengths(dataset, tokenizer_dir, path, max_length=2048, max_prompt_lengt
     return lengths
 
 
-def computed_tokens(lengths, micro_batch_size, packed, max_length=2048):
+def computed_tokens(lengths, micro_batch_size, packed):
     """Token positions the model runs over for these pairs, micro-batch by micro-batch, in
-    train.py's layout (packed: packing.build_batch's rows; else one padded row per sequence)."""
+    train.py's layout (packed: packing.build_batch's rows, built for the longest sequence; else
+    one padded row per sequence)."""
+    layout = packing.Layout(packed, max(p + max(c, r) for p, c, r in lengths))
     total = 0
     for i in range(0, len(lengths), micro_batch_size):
         pairs = [dict(prompt=[BOS] * p, chosen=[EOS] * c, rejected=[EOS] * r)
                  for p, c, r in lengths[i:i + micro_batch_size]]
-        total += packing.build_batch(pairs, PAD, packed, max_length)["input_ids"].numel()
+        total += packing.build_batch(pairs, PAD, layout)["input_ids"].numel()
     return total
 
 
@@ -117,7 +119,7 @@ def make_pairs(lengths, count, vocab_size, seed=0):
 
 
 def max_length(steps, args):
-    """train.py's --max-length for these pairs (it bounds the rows of the packed layout)."""
+    """train.py's --max-length for these pairs (truncation; TRL's max_length)."""
     return max([args.max_length] + [len(p["prompt"]) + len(p[side]) for step in steps for p in step
                                     for side in ("chosen", "rejected")])
 
@@ -127,9 +129,13 @@ def simpo_step_times(folder, steps, args, device, dtype, padded=False):
                     no_length_normalization=False, max_length=max_length(steps, args), **LORA)
     run = argparse.Namespace(**{**vars(args), **settings})
     model = modeling.prepare_model(run, device, dtype)
-    packed, layout = modeling.choose_layout(model, run.max_length)
+    # as train.py: rows and the check built for the longest sequence
+    longest = max(len(p["prompt"]) + len(p[side]) for step in steps for p in step
+                  for side in ("chosen", "rejected"))
+    layout, line = modeling.choose_layout(model, longest)
     # --padded: the layout of models that cannot take the packed one
-    print(layout if not padded else "batches: padded (--padded)", file=sys.stderr)
+    print(line if not padded else "batches: padded (--padded)", file=sys.stderr)
+    layout = layout._replace(packed=layout.packed and not padded)
     scorer = train.PairScorer(model)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -137,7 +143,7 @@ def simpo_step_times(folder, steps, args, device, dtype, padded=False):
     for pairs in steps:
         started = time.perf_counter()
         # exactly train.py's forward and backward
-        train.train_step(scorer, pairs, run, PAD, packed and not padded)
+        train.train_step(scorer, pairs, run, PAD, layout)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -228,8 +234,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=1, help="pairs per optimizer step")
     p.add_argument("--micro-batch-size", type=int, default=1, help="pairs per forward pass")
     p.add_argument("--max-length", type=int, default=2048,
-                   help="train.py's --max-length (at least the longest sequence): "
-                        "it bounds the rows")
+                   help="train.py's and TRL's --max-length (at least the longest sequence; "
+                        "packed rows follow the longest sequence, as in train.py)")
     p.add_argument("--trl", action="store_true",
                    help="also time TRL's CPOTrainer (pip install trl)")
     p.add_argument("--padded", action="store_true", help="also time train.py with padded batches")
@@ -279,7 +285,7 @@ def main(argv=None):
     minimum = sum(len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
     about["computed_tokens_vs_minimum"] = {
         layout: computed_tokens([tuple(map(len, p.values())) for p in pairs], args.micro_batch_size,
-                                layout == "packed", longest) / minimum
+                                layout == "packed") / minimum
         for layout in ("packed", "padded")}
     print(json.dumps(about))
     results = []

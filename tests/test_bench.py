@@ -21,7 +21,7 @@ def load_bench():
 
 def test_bench_step_writes_json(tmp_path):
     lengths = tmp_path / "lengths.json"
-    lengths.write_text(json.dumps({"lengths": [[5, 3, 7], [2, 6, 1], [9, 4, 4]]}))
+    lengths.write_text(json.dumps({"lengths": [[1, 3, 4], [1, 6, 1], [9, 4, 4]]}))
     load_bench().main(["--shape", "tiny", "--lengths", lengths, "--batch-size", 2,
                        "--micro-batch-size", 2, "--steps", 1, "--padded",
                        "--out", tmp_path / "step.json"])
@@ -30,7 +30,7 @@ def test_bench_step_writes_json(tmp_path):
     for result in (simpo, padded):
         assert result["tokens_per_s"] > 0 and result["peak_gib"] > 0 and result["device"] == "cpu"
     assert padded["project_speedup"] > 0 and padded["project_memory_ratio"] > 0
-    # 4 pairs (2 steps), 2 per forward: packed rows hold every token once
+    # 4 pairs (2 steps), 2 per forward: any two fit one packed row of 2 × 13 − 1 tokens
     computed = simpo["computed_tokens_vs_minimum"]
     assert computed["packed"] == 1 < computed["padded"]
 

@@ -62,6 +62,15 @@ FAMILIES = {
     "llama4": (lambda: transformers.Llama4TextConfig(**SHAPE, moe_layers=[],
                                                      intermediate_size_mlp=32),
                "packed"),
+    # NoPE layers whose query temperature reads the place in the row (floor_scale scaled down from
+    # 8,192, so that rows of a 24-token run reach it)
+    "llama4_tuned": (lambda: transformers.Llama4TextConfig(
+        **SHAPE, moe_layers=[], intermediate_size_mlp=32, no_rope_layers=[0, 0], floor_scale=16,
+        attn_scale=0.5, attention_chunk_size=128), "padded"),
+    # local layers that window by place in the row (its `bias` buffer), the real window_size
+    "gpt_neo": (lambda: transformers.GPTNeoConfig(
+        hidden_size=16, num_layers=2, num_heads=2, attention_types=[[["global", "local"], 1]],
+        window_size=256, max_position_embeddings=48, initializer_range=0.5), "padded"),
     # Mamba beside attention in every layer, and logits multiplied by model code: refused
     "falcon_h1": (lambda: transformers.FalconH1Config(
         **SHAPE, lm_head_multiplier=0.25, mamba_d_ssm=16, mamba_n_heads=2, mamba_d_head=8,
@@ -124,7 +133,7 @@ def load(folder):
 def test_each_family_is_scored_as_the_model_itself_scores(family, folders, examples):
     model = load(folders(family))
     packed, line = modeling.choose_layout(model, 24)
-    assert ("packed" if packed else "padded") == FAMILIES[family][1], line
+    assert ("packed" if packed.packed else "padded") == FAMILIES[family][1], line
     assert "checked against the model's own logits" in line
     chosen, rejected = modeling.pair_logps(model, examples, 0, 3, packed)
     reference = own_logps(model, examples)
@@ -135,13 +144,56 @@ def test_each_family_is_scored_as_the_model_itself_scores(family, folders, examp
     assert torch.equal(modeling.pair_logps(model, other, 0, 3, packed)[1], rejected)
 
 
-def test_the_check_itself_catches_what_the_config_does_not_say(folders, monkeypatch):
-    """A hybrid whose config says nothing about its layers: the numbers still send it to padded
-    rows."""
-    model = load(folders("lfm2"))
+@pytest.mark.parametrize("family, window_size", [("lfm2", None), ("gpt_neo", 8),
+                                                 ("llama4_tuned", None)])
+def test_the_check_itself_catches_what_the_config_does_not_say(family, window_size, folders,
+                                                               monkeypatch):
+    """A hybrid whose config says nothing about its layers, a window by place in the row, a query
+    temperature by place in the row: with the config's rules off, the numbers of rows as long as
+    a run builds still send each to padded rows."""
+    model = load(folders(family))
+    if window_size:
+        for module in model.modules():
+            if hasattr(module, "bias") and getattr(module, "attention_type", "") == "local":
+                module.bias = torch.tril(module.bias) & ~torch.tril(module.bias, -window_size)
     monkeypatch.setattr(packing, "packing_problem", lambda *_: None)
     packed, line = modeling.choose_layout(model, 24)
-    assert not packed and "packed layout changes this model's numbers" in line
+    assert not packed.packed and "packed layout changes this model's numbers" in line
+
+
+def test_gpt_neo_trains_at_max_length_equal_to_its_positions(folders, tmp_path, capsys):
+    """Packed rows would pass GPT-Neo's 48 positions (its `bias` buffer) and crash: padded rows
+    stay within them, with pairs as long as --max-length allows."""
+    words = " ".join(demo.WORDS * 2)
+    rows = [{"prompt": f"shout: {words}", "chosen": words.upper(), "rejected": words}] * 4
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    code, out, err = run(small_args(folders("gpt_neo"), dataset, tmp_path / "run", "--max-steps", 1,
+                                    "--max-length", 48, "--max-prompt-length", 24), capsys)
+    assert code == 0, err
+    assert "batches: padded" in out and "checked against the model's own logits in" in out
+    code, _, err = run(small_args(folders("gpt_neo"), dataset, tmp_path / "too-long",
+                                  "--max-length", 49), capsys)
+    assert code == 2 and "up to 49 tokens pass gpt_neo's 48 positions" in error_line(err)
+    assert not (tmp_path / "too-long").exists()
+
+
+def test_packed_rows_stay_within_the_models_positions(folders):
+    config = modeling.text_config(load(folders("llama")))
+    assert packing.packing_problem(config, 1024) is None  # rows of 2047 tokens in 2048 positions
+    assert "rows of up to 2049 tokens pass llama's 2048" in packing.packing_problem(config, 1025)
+
+
+def test_the_check_refuses_logits_changed_after_the_last_layer(folders):
+    """A hook that moves one logit by 0.01 in float32: simpo's numbers would differ from the
+    model's own by ~1e-3 per token, ten times the tolerance."""
+    model = load(folders("llama"))
+    head = model.get_output_embeddings()
+
+    def nudge(module, inputs, output):
+        return output + torch.nn.functional.one_hot(torch.tensor(3), output.shape[-1]) * 0.01
+    head.register_forward_hook(nudge)
+    with pytest.raises(modeling.UsageError, match="differ from the model's own logits"):
+        modeling.choose_layout(model, 24)
 
 
 def test_multimodal_lora_trains_the_language_model_only(folders, examples):
@@ -155,7 +207,7 @@ def test_multimodal_lora_trains_the_language_model_only(folders, examples):
             torch.nn.init.normal_(parameter)
     args = train.parse_args(["--micro-batch-size", "2", "--max-length", "24",
                              "--max-prompt-length", "12"])
-    train.train_step(train.PairScorer(model), examples, args, 0, packed=False)
+    train.train_step(train.PairScorer(model), examples, args, 0, packing.Layout(False, 24))
     assert all(p.grad is not None and p.grad.abs().sum() > 0
                for p in model.parameters() if p.requires_grad)
 
@@ -259,7 +311,8 @@ def test_mistral_prompt_end_is_never_scored():
     with torch.no_grad():
         reference = torch.cat([own_logps(model, [moved])[0], own_logps(model, [example])[1]])
         for packed in (True, False):
-            logps = torch.cat(modeling.pair_logps(model, [example], 0, 1, packed))
+            logps = torch.cat(modeling.pair_logps(model, [example], 0, 1,
+                                                       packing.Layout(packed, 96)))
             torch.testing.assert_close(logps, reference, atol=1e-5, rtol=0)
 
 
@@ -339,9 +392,20 @@ def test_resume_keeps_whole_metrics_lines_and_drops_a_torn_one(finished_run, tmp
     assert steps == [0, 1, 2, 2]  # held-out at 0, steps 1 and 2, held-out at the end
 
 
-def test_probe_pairs_cross_a_declared_window():
-    pairs = modeling.probe_pairs(50, 64, window=8)
-    assert max(len(p["prompt"]) + len(p["chosen"]) for p in pairs) > 8
+@pytest.mark.parametrize("window", [2, 8, 20, 63])
+def test_probe_pairs_cross_every_window_shorter_than_max_length(window):
+    pairs = modeling.probe_pairs(50, 64)
+    assert max(len(p["prompt"]) + len(p["chosen"]) for p in pairs) > window
     assert all(len(p["prompt"]) + max(len(p["chosen"]), len(p["rejected"])) <= 64 for p in pairs)
     assert all(0 <= t < 50 for p in pairs for ids in p.values() for t in ids)
-    assert modeling.probe_pairs(50, 64, window=8) == pairs  # seeded: the same check every time
+    assert modeling.probe_pairs(50, 64) == pairs  # seeded: the same check every time
+
+
+def test_probe_pairs_build_the_longest_packed_row():
+    """A row of packing.longest_row tokens, with the rejected tokens max_length − 1 places in the
+    row after their positions: what a real row can reach."""
+    batch = packing.build_batch(modeling.probe_pairs(50, 64), 0, packing.Layout(True, 64))
+    assert batch["input_ids"].shape[1] == packing.longest_row(64) == 127
+    places = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["position_ids"])
+    rejected = batch["side"] == 2
+    assert (places - batch["position_ids"])[rejected].max() >= 63

@@ -179,7 +179,8 @@ def test_step_gradient_equals_a_float64_reference(examples, tokenizer, average, 
     model = tiny_model(vocab_size=len(tokenizer))
     args = train_args(no_length_normalization=not average, sft_weight=sft_weight)
     reference = float64_step_gradients(model, examples, args)
-    train.train_step(train.PairScorer(model), examples, args, tokenizer.pad_token_id, packed=True)
+    train.train_step(train.PairScorer(model), examples, args, tokenizer.pad_token_id,
+                     packing.Layout(True, args.max_length))
     grads = lora_grads(model)
     assert grads.keys() == reference.keys()
     assert all(g.abs().max() > 0 for g in grads.values())
@@ -197,7 +198,7 @@ def test_packed_layout_rows_and_positions():
                 dict(prompt=np.array([7]), chosen=[8], rejected=[9, 10]),
                 dict(prompt=[11, 12, 13], chosen=[14, 15], rejected=[16, 17])]
     # rows of 7 tokens at most
-    batch = packing.build_batch(examples, pad_id=0, packed=True, max_length=5)
+    batch = packing.build_batch(examples, 0, packing.Layout(True, 5))
     # longest first: pair 2 (7 tokens) alone, then pairs 0 (6) and 1 (4) cannot share a row of 7
     assert batch["input_ids"].tolist() == [[11, 12, 13, 14, 15, 16, 17], [1, 2, 3, 4, 5, 6, 0],
                                            [7, 8, 9, 10, 0, 0, 0]]
@@ -223,7 +224,8 @@ def test_packed_layout_rows_and_positions():
     # no empty row (padding sees itself)
     assert packing.attention_inputs(batch)["attention_mask"].any(-1).all()
     # one row, no padding
-    assert packing.build_batch(examples, 0, True)["input_ids"].shape == (1, 17)
+    layout = packing.Layout(True, 2048)
+    assert packing.build_batch(examples, 0, layout)["input_ids"].shape == (1, 17)
 
 
 def test_pairs_sharing_a_row_never_see_each_other(tokenizer):
@@ -232,7 +234,7 @@ def test_pairs_sharing_a_row_never_see_each_other(tokenizer):
     examples = [dict(prompt=[11, 12], chosen=[13], rejected=[14]),
                 dict(prompt=[15], chosen=[16, 17], rejected=[18]),
                 dict(prompt=[19], chosen=[20], rejected=[21])]
-    batch = packing.build_batch(examples, pad_id=0, packed=True, max_length=64)
+    batch = packing.build_batch(examples, 0, packing.Layout(True, 64))
     assert batch["input_ids"].tolist() == [list(range(11, 22))]  # one row: pairs 0, 1, 2 in order
     mask = packing.attention_inputs(batch)["attention_mask"]
     assert mask[0, 0].int().tolist() == [
@@ -255,7 +257,7 @@ def test_pairs_sharing_a_row_never_see_each_other(tokenizer):
     model = tiny_model(vocab_size=len(tokenizer)).eval()
     with torch.no_grad():
         packed = modeling.policy_logps(model, batch).view(2, 3)  # [chosen..., rejected...]
-        alone = [modeling.policy_logps(model, packing.build_batch([e], 0, packed=True))
+        alone = [modeling.policy_logps(model, packing.build_batch([e], 0, packing.Layout(True, 64)))
                  for e in examples]
     torch.testing.assert_close(packed, torch.stack(alone, 1), atol=1e-6, rtol=0)
 
@@ -266,7 +268,8 @@ def test_many_rows_and_empty_prompt_equal_padded(examples, tokenizer):
     model = tiny_model(vocab_size=len(tokenizer))
     examples = examples + [dict(prompt=[], chosen=[5, 6, 7], rejected=np.array([8, 9]))]
     args = train_args(max_length=12, micro_batch_size=7)
-    assert packing.build_batch(examples, 0, True, args.max_length)["input_ids"].shape[0] > 2
+    layout = packing.Layout(True, args.max_length)
+    assert packing.build_batch(examples, 0, layout)["input_ids"].shape[0] > 2
     assert_same_as_padded(model, examples, args, tokenizer.pad_token_id)
 
 
@@ -300,17 +303,19 @@ def test_fallback_to_padded(examples, tokenizer):
         assert modeling.choose_layout(model, args.max_length)[1].startswith("batches: padded")
         assert_same_as_padded(model, examples, args, tokenizer.pad_token_id)
     with torch.no_grad():  # the packed layout itself, forced: the window is lost
-        padded = modeling.policy_logps(mistral, packing.build_batch(examples, 0, packed=False))
-        packed = modeling.policy_logps(mistral, packing.build_batch(examples, 0, packed=True))
+        padded, packed = (modeling.policy_logps(mistral, packing.build_batch(
+            examples, 0, packing.Layout(packed, 2048))) for packed in (False, True))
     assert (padded - packed).abs().max() > 1e-3
-    llama = tiny_model(vocab_size=len(tokenizer))
+    # packed rows of up to 4,095 tokens fit the model's 4,096 positions
+    llama = tiny_model(vocab_size=len(tokenizer), max_position_embeddings=4096)
     assert modeling.choose_layout(llama, 2048)[1].startswith("batches: packed")
 
 
 def test_pair_logps_uses_packed_layout(examples, tokenizer):
     """eval's scoring (no gradients) equals the padded layout's, numpy ids included."""
     model = tiny_model(vocab_size=len(tokenizer)).eval()
-    chosen, rejected = modeling.pair_logps(model, examples, tokenizer.pad_token_id, 4, packed=True)
+    chosen, rejected = modeling.pair_logps(model, examples, tokenizer.pad_token_id, 4,
+                                           packing.Layout(True, 64))
     lists = [{k: [int(t) for t in v] for k, v in e.items()} for e in examples]
     with torch.no_grad():
         reference = [modeling.policy_logps(model, packing.padded_rows(lists[i:i + 4],

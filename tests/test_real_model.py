@@ -78,12 +78,12 @@ def test_packed_equals_padded_equals_the_models_own_logits(model, tokenizer, pai
     pad_id = tokenizer.pad_token_id
     with torch.no_grad():
         own = modeling.own_logps(model, pairs)
-        packed = modeling.policy_logps(model, packing.build_batch(pairs, pad_id, True, 96))
-        padded = modeling.policy_logps(model, packing.build_batch(pairs, pad_id, False, 96))
+        packed, padded = (modeling.policy_logps(model, packing.build_batch(
+            pairs, pad_id, packing.Layout(packed, 96))) for packed in (True, False))
     torch.testing.assert_close(packed, own, atol=1e-4, rtol=0)
     torch.testing.assert_close(padded, own, atol=1e-4, rtol=0)
-    assert modeling.choose_layout(model, 96)[0]  # packed, checked on the model itself
-    chosen, rejected = modeling.pair_logps(model, pairs, pad_id, 2, True)
+    assert modeling.choose_layout(model, 96)[0].packed  # packed, checked on the model itself
+    chosen, rejected = modeling.pair_logps(model, pairs, pad_id, 2, packing.Layout(True, 96))
     torch.testing.assert_close(torch.cat([chosen, rejected]), own, atol=1e-4, rtol=0)
 
 

@@ -215,6 +215,9 @@ class Checkpointer(StopFlag):
         self.save_seconds = 60 * save_minutes
         self.keep = keep
         self.last_save = time.monotonic()
+        # a finished run resumed: its final save is the only copy of its step (read before any
+        # process writes, so all take the same decision in save_final)
+        self.final_save_exists = (self.run_dir / "checkpoint.json").is_file()
         # what a crash while saving left behind
         for leftover in self.run_dir.glob(".tmp-checkpoint-*") if parallel.rank() == 0 else []:
             shutil.rmtree(leftover)
@@ -240,15 +243,23 @@ class Checkpointer(StopFlag):
 
     def save_final(self, step):
         """Into the run folder itself, where eval.py and PeftModel look; its marker goes first, so
-        --resume never trusts a save a crash cut short. Called in every process (RNG states)."""
+        --resume never trusts a save a crash cut short. Over an earlier final save (a finished run
+        resumed) a checkpoint comes first: a crash then still leaves this step to resume from.
+        Called in every process (RNG states)."""
+        if self.final_save_exists:
+            # one more than `keep`: this copy goes once the final save is whole
+            self.save(step, self.keep + 1)
         state = training_state(self.model, self.optimizer, step)
         if parallel.rank() == 0:
             (self.run_dir / "checkpoint.json").unlink(missing_ok=True)
             write(self.model, self.tokenizer, self.run_dir, state)
+            if self.final_save_exists:
+                shutil.rmtree(self.run_dir / f"checkpoint-{step}")
 
-    def save(self, step):
+    def save(self, step, keep=None):
         """checkpoint-<step>/ via a temporary folder renamed into place, so a crash leaves the older
-        ones intact; the newest `keep` stay. Called in every process (RNG states); one writes."""
+        ones intact; the newest `keep` (default: the run's) stay. Called in every process (RNG
+        states); one writes."""
         state = training_state(self.model, self.optimizer, step)
         # the clock restarts when the checkpoint starts
         self.last_save = time.monotonic()
@@ -261,7 +272,7 @@ class Checkpointer(StopFlag):
         shutil.rmtree(final, ignore_errors=True)
         temporary.replace(final)
         saves = sorted((s, f) for s, f in saved_steps(self.run_dir).items() if f != self.run_dir)
-        for _, old in saves[:-self.keep]:
+        for _, old in saves[:-(keep or self.keep)]:
             shutil.rmtree(old)
 
 

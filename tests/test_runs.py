@@ -65,11 +65,11 @@ def test_a_signal_saves_a_checkpoint_and_resume_matches(signum, model_dir, unint
                                 *map(str, long_run(model_dir, dataset, out))],
                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:  # a few steps in, then the signal
-        if (out / "metrics.jsonl").is_file() and len(metrics(out)) >= 3:
-            break
+    # a few steps in (however long loading takes), then the signal
+    while process.poll() is None and not (
+            (out / "metrics.jsonl").is_file() and len(metrics(out)) >= 3):
         time.sleep(0.05)
+    assert process.poll() is None, process.communicate()[1]
     process.send_signal(signum)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signum, err
@@ -156,6 +156,35 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(model_dir, tmp_path
     assert code == 0, err
     assert "(step 2)" in stdout and not (out / ".tmp-checkpoint-4").exists()
     assert_adapters_close(adapter(tmp_path / "whole"), adapter(out), atol=1e-6)
+
+
+def test_a_crash_in_the_final_save_of_a_resumed_finished_run_leaves_a_step_to_resume(
+        model_dir, tmp_path, capsys, monkeypatch):
+    """A finished run resumed for more steps: its final save is overwritten by the new one. A crash
+    halfway through that write must leave a complete save of the new last step, not only older
+    checkpoints."""
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(16))
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    for folder in (whole, out):
+        assert run(long_run(model_dir, dataset, folder, "--max-steps", 2), capsys)[0] == 0
+    assert run(["--resume", whole, "--max-steps", 4], capsys)[0] == 0
+    real_write = checkpoints.write
+
+    def write_that_dies_in_the_run_folder(model, tokenizer, folder, state):
+        if Path(folder) == out:
+            (out / "adapter_model.safetensors").write_bytes(b"half a file")
+            raise SystemExit("killed")
+        return real_write(model, tokenizer, folder, state)
+
+    monkeypatch.setattr(checkpoints, "write", write_that_dies_in_the_run_folder)
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(out), "--max-steps", "4"])
+    monkeypatch.undo()
+    assert max(checkpoints.saved_steps(out)) == 4
+    code, stdout, err = run(["--resume", out, "--max-steps", 4], capsys)
+    assert code == 0, err
+    assert "(step 4)" in stdout and max(checkpoints.saved_steps(out)) == 4
+    assert_adapters_close(adapter(whole), adapter(out), atol=1e-6)
 
 
 def file_states(folder):

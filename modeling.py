@@ -212,13 +212,11 @@ def reward_metrics(chosen_logps, rejected_logps, beta, gamma):
 
 def probe_pairs(vocab_size, max_length):
     """Seeded random pairs (prompt, chosen, rejected lengths) as real rows exercise the model: a
-    one-token prompt; a short pair; a long prompt read across a long chosen response; and the
-    longest packed row a run can build (packing.longest_row), whose rejected tokens sit
-    max_length − 1 places in the row after their positions. Every window shorter than max_length
-    is crossed."""
-    half = max_length // 2
-    shapes = [(1, 8, 6), (5, 9, 12), (half, max_length - half, max_length - half),
-              (1, max_length - 1, max_length - 1)]
+    one-token prompt, a short pair, and the longest packed row a run can build
+    (packing.longest_row), whose rejected tokens read the prompt across a chosen response that
+    crosses any window shorter than max_length, max_length − 1 places in the row after their
+    positions."""
+    shapes = [(1, 8, 6), (5, 9, 12), (1, max_length - 1, max_length - 1)]
     generator = torch.Generator().manual_seed(0)
     return [{name: torch.randint(vocab_size, (n,), generator=generator).tolist()
              for name, n in zip(("prompt", "chosen", "rejected"), shape, strict=True)}

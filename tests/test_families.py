@@ -11,6 +11,7 @@ import shutil
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -177,6 +178,45 @@ def test_gpt_neo_trains_at_max_length_equal_to_its_positions(folders, tmp_path, 
                                   "--max-length", 49), capsys)
     assert code == 2 and "up to 49 tokens pass gpt_neo's 48 positions" in error_line(err)
     assert not (tmp_path / "too-long").exists()
+
+
+def test_held_out_pairs_longer_than_training_pairs_are_checked_too(folders, tmp_path, capsys):
+    """The check and the rows are built for the longest pair of both parts: held-out pairs past
+    GPT-Neo's 48 positions are refused before any work, not a crash at the first evaluation."""
+    words = " ".join(demo.WORDS * 2)
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", standard_rows(4))
+    write_jsonl(data / "test.jsonl", [{"prompt": "shout: apple", "chosen": words.upper(),
+                                       "rejected": words}] * 2)
+    code, _, err = run(small_args(folders("gpt_neo"), data, tmp_path / "run", "--max-steps", 1,
+                                  "--eval-split", "test", "--max-length", 64), capsys)
+    assert code == 2 and "pass gpt_neo's 48 positions" in error_line(err)
+
+
+def test_the_check_runs_without_dropout_and_restores_the_mode(folders):
+    """LoRA dropout 0.5 in train mode would move every number: the check must score in eval mode,
+    and hand the model back in the mode it was given."""
+    model = modeling.add_lora(modeling.load_model(folders("llama")), train.parse_args(
+        ["--model", "x", "--dataset", "x", "--lora-r", "4", "--lora-dropout", "0.5"])).train()
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # fresh LoRA B is zero: dropout on its input would change nothing
+            torch.nn.init.normal_(parameter)
+    layout, line = modeling.choose_layout(model, 24)
+    assert layout.packed, line
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_longest_is_the_prompt_and_the_longer_response_over_all_parts():
+    def examples(prompt, chosen, rejected):
+        columns = {name: (np.zeros(sum(lengths), np.int32), np.cumsum([0, *lengths]))
+                   for name, lengths in (("prompt", prompt), ("chosen", chosen),
+                                         ("rejected", rejected), ("unscored", [2, 2]))}
+        return preferences.Examples(columns, np.arange(2))
+    train_set = examples([3, 5], [4, 1], [2, 7])
+    assert preferences.longest(train_set) == 12
+    assert preferences.longest(train_set, examples([9, 1], [2, 2], [8, 1])) == 17
+    assert preferences.longest() == 1
 
 
 def test_packed_rows_stay_within_the_models_positions(folders):

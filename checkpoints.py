@@ -27,8 +27,9 @@ FIXED_BY_THE_RUN = ("model", "full", "load_in_4bit", "lora_r", "lora_alpha", "lo
                     "sft_weight", "no_length_normalization", "batch_size", "seed", "world_size")
 
 
-class UsageError(ValueError):
-    """A bad flag, or an output folder in the way: one line, exit code 2."""
+class UsageError(argparse.ArgumentTypeError, ValueError):
+    """A bad flag, or an output folder in the way: one line, exit code 2. Raised by an argparse
+    `type=`, its message is the one argparse shows."""
 
 
 class StopRequested(Exception):
@@ -167,6 +168,8 @@ def training_state(model, optimizer, step):
 def write(model, tokenizer, folder, state):
     """Adapter (or model) in the usual format, tokenizer and training state, into `folder`."""
     model.save_pretrained(folder)
+    # peft's model card is a template of "More Information Needed"
+    (Path(folder) / "README.md").unlink(missing_ok=True)
     tokenizer.save_pretrained(folder)
     # transformers 5 does not save `legacy`; a SentencePiece tokenizer (Mistral, Llama-2) reloaded
     # without it puts "▁" after a special token, tokenizing differently from the model's own.
@@ -334,7 +337,8 @@ def open_run_folder(args, start, main_process):
     args.output_dir = str(out)
     if args.resume:
         changed = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                   if k in args.run_config and args.run_config[k] != v and k != "output_dir"]
+                   if k in args.run_config and args.run_config[k] != v
+                   and k not in ("output_dir", "demo")]
         print("continuing with " + (", ".join(changed) or "the run's settings"))
     config = {k: v for k, v in vars(args).items()
               if k not in ("resume", "overwrite", "run_config", "resume_from")}

@@ -87,4 +87,7 @@ def build_tiny_model(folder, words=WORDS, hidden_size=64, num_layers=2, seed=0):
 
 
 if __name__ == "__main__":
+    import argparse
+    # --help describes and writes nothing
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     print(f"wrote {write_data()} and its -chat twin")

@@ -35,13 +35,31 @@ def read_chat_template(value):
     """--chat-template: a Jinja template, given as its text or as a file."""
     if value and "{{" not in value and "{%" not in value:
         if not Path(value).is_file():
-            raise UsageError(f"--chat-template {value}: neither a file nor a Jinja template")
+            raise UsageError(f"{value}: neither a file nor a Jinja template")
         value = Path(value).read_text()
     return value
 
 
+def looks_local(name):
+    """A path, not a hub id ("org/name"): it starts with . / ~, has more than one /, or its parent
+    folder exists here."""
+    name, path = str(name), Path(name)
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1
+            or (path.parent != Path(".") and path.parent.is_dir()))
+
+
+def missing_folder(flag, name):
+    """The one-line error of a local path that is not there (the hub would answer "couldn't
+    connect"), or None."""
+    if looks_local(name) and not Path(name).expanduser().exists():
+        return UsageError(f"{flag} {name}: no such folder")
+    return None
+
+
 def load_tokenizer(name, chat_template=None, trust_remote_code=False):
     from transformers import AutoTokenizer
+    if error := missing_folder("--model", name):
+        raise error
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:

@@ -2,9 +2,10 @@
 
 This file imports only torch, so you can copy it next to your own trainer and write:
 
-    hidden = model.model(input_ids, attention_mask=mask).last_hidden_state    # (2B, T, H)
+    # a transformers causal LM, peft-wrapped or not: its decoder gives final hidden states
+    hidden = model.get_decoder()(input_ids, attention_mask=mask).last_hidden_state   # (2B, T, H)
     # (2B,) average log-probs; the batch is [chosen..., rejected...]
-    logps = simpo.chunked_sequence_logps(hidden, model.lm_head.weight, labels)
+    logps = simpo.chunked_sequence_logps(hidden, model.get_output_embeddings().weight, labels)
     chosen_logps, rejected_logps = logps.chunk(2)
     losses, chosen_rewards, rejected_rewards = simpo.simpo_loss(
         chosen_logps, rejected_logps, beta=2.5, gamma=1.4)

@@ -3,6 +3,8 @@ The committed length profile is what the real pairs give, and on it the packed l
 most 1.05x the minimum token positions at micro-batches of 2 and 4."""
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,19 @@ def test_length_profile_is_the_real_pairs(tmp_path):
                                         tmp_path / "l.json")
     assert [list(pair) for pair in load_bench().load_lengths(PROFILE)] == lengths
     assert (tmp_path / "l.json").read_text() == PROFILE.read_text()
+
+
+def test_the_real_model_bench_keeps_the_committed_numbers_unless_asked():
+    spec = importlib.util.spec_from_file_location("real_model", REPO / "bench" / "real_model.py")
+    real_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real_model)
+    assert real_model.parse_args([]).out == "runs/real-model.json"
+
+
+def test_demo_help_writes_nothing():
+    files = sorted((REPO / "data").rglob("*.jsonl"))
+    before = [f.stat().st_mtime_ns for f in files]
+    result = subprocess.run([sys.executable, "demo.py", "--help"], cwd=REPO, capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and "toy preference" in result.stdout
+    assert [f.stat().st_mtime_ns for f in files] == before

@@ -507,3 +507,12 @@ def test_ctrl_c_in_the_final_evaluation_stops_the_run(model_dir, tmp_path, capsy
     assert code == 130 and "interrupted: the run folder keeps its last complete save" in err
     assert "Traceback" not in err
     assert checkpoints.saved_steps(out) == {2: out}  # the final save came before the evaluation
+
+
+def test_a_demo_run_resumes_naming_only_the_flags_that_changed(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, _, err = run(["--output-dir", out, "--max-steps", 2, "--save-every", 1], capsys)
+    assert code == 0, err
+    code, stdout, err = run(["--resume", out, "--max-steps", 3], capsys)
+    assert code == 0, err
+    assert "continuing with --max-steps 3\n" in stdout and "--demo" not in stdout

@@ -1,6 +1,7 @@
 import math
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -298,3 +299,26 @@ def test_import_does_not_pull_in_transformers():
                             cwd=Path(__file__).resolve().parent.parent,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_the_module_docstring_example_runs_on_plain_and_peft_models(wrapped):
+    """The lines simpo.py offers for copying, run as written: a plain causal LM and a peft one."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1))
+    if wrapped:
+        model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
+    input_ids = torch.randint(40, (4, 9))
+    mask = torch.ones_like(input_ids)
+    labels = input_ids.masked_fill(torch.arange(9) < 4, -100)
+    example = simpo.__doc__.split("write:\n\n")[1].split("\n\n")[0]
+    scope = {"model": model, "input_ids": input_ids, "mask": mask, "labels": labels,
+             "simpo": simpo}
+    exec(textwrap.dedent(example), scope)
+    reference = simpo.sequence_logps(model(input_ids, attention_mask=mask).logits, labels)
+    torch.testing.assert_close(scope["logps"], reference, atol=1e-5, rtol=0)
+    assert scope["losses"].shape == (2,)

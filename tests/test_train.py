@@ -872,11 +872,30 @@ def test_output_dir_that_is_a_file(model_dir, tmp_path, capsys):
     assert code == 2 and str(out) in error_line(err)
 
 
-def test_missing_model_folder(tmp_path, capsys):
+@pytest.mark.parametrize("relative", [False, True])
+def test_missing_model_folder(relative, tmp_path, capsys, monkeypatch):
+    """A mistyped folder is "no such folder", not the hub's "couldn't connect": absolute, or
+    relative below a folder that exists (runs/typo, not org/name)."""
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
     model = tmp_path / "no-such-model"
+    if relative:
+        monkeypatch.chdir(tmp_path.parent)
+        model = Path(tmp_path.name) / "no-such-model"
     code, _, err = run(small_args(str(model), dataset, tmp_path / "run", "--max-steps", 1), capsys)
-    assert code == 2 and str(model) in error_line(err)
+    assert code == 2 and f"--model {model}: no such folder" in error_line(err)
+
+
+def test_a_missing_chat_template_file_says_so(model_dir, tmp_path, capsys):
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
+    code, _, err = run(small_args(model_dir, dataset, tmp_path / "run", "--chat-template",
+                                  "no-such.jinja"), capsys)
+    assert code == 2
+    assert "--chat-template: no-such.jinja: neither a file nor a Jinja template" in error_line(err)
+
+
+def test_run_folders_hold_no_empty_model_card(demo_run):
+    assert not (demo_run.run / "README.md").exists()
+    assert not (demo_run.run / "checkpoint-64" / "README.md").exists()
 
 
 # ------------------------------------------------- gradient checkpointing, periodic eval, report-to

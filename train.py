@@ -271,7 +271,19 @@ def prepare_data(args, main_process):
     args.data_fingerprint = train_set.fingerprint()
     # again with the data's fingerprint
     checkpoints.refuse_conflicts(args)
+    for line in data_notes(tokenizer, train_set, args):
+        print(f"note: {line}")
     return tokenizer, train_set, eval_set
+
+
+def data_notes(tokenizer, train_set, args):
+    """What a run would otherwise do silently with data that fits it badly."""
+    if len(train_set) < args.batch_size:
+        yield (f"{len(train_set)} training pairs, fewer than --batch-size {args.batch_size}: each "
+               f"step takes them all, one step per epoch")
+    if tokenizer.chat_template is None:
+        yield (f"{args.model} has no chat template: each pair is plain text (BOS, the prompt, then "
+               f"each response and EOS); a chat model wants its template (--chat-template)")
 
 
 def finish(model, tokenizer, out, saver, total_steps, logger, eval_set, layout, args):

@@ -1024,3 +1024,17 @@ def test_resuming_a_finished_run_changes_nothing(model_dir, tmp_path, capsys):
     assert code == 0, err
     assert "finished all 2 steps already" in stdout
     assert before == {name: (out / name).read_bytes() for name in before}
+
+
+def test_data_that_fits_the_run_badly_gets_a_note(model_dir, model_without_template, tmp_path,
+                                                 capsys):
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(4))
+    code, out, err = run(small_args(model_without_template, dataset, tmp_path / "plain",
+                                    "--max-steps", 1, "--batch-size", 32), capsys)
+    assert code == 0, err
+    assert "note: 4 training pairs, fewer than --batch-size 32" in out
+    assert f"note: {model_without_template} has no chat template: each pair is plain text" in out
+    code, out, err = run(small_args(model_dir, dataset, tmp_path / "chat", "--max-steps", 1),
+                         capsys)
+    assert code == 0, err
+    assert "note:" not in out

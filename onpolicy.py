@@ -202,6 +202,13 @@ def judge_batch(reward, prompts, answers, tokenizer, args):
     return records
 
 
+def held_out(prompts, fraction, seed):
+    """The indices of the test prompts: a `fraction` of `prompts`, at least one unless `fraction` is
+    0, drawn by `seed` alone, so a resumed run holds out what one run holds out."""
+    count = max(1, round(prompts * fraction)) if fraction else 0
+    return set(random.Random(seed).sample(range(prompts), count))
+
+
 def sample_all(args, out, prompts, prompt_ids, done, tokenizer):
     """Sample, score and append to OUT/samples.jsonl every prompt from `done` on."""
     cuda = torch.cuda.is_available()
@@ -214,8 +221,7 @@ def sample_all(args, out, prompts, prompt_ids, done, tokenizer):
     model.generation_config = config
     reward = judge.load(args.reward_model, args.load_in_4bit, dtype, device, args.trust_remote_code,
                         "--reward-model")
-    count = max(1, round(len(prompts) * args.test_fraction)) if args.test_fraction else 0
-    test = set(random.Random(args.seed).sample(range(len(prompts)), count))
+    test = held_out(len(prompts), args.test_fraction, args.seed)
     started, tokens = time.monotonic(), 0
     bar = tqdm(total=len(prompts), initial=done, desc="prompts", unit="prompt")
     stop_flag = checkpoints.StopFlag("finishing this batch of prompts, then stopping")

@@ -158,6 +158,14 @@ def test_cut_and_empty_answers_are_left_out_and_never_scored(setup, monkeypatch)
     assert record["left_out"] == "tie" and record["chosen"] is None
 
 
+def test_the_test_prompts_are_a_seeded_fraction_and_never_none_by_rounding():
+    assert len(onpolicy.held_out(10, 0.4, 1)) == 4 and onpolicy.held_out(10, 0.0, 1) == set()
+    # 10 × 0.01 rounds to 0: still one
+    assert len(onpolicy.held_out(10, 0.01, 1)) == 1
+    assert onpolicy.held_out(10, 0.4, 1) == onpolicy.held_out(10, 0.4, 1) <= set(range(10))
+    assert len({frozenset(onpolicy.held_out(10, 0.4, seed)) for seed in range(5)}) > 1
+
+
 def test_whitespace_only_and_non_finite_answers_are_left_out(monkeypatch):
     """A text of spaces and newlines is empty, never scored; a NaN or ±inf reward leaves the answer
     out with no score."""
@@ -275,7 +283,7 @@ def test_a_run_pairs_every_prompt_once_in_order_and_counts_what_it_leaves_out(se
     # batches of 3 prompts × 4 answers: seed + 12 per batch, and each batch on disk before the next
     assert scripted.seeds == [1, 13, 25, 37]
     assert scripted.lines_at_fsync == [3, 6, 9, 10]
-    assert sum(r["split"] == "test" for r in lines) == 4  # 40 % of 10 prompts
+    assert {i for i, r in enumerate(lines) if r["split"] == "test"} == onpolicy.held_out(10, 0.4, 1)
     pairs = {split: [json.loads(line)
                      for line in (scripted.out / f"{split}.jsonl").read_text().splitlines()]
              for split in ("train", "test")}

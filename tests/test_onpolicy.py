@@ -163,7 +163,8 @@ def test_the_test_prompts_are_a_seeded_fraction_and_never_none_by_rounding():
     # 10 × 0.01 rounds to 0: still one
     assert len(onpolicy.held_out(10, 0.01, 1)) == 1
     assert onpolicy.held_out(10, 0.4, 1) == onpolicy.held_out(10, 0.4, 1) <= set(range(10))
-    assert len({frozenset(onpolicy.held_out(10, 0.4, seed)) for seed in range(5)}) > 1
+    # any prompt, as the seed draws
+    assert set().union(*(onpolicy.held_out(10, 0.4, seed) for seed in range(20))) == set(range(10))
 
 
 def test_whitespace_only_and_non_finite_answers_are_left_out(monkeypatch):

@@ -7,21 +7,30 @@ The reward model is an `AutoModelForSequenceClassification` with one output per 
 model with its own output type (ArmoRM's `output.score`) runs its code only with
 --trust-remote-code. Each conversation is rendered with the reward model's own chat template.
 
-`compare` takes the rewards of the policy's and the base's answers to the same n prompts:
-- win rate: the mean over prompts of σ(r_policy − r_base), the probability that the judge prefers
-  the policy's answer (Bradley–Terry), with its standard error sd/√n; `wins` counts the prompts
-  where r_policy > r_base.
-- length-controlled win rate: AlpacaEval 2's GLM (Dubois et al. 2024) with the length term only. Fit
+`compare` takes the rewards of the policy's and the base's answers to the same prompts. A prompt
+where either reward is not finite (NaN, ±inf) says nothing about which answer is better: it is left
+out and counted. Of the n others:
+- win rate: soft, the mean over prompts of σ(r_policy − r_base), the probability that the judge
+  prefers the policy's answer (Bradley–Terry); a tie counts half. Its standard error is sd/√n.
+  `wins` counts the prompts where r_policy > r_base, `ties` those where the rewards are equal.
+- length-controlled (LC) win rate: AlpacaEval 2's GLM (Dubois et al. 2024) with the length term
+  only. Fit
       logit P(policy preferred) = θ + φ·tanh(Δ / sd(Δ)),  Δ = len(policy answer) − len(base answer)
-  with lengths in characters and sd(Δ) not centred, so Δ = 0 still means equal lengths. The fit is
-  maximum likelihood on the soft preferences σ(r_policy − r_base) plus a ridge penalty 0.01·φ²/2 on
-  φ alone (AlpacaEval: L1), which keeps φ finite when length alone decides every preference. The
-  prediction at Δ = 0 is σ(θ). Its standard error is σ(θ)(1 − σ(θ))·se(θ) (delta method), with
-  se(θ) from the sandwich estimator, which holds for soft labels. With equal lengths the fit is θ
-  alone and LC equals the win rate.
+  with lengths in characters, Δ scaled but not centred, so Δ = 0 still means equal lengths. The fit
+  is maximum likelihood on the soft preferences σ(r_policy − r_base) plus a ridge penalty 0.01·φ²/2
+  on φ alone (AlpacaEval: L1), which keeps φ finite when length alone decides every preference. LC
+  is the prediction at Δ = 0, σ(θ). Its standard error is the jackknife's: the whole fit repeated
+  with each prompt left out, se = √((n − 1)/n · Σᵢ(LCᵢ − mean LCᵢ)²), as for the win rate, whose
+  jackknife is sd/√n. Unlike the sandwich (delta-method) estimate, it holds at small n: from
+  MIN_PROMPTS prompts on it is within 10% of the estimate's actual spread (bench/README.md); with
+  fewer, LC is not estimated (None). When every prompt has the same Δ, the length term cannot be
+  fitted (`length_term` False): the fit is θ alone, and LC equals the win rate.
   AlpacaEval's own GLM also has an instruction-difficulty term, fitted on its 805 instructions
   across many models, and its judge is GPT-4: these numbers are not comparable with its leaderboard.
+A number that cannot be computed is None, never NaN: the result goes into eval.json.
 """
+import math
+
 import torch
 from jinja2 import TemplateError
 
@@ -31,6 +40,9 @@ from checkpoints import UsageError
 
 # on φ only: an unpenalised θ makes LC equal the win rate when all lengths are equal
 RIDGE = 1e-2
+# Fewer compared prompts get no length-controlled win rate: its standard error would not hold
+# (bench/lc_se.py measures it)
+MIN_PROMPTS = 8
 
 
 def load(name, load_in_4bit=False, dtype=torch.float32, device="cpu", trust_remote_code=False,
@@ -89,67 +101,119 @@ def score(model, tokenizer, conversations, batch_size=8):
     return scores
 
 
-def compare(policy_scores, base_scores, policy_lengths, base_lengths):
-    """Win rate and length-controlled win rate of the policy over the base (module docstring)."""
-    def tensor(values):
-        return torch.as_tensor(values, dtype=torch.float64)
-
-    preference = torch.sigmoid(tensor(policy_scores) - tensor(base_scores))
-    delta = tensor(policy_lengths) - tensor(base_lengths)
-    n = len(preference)
-    spread = delta.std() if n > 1 else 0.0
-    length = torch.tanh(delta / spread) if spread > 0 else torch.zeros(n, dtype=torch.float64)
-    # columns: θ, φ
-    features = torch.stack([torch.ones_like(length), length], 1)
-    penalty = tensor([0.0, RIDGE])
-    weights = tensor([0.0, 0.0])
-    # Newton's method: a concave log-likelihood in two parameters
+def fit(preference, delta):
+    """θ and φ of the length-controlled fit (module docstring) to each row, by Newton's method: a
+    concave log-likelihood in two parameters. Shape: preference, delta (rows, n) → (rows, 2)."""
+    spread = delta.std(dim=1, keepdim=True)
+    # one Δ for every prompt: no length term, φ stays 0
+    length = torch.where(spread > 0, torch.tanh(delta / spread), 0.0)
+    # (rows, n, 2): θ's column of ones, φ's column
+    features = torch.stack([torch.ones_like(length), length], 2)
+    penalty = torch.tensor([0.0, RIDGE], dtype=torch.float64)
+    weights = torch.zeros(len(delta), 2, dtype=torch.float64)
     for _ in range(100):
-        fitted = torch.sigmoid(features @ weights)
-        gradient = features.T @ (fitted - preference) + penalty * weights
-        hessian = features.T @ (features * (fitted * (1 - fitted))[:, None]) + torch.diag(penalty)
+        fitted = torch.sigmoid(torch.einsum("rni,ri->rn", features, weights))
+        gradient = torch.einsum("rn,rni->ri", fitted - preference, features) + penalty * weights
+        hessian = (torch.einsum("rn,rni,rnj->rij", fitted * (1 - fitted), features, features)
+                   + torch.diag(penalty))
         # pinv: when one model wins every prompt outright, σ(θ) reaches 1.0 and θ's curvature 0
-        step = torch.linalg.pinv(hessian) @ gradient
+        step = torch.einsum("rij,rj->ri", torch.linalg.pinv(hessian), gradient)
         weights -= step
         if step.abs().max() < 1e-12:
             break
-    residuals = features * (torch.sigmoid(features @ weights) - preference)[:, None]
-    bread = torch.linalg.pinv(hessian)
-    theta_variance = (bread @ residuals.T @ residuals @ bread)[0, 0]
-    controlled = torch.sigmoid(weights[0])
-    return {"prompts": n,
-            "wins": int((preference > 0.5).sum()),
-            "win_rate": preference.mean().item(),
-            "win_rate_se": (preference.std() / n ** 0.5).item() if n > 1 else float("nan"),
-            "lc_win_rate": controlled.item(),
-            "lc_win_rate_se": (controlled * (1 - controlled) * theta_variance.sqrt()).item(),
-            "length_coefficient": weights[1].item(),
-            "length/policy": tensor(policy_lengths).mean().item(),
-            "length/base": tensor(base_lengths).mean().item()}
+    return weights
+
+
+def length_controlled(preference, delta):
+    """LC win rate, its jackknife standard error and φ (module docstring) of each row's prompts:
+    soft preferences, length differences. Shape: preference, delta (rows, n), n >= 3 → (rows,)."""
+    rows, n = preference.shape
+    theta, phi = fit(preference, delta).T
+    # row i: every prompt but the i-th
+    others = torch.arange(n).repeat(n, 1)[~torch.eye(n, dtype=torch.bool)].view(n, n - 1)
+    left_out = fit(preference[:, others].flatten(0, 1), delta[:, others].flatten(0, 1))
+    left_out = torch.sigmoid(left_out[:, 0]).view(rows, n)
+    se = ((n - 1) / n * ((left_out - left_out.mean(1, keepdim=True)) ** 2).sum(1)).sqrt()
+    return torch.sigmoid(theta), se, phi
+
+
+def compare(policy_scores, base_scores, policy_lengths, base_lengths):
+    """Win rate and length-controlled win rate of the policy over the base, one score and one length
+    in characters per prompt and side (module docstring). JSON-safe: no NaN."""
+    def tensor(values):
+        return torch.as_tensor(values, dtype=torch.float64)
+
+    policy, base = tensor(policy_scores), tensor(base_scores)
+    finite = policy.isfinite() & base.isfinite()
+    policy, base = policy[finite], base[finite]
+    lengths = {"policy": tensor(policy_lengths)[finite], "base": tensor(base_lengths)[finite]}
+    delta = lengths["policy"] - lengths["base"]
+    preference = torch.sigmoid(policy - base)
+    n = len(preference)
+    result = {"prompts": n, "non_finite": len(finite) - n,
+              "wins": int((policy > base).sum()), "ties": int((policy == base).sum()),
+              "win_rate": preference.mean().item() if n else None,
+              "win_rate_se": (preference.std() / math.sqrt(n)).item() if n > 1 else None,
+              "lc_win_rate": None, "lc_win_rate_se": None, "length_coefficient": None,
+              "length_term": n >= MIN_PROMPTS and delta.std().item() > 0}
+    if n >= MIN_PROMPTS:
+        lc, se, phi = (value.item() for value in length_controlled(preference[None], delta[None]))
+        result |= {"lc_win_rate": lc, "lc_win_rate_se": se, "length_coefficient": phi}
+    return result | {f"length/{name}": values.mean().item() if n else None
+                     for name, values in lengths.items()}
 
 
 def judge_samples(args, samples, split, device, dtype):
     """eval.py --judge: the rewards of the policy's and the base's answer in each sample (added to
-    the sample, for samples.jsonl), compared. sample["row"] is the prompt's row in `split` of
+    the sample as policy_score and base_score, None when not finite, for samples.jsonl), compared
+    with their lengths in characters. sample["row"] is the prompt's row in `split` of
     args.dataset: the reward model reads the prompt as messages, not as the policy's template wrote
-    it."""
+    it. An answer both models gave to a prompt is scored once, so it is a tie."""
     pairs = preferences.read_pairs(args.dataset, split)
     model, tokenizer = load(args.judge, args.load_in_4bit, dtype, device, args.trust_remote_code)
-    conversations = [pairs[sample["row"]].prompt + [{"role": "assistant", "content": sample[name]}]
-                     # [policy..., base...]
-                     for name in ("policy", "base") for sample in samples]
-    scores = score(model, tokenizer, conversations, args.batch_size)
-    policy_scores, base_scores = scores[:len(samples)], scores[len(samples):]
-    for sample, policy_score, base_score in zip(samples, policy_scores, base_scores, strict=True):
-        sample |= {"policy_score": policy_score, "base_score": base_score}
-    lengths = [[len(sample[name]) for sample in samples] for name in ("policy", "base")]
-    return {"reward_model": args.judge} | compare(policy_scores, base_scores, *lengths)
+    sides = ("policy", "base")
+    # (row, text) once: batches padded to other widths could score one text a rounding error apart
+    answers = list(dict.fromkeys((sample["row"], sample[name]) for name in sides
+                                 for sample in samples))
+    conversations = [pairs[row].prompt + [{"role": "assistant", "content": text}]
+                     for row, text in answers]
+    rewards = dict(zip(answers, score(model, tokenizer, conversations, args.batch_size),
+                       strict=True))
+    scores = {name: [rewards[sample["row"], sample[name]] for sample in samples] for name in sides}
+    lengths = {name: [len(sample[name]) for sample in samples] for name in sides}
+    for name in sides:
+        for sample, value in zip(samples, scores[name], strict=True):
+            # samples.jsonl is JSON: no NaN
+            sample[f"{name}_score"] = value if math.isfinite(value) else None
+    return {"reward_model": args.judge} | compare(scores["policy"], scores["base"],
+                                                  lengths["policy"], lengths["base"])
 
 
 def describe(result):
-    """eval.py's lines for the judge."""
-    return (f"judged by {result['reward_model']} on {result['prompts']} prompts (same seed for "
-            f"policy and base): the policy wins {result['wins']}\n"
-            f"  win rate {result['win_rate']:.3f} ± {result['win_rate_se']:.3f}, length-controlled "
-            f"{result['lc_win_rate']:.3f} ± {result['lc_win_rate_se']:.3f}; mean characters: "
-            f"policy {result['length/policy']:.0f}, base {result['length/base']:.0f}")
+    """eval.py's lines for the judge. A number that could not be computed reads n/a."""
+    def estimate(key):
+        value, se = result[key], result[f"{key}_se"]
+        if value is None:
+            return "n/a"
+        return f"{value:.3f}" if se is None else f"{value:.3f} ± {se:.3f}"
+
+    def characters(name):
+        value = result[f"length/{name}"]
+        return "n/a" if value is None else f"{value:.0f}"
+
+    n, wins, ties = result["prompts"], result["wins"], result["ties"]
+    first = f"judged by {result['reward_model']} on {n} prompts (same seed for policy and base)"
+    if result["non_finite"]:
+        first += f"; {result['non_finite']} more left out: a non-finite score"
+    lc = estimate("lc_win_rate")
+    if result["lc_win_rate"] is None:
+        lc += f" (not estimated below {MIN_PROMPTS} prompts)"
+    elif not result["length_term"]:
+        lc += " = the win rate (no length term: every prompt has the same length difference)"
+    lines = [first,
+             f"  the policy's answer scores higher on {wins}, lower on {n - wins - ties}, equal on "
+             f"{ties}; mean characters: policy {characters('policy')}, base {characters('base')}",
+             f"  win rate {estimate('win_rate')} (soft: the mean of σ(r_policy − r_base); a tie "
+             f"counts half)",
+             f"  length-controlled {lc}"]
+    return "\n".join(lines)

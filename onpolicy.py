@@ -14,20 +14,24 @@ the best chosen and the worst rejected (the data of SimPO's Llama-3-Instruct v0.
   generation_config.json extras. Prompts go --batch-size at a time; answer k of the batch that
   starts at prompt i is drawn after torch.manual_seed(seed + i·samples + k), so a run stopped and
   resumed draws what one run draws.
-- Pairs: answers cut at --max-new-tokens (no end of turn) and empty ones are left out. Of the
-  others, the reward model's best is chosen and its worst rejected. A prompt is left out when fewer
-  than two answers remain, when those two texts are the same, or when their scores differ by
-  --tie-tolerance or less. Each reason is counted.
+- Pairs: answers cut at --max-new-tokens (no end of turn), empty or whitespace-only ones, and those
+  the reward model scores NaN or ±inf are left out. Of the others, the reward model's best is chosen
+  and its worst rejected. A prompt is left out when fewer than two answers remain, when those two
+  texts are the same, or when their scores differ by --tie-tolerance or less. Each reason is
+  counted.
 - Output: OUT/samples.jsonl gets one line per prompt (every answer, its score, what became of it) as
   soon as its batch is scored. When all prompts are done, OUT/train.jsonl and OUT/test.jsonl (a
   seeded --test-fraction of the prompts) are written, in the conversational layout train.py reads.
 - Resuming: Ctrl-C or SIGTERM finishes the batch in progress, then stops with the command that goes
-  on. That command continues after the last complete line of samples.jsonl, so a crash loses at most
-  one batch. OUT/onpolicy.json keeps the settings a re-run must not change.
+  on (exit code 128 + the signal's number: 130, 143); during the last batch, the run ends as usual
+  (the pairs written, exit code 0). That command continues after the last complete line of
+  samples.jsonl, so a crash loses at most one batch. OUT/onpolicy.json keeps the settings a re-run
+  must not change.
 """
 import argparse
 import collections
 import json
+import math
 import os
 import random
 import shlex
@@ -154,8 +158,10 @@ def sample(model, config, stop, prompts, samples, seed):
 
 def pick(answers, tolerance):
     """(chosen, rejected, None) of a prompt's answers, or (None, None, why the prompt is left out).
-    Equal scores cannot make a pair: argmax and argmin would both take the first answer."""
-    scored = [j for j, answer in enumerate(answers) if answer["score"] is not None]
+    Only finite scores count. Equal scores cannot make a pair: argmax and argmin would both take the
+    first answer."""
+    scored = [j for j, answer in enumerate(answers)
+              if answer["score"] is not None and math.isfinite(answer["score"])]
     # first of each text
     distinct = list({answers[j]["text"]: j for j in reversed(scored)}.values())
     if len(scored) < 2:
@@ -171,7 +177,8 @@ def pick(answers, tolerance):
 
 def judge_batch(reward, prompts, answers, tokenizer, args):
     """A samples.jsonl record per prompt: its answers as text, scored unless cut or empty, and its
-    pair. `reward` is judge.load's (model, tokenizer)."""
+    pair. An answer scored NaN or ±inf is left out, its score None. `reward` is judge.load's
+    (model, tokenizer)."""
     records = []
     for prompt, row in zip(prompts, answers, strict=True):
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in row]
@@ -185,11 +192,21 @@ def judge_batch(reward, prompts, answers, tokenizer, args):
     conversations = [prompt + [{"role": "assistant", "content": a["text"]}] for prompt, a in scored]
     for (_, answer), value in zip(scored, judge.score(*reward, conversations, args.batch_size),
                                   strict=True):
-        answer["score"] = value
+        if math.isfinite(value):
+            answer["score"] = value
+        else:
+            answer["left_out"] = "non-finite score"
     for record in records:
         chosen, rejected, reason = pick(record["answers"], args.tie_tolerance)
         record |= {"chosen": chosen, "rejected": rejected, "left_out": reason}
     return records
+
+
+def held_out(prompts, fraction, seed):
+    """The indices of the test prompts: a `fraction` of `prompts`, at least one unless `fraction` is
+    0, drawn by `seed` alone, so a resumed run holds out what one run holds out."""
+    count = max(1, round(prompts * fraction)) if fraction else 0
+    return set(random.Random(seed).sample(range(prompts), count))
 
 
 def sample_all(args, out, prompts, prompt_ids, done, tokenizer):
@@ -204,8 +221,7 @@ def sample_all(args, out, prompts, prompt_ids, done, tokenizer):
     model.generation_config = config
     reward = judge.load(args.reward_model, args.load_in_4bit, dtype, device, args.trust_remote_code,
                         "--reward-model")
-    count = max(1, round(len(prompts) * args.test_fraction)) if args.test_fraction else 0
-    test = set(random.Random(args.seed).sample(range(len(prompts)), count))
+    test = held_out(len(prompts), args.test_fraction, args.seed)
     started, tokens = time.monotonic(), 0
     bar = tqdm(total=len(prompts), initial=done, desc="prompts", unit="prompt")
     stop_flag = checkpoints.StopFlag("finishing this batch of prompts, then stopping")
@@ -276,7 +292,8 @@ def build(args):
     print(f"{len(prompts)} prompts: {counts['train']} training pairs and {counts['test']} test "
           f"pairs in {out}; left out: {counts['tie']} ties, {counts['identical']} identical, "
           f"{counts['fewer than two answers']} with fewer than two answers (answers left out: "
-          f"{counts['truncated']} cut at --max-new-tokens, {counts['empty']} empty)")
+          f"{counts['truncated']} cut at --max-new-tokens, {counts['empty']} empty, "
+          f"{counts['non-finite score']} with a non-finite score)")
     return counts
 
 

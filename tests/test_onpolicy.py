@@ -3,6 +3,7 @@ model says, every left-out answer and prompt counted, a stopped or crashed run r
 file an uninterrupted run writes, and its output trained with train.py and judged with
 eval.py --judge."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ import modeling
 import onpolicy
 import preferences
 import train
+from checkpoints import UsageError
 
 N_PROMPTS = 10  # distinct ones: batches of 3, 3, 3, 1
 
@@ -120,6 +122,17 @@ def test_pick_takes_the_best_and_the_worst_and_leaves_out_what_teaches_nothing()
     assert onpolicy.pick(answers(("a", 0.5), ("b", 0.5), ("c", 0.5)), 0.0) == (None, None, "tie")
     assert onpolicy.pick(answers(("a", 0.5), ("b", 0.52)), 0.05) == (None, None, "tie")
     assert onpolicy.pick(answers(("a", 0.5), ("b", 0.52)), 0.01) == (1, 0, None)
+    # "by --tie-tolerance or less": exactly the tolerance apart (both exact in binary) is a tie
+    assert onpolicy.pick(answers(("a", 0.5), ("b", 0.75)), 0.25) == (None, None, "tie")
+
+
+def test_pick_never_takes_a_non_finite_score():
+    nan, inf = float("nan"), float("inf")
+    assert onpolicy.pick(answers(("a", nan), ("b", 0.9), ("c", 0.1)), 0.0) == (1, 2, None)
+    assert onpolicy.pick(answers(("a", 0.1), ("b", inf), ("c", -inf), ("d", 0.3)), 0.0) == (
+        3, 0, None)
+    assert onpolicy.pick(answers(("a", nan), ("b", 0.9), ("c", nan)), 0.0) == (
+        None, None, "fewer than two answers")
 
 
 def test_cut_and_empty_answers_are_left_out_and_never_scored(setup, monkeypatch):
@@ -145,51 +158,158 @@ def test_cut_and_empty_answers_are_left_out_and_never_scored(setup, monkeypatch)
     assert record["left_out"] == "tie" and record["chosen"] is None
 
 
+def test_the_test_prompts_are_a_seeded_fraction_and_never_none_by_rounding():
+    assert len(onpolicy.held_out(10, 0.4, 1)) == 4 and onpolicy.held_out(10, 0.0, 1) == set()
+    # 10 × 0.01 rounds to 0: still one
+    assert len(onpolicy.held_out(10, 0.01, 1)) == 1
+    assert onpolicy.held_out(10, 0.4, 1) == onpolicy.held_out(10, 0.4, 1) <= set(range(10))
+    # any prompt, as the seed draws
+    assert set().union(*(onpolicy.held_out(10, 0.4, seed) for seed in range(20))) == set(range(10))
+
+
+def test_whitespace_only_and_non_finite_answers_are_left_out(monkeypatch):
+    """A text of spaces and newlines is empty, never scored; a NaN or ±inf reward leaves the answer
+    out with no score."""
+    seen = []
+
+    def text_judge(model, tokenizer, conversations, batch_size):
+        seen.extend(c[-1]["content"] for c in conversations)
+        return [float(c[-1]["content"]) if c[-1]["content"] in ("nan", "inf", "-inf")
+                else float(len(c[-1]["content"])) for c in conversations]
+
+    monkeypatch.setattr(judge, "score", text_judge)
+    # token "ids" are the texts themselves here
+    tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens: "".join(ids))
+    row = [([" ", "\n", "\t"], False), (["a", "b"], False), (["nan"], False), (["-inf"], False),
+           (["inf"], False), (["c"], False)]
+    args = SimpleNamespace(batch_size=2, tie_tolerance=0.0)
+    [record] = onpolicy.judge_batch((None, None), [[{"role": "user", "content": "hi"}]], [row],
+                                    tokenizer, args)
+    assert seen == ["ab", "nan", "-inf", "inf", "c"]
+    assert [a["left_out"] for a in record["answers"]] == [
+        "empty", None, "non-finite score", "non-finite score", "non-finite score", None]
+    assert [a["score"] for a in record["answers"]] == [None, 2.0, None, None, None, 1.0]
+    assert (record["chosen"], record["rejected"], record["left_out"]) == (1, 5, None)
+    assert json.dumps(record, allow_nan=False)
+
+
 # ---------------------------------------------------------------- a whole run
 
-def test_a_run_pairs_every_prompt_once_in_order_and_counts_what_it_leaves_out(setup, built, capsys):
-    lines = records(built)
+# A scripted run: these answers in place of sampled ones (an answer of --max-new-tokens 6 words had
+# no room for an end of turn: cut), and a reward that is a function of the text
+SCRIPT = [
+    # 0: a pair, an answer cut
+    ["apple river stone", "apple", "maple river", "apple apple apple apple apple apple"],
+    # 1: a tie
+    ["apple", "river", "stone", "maple"],
+    # 2: identical texts, an empty answer
+    ["apple river", "apple river", "apple river", ""],
+    # 3: fewer than two answers: two empty, one cut
+    ["", "", "apple", "river river river river river river"],
+    # 4: a pair, two non-finite scores
+    ["tiger", "apple", "apple river", "cloud"],
+    # 5: fewer than two answers: a non-finite score, an empty answer, a cut one
+    ["tiger river", "apple", "", "stone stone stone stone stone stone"],
+    # 6-9: pairs; a text given twice is its first answer
+    ["apple", "river stone", "candle orbit pepper", "apple"],
+    ["harbor violet", "lantern", "meadow falcon copper ember", "glacier willow"],
+    ["willow thunder", "velvet", "canyon puzzle rocket", "apple river"],
+    ["APPLE RIVER", "apple", "APPLE RIVER STONE", "apple river stone cloud"],
+]
+PAIRED = {0: (0, 1), 4: (2, 1), 6: (2, 0), 7: (2, 1), 8: (2, 1), 9: (2, 1)}
+LEFT_OUT = {1: "tie", 2: "identical", 3: "fewer than two answers", 5: "fewer than two answers"}
+
+
+def reward(text):
+    """The number of words; NaN with "tiger", +inf with "cloud"."""
+    if "tiger" in text:
+        return float("nan")
+    return float("inf") if "cloud" in text else float(len(text.split()))
+
+
+def answer_left_out(text):
+    if len(text.split()) == 6:
+        return "truncated"
+    if not text:
+        return "empty"
+    return None if math.isfinite(reward(text)) else "non-finite score"
+
+
+@pytest.fixture(scope="module")
+def scripted(setup):
+    """A run of SCRIPT: the seed of each batch, and the lines of samples.jsonl on disk at each
+    fsync, are kept."""
+    out, seeds, lines_at_fsync, done = setup.dir / "scripted", [], [], []
+    tokenizer = modeling.load_tokenizer(setup.sft)
+
+    def scripted_sample(model, config, stop, prompts, samples, seed):
+        seeds.append(seed)
+        texts = SCRIPT[len(done):len(done) + len(prompts)]
+        done.extend(prompts)
+        return [[(tokenizer.convert_tokens_to_ids(text.split()), len(text.split()) == 6)
+                 for text in row] for row in texts]
+
+    def text_judge(model, tokenizer, conversations, batch_size):
+        return [reward(c[-1]["content"]) for c in conversations]
+
+    def recording_fsync(fd):
+        lines_at_fsync.append(len((out / "samples.jsonl").read_text().splitlines()))
+        fsync(fd)
+
+    fsync = os.fsync
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(onpolicy, "sample", scripted_sample)
+        patch.setattr(judge, "score", text_judge)
+        patch.setattr(os, "fsync", recording_fsync)
+        assert onpolicy.main([str(arg) for arg in setup.common + ["--out", out]]) == 0
+    return SimpleNamespace(out=out, seeds=seeds, lines_at_fsync=lines_at_fsync)
+
+
+def test_a_run_pairs_every_prompt_once_in_order_and_counts_what_it_leaves_out(setup, scripted,
+                                                                              capsys):
+    lines = records(scripted.out)
     assert [r["index"] for r in lines] == list(range(N_PROMPTS))
     assert [r["prompt"] for r in lines] == [[{"role": "user", "content": p}] for p in setup.prompts]
-    counts = {"truncated": 0, "empty": 0, "kept": 0}
-    for r in lines:
-        assert len(r["answers"]) == 4
-        for a in r["answers"]:
-            assert (a["score"] is None) == (a["left_out"] is not None)
-            counts[a["left_out"] or "kept"] += 1
-            assert a["left_out"] != "truncated" or a["tokens"] == 6
-            assert a["left_out"] != "empty" or not a["text"].strip()
-        if r["left_out"] is None:
-            scores = [a["score"] for a in r["answers"] if a["score"] is not None]
-            assert r["answers"][r["chosen"]]["score"] == max(scores) > min(scores) == \
-                r["answers"][r["rejected"]]["score"]
-            assert r["answers"][r["chosen"]]["text"] != r["answers"][r["rejected"]]["text"]
-    assert all(counts.values()), counts  # some of each, with these settings
+    for r, texts in zip(lines, SCRIPT, strict=True):
+        assert [a["text"] for a in r["answers"]] == texts
+        assert [a["left_out"] for a in r["answers"]] == [answer_left_out(t) for t in texts]
+        assert [a["score"] for a in r["answers"]] == [None if answer_left_out(t) else reward(t)
+                                                      for t in texts]
+        # (+ the stop token)
+        assert [a["tokens"] for a in r["answers"]] == [len(t.split()) + (len(t.split()) < 6)
+                                                       for t in texts]
+    assert {i: (r["chosen"], r["rejected"]) for i, r in enumerate(lines) if not r["left_out"]} == (
+        PAIRED)
+    assert {i: r["left_out"] for i, r in enumerate(lines) if r["left_out"]} == LEFT_OUT
+    # batches of 3 prompts × 4 answers: seed + 12 per batch, and each batch on disk before the next
+    assert scripted.seeds == [1, 13, 25, 37]
+    assert scripted.lines_at_fsync == [3, 6, 9, 10]
+    assert {i for i, r in enumerate(lines) if r["split"] == "test"} == onpolicy.held_out(10, 0.4, 1)
     pairs = {split: [json.loads(line)
-                     for line in (built / f"{split}.jsonl").read_text().splitlines()]
+                     for line in (scripted.out / f"{split}.jsonl").read_text().splitlines()]
              for split in ("train", "test")}
-    kept = {split: [r for r in lines if r["left_out"] is None and r["split"] == split]
-            for split in ("train", "test")}
-    assert sum(r["split"] == "test" for r in lines) == 4  # 40 % of 10 prompts
-    assert len(pairs["train"]) >= 3 and len(pairs["test"]) >= 2
     for split in ("train", "test"):
-        assert len(pairs[split]) == len(kept[split])
-        for pair, r in zip(pairs[split], kept[split], strict=True):
-            assert pair["chosen"] == r["prompt"] + [{"role": "assistant",
-                                                      "content": r["answers"][r["chosen"]]["text"]}]
-            assert pair["rejected"][-1]["content"] == r["answers"][r["rejected"]]["text"]
-            assert preferences.to_pair(pair, "row").prompt == r["prompt"]
+        kept = [r for r in lines if r["left_out"] is None and r["split"] == split]
+        assert len(pairs[split]) == len(kept)
+        for pair, r in zip(pairs[split], kept, strict=True):
+            chosen, rejected = (r["answers"][r[side]] for side in ("chosen", "rejected"))
+            assert pair == {"prompt": r["prompt"],
+                            "chosen": r["prompt"] + [{"role": "assistant",
+                                                      "content": chosen["text"]}],
+                            "rejected": r["prompt"] + [{"role": "assistant",
+                                                        "content": rejected["text"]}],
+                            "score_chosen": chosen["score"], "score_rejected": rejected["score"]}
     # a finished run, run again, rewrites the same files and samples nothing
-    before = {name: (built / name).read_bytes()
+    before = {name: (scripted.out / name).read_bytes()
               for name in ("samples.jsonl", "train.jsonl", "test.jsonl")}
-    rc, out, err = run(capsys, *setup.common, "--out", built)
+    rc, out, err = run(capsys, *setup.common, "--out", scripted.out)
     assert rc == 0, err
-    assert f"holds {N_PROMPTS} of {N_PROMPTS} prompts" in out and "prompts:" not in err
-    assert before == {name: (built / name).read_bytes() for name in before}
-    left_out = sum(r["left_out"] is not None for r in lines)
-    assert f"{len(pairs['train'])} training pairs and {len(pairs['test'])} test pairs" in out
-    assert left_out == N_PROMPTS - len(pairs["train"]) - len(pairs["test"])
-    assert f"{counts['truncated']} cut at --max-new-tokens, {counts['empty']} empty" in out
+    assert before == {name: (scripted.out / name).read_bytes() for name in before}
+    assert f"holds {N_PROMPTS} of {N_PROMPTS} prompts" in out
+    assert (f"{N_PROMPTS} prompts: {len(pairs['train'])} training pairs and {len(pairs['test'])} "
+            f"test pairs in {scripted.out}; left out: 1 ties, 1 identical, 2 with fewer than two "
+            f"answers (answers left out: 3 cut at --max-new-tokens, 4 empty, 4 with a non-finite "
+            f"score)") in out
 
 
 def test_sigterm_finishes_the_batch_and_the_resumed_run_writes_the_same_files(built, stopped):
@@ -198,6 +318,26 @@ def test_sigterm_finishes_the_batch_and_the_resumed_run_writes_the_same_files(bu
     assert stopped.calls == [3, 3, 3, 1]  # nothing sampled twice
     for name in ("samples.jsonl", "train.jsonl", "test.jsonl"):
         assert (stopped.out / name).read_bytes() == (built / name).read_bytes()
+
+
+def test_sigterm_during_the_last_batch_ends_the_run_as_usual(setup, built, tmp_path, monkeypatch,
+                                                             capsys):
+    """Nothing is left to resume: the pairs are written and the exit code is 0."""
+    original, calls = onpolicy.sample, []
+
+    def sample_then_signal(*args):
+        calls.append(len(args[3]))
+        # batches of 3, 3, 3, 1: prompt 10 is the last
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args)
+
+    monkeypatch.setattr(onpolicy, "sample", sample_then_signal)
+    rc, out, err = run(capsys, *setup.common, "--out", tmp_path / "out")
+    assert rc == 0 and "SIGTERM: finishing this batch" in err and "stopped" not in err
+    assert calls == [3, 3, 3, 1] and f"{N_PROMPTS} prompts: " in out
+    for name in ("samples.jsonl", "train.jsonl", "test.jsonl"):
+        assert (tmp_path / "out" / name).read_bytes() == (built / name).read_bytes()
 
 
 def test_the_stop_message_is_one_line_with_the_command_that_resumes(setup, tmp_path, monkeypatch,
@@ -270,6 +410,28 @@ def test_a_rerun_refuses_other_settings_or_other_prompts(setup, built, tmp_path,
     assert "samples.jsonl: line 1 is not prompt 1 of" in line and "prompts changed" in line
 
 
+# A value other than the test run's for each setting a re-run must keep
+CHANGED = {"model": "other-model", "prompts": "other.jsonl", "split": "test",
+           "reward_model": "other-rm", "samples": 5, "temperature": 1.0, "top_p": 0.9,
+           "max_new_tokens": 7, "seed": 2, "test_fraction": 0.5, "tie_tolerance": 0.1,
+           "chat_template": "{{ messages }}", "load_in_4bit": True}
+
+
+@pytest.mark.parametrize("key", onpolicy.FIXED)
+def test_a_rerun_refuses_each_fixed_setting_changed(built, tmp_path, key):
+    settings = json.loads((built / "onpolicy.json").read_text())
+    # every setting recorded, and this test changes each
+    assert list(settings) == list(CHANGED) and settings[key] != CHANGED[key]
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(built / "onpolicy.json", out)
+    with pytest.raises(UsageError) as refusal:
+        onpolicy.resume(out, SimpleNamespace(**settings | {key: CHANGED[key]}), [])
+    assert str(refusal.value) == (f"{out} holds answers drawn with --{key.replace('_', '-')} "
+                                  f"{settings[key]}: pass the same, or another --out")
+    assert json.loads((out / "onpolicy.json").read_text()) == settings
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--samples", 1], "--samples must be >= 2"),
     (["--top-p", 0], "--top-p in (0, 1]"),
@@ -312,6 +474,22 @@ def test_left_padding_does_not_change_an_answer(tmp_path):
     assert all(len(ids) >= 6 for [(ids, _)] in alone)  # (something was compared)
 
 
+def test_answer_k_is_drawn_after_the_seed_plus_k(tmp_path):
+    folder = demo.build_tiny_model(tmp_path / "model", hidden_size=16)
+    tokenizer, model = modeling.load_tokenizer(folder), modeling.load_model(folder).eval()
+    config, stop = generation.sampling_config(model, tokenizer, 1.0, 1.0, 8)
+    model.generation_config = config
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             add_generation_prompt=True)["input_ids"]
+               for text in ("shout: apple", "whisper: apple river stone cloud tiger")]
+    together = onpolicy.sample(model, config, stop, prompts, 3, 7)
+    for k in range(3):
+        alone = onpolicy.sample(model, config, stop, prompts, 1, 7 + k)
+        assert [answers[k] for answers in together] == [answers[0] for answers in alone]
+    # (the three seeds draw three answers)
+    assert len({tuple(ids) for ids, _ in together[0]}) == 3
+
+
 # ---------------------------------------------------------------- the loop: pairs -> train -> judge
 
 def test_its_pairs_train_and_the_run_is_judged_by_the_reward_model(setup, built, tmp_path, capsys):
@@ -321,17 +499,19 @@ def test_its_pairs_train_and_the_run_is_judged_by_the_reward_model(setup, built,
                        "--max-length", "64", "--max-prompt-length", "32", "--output-dir",
                        str(run_dir)]) == 0
     capsys.readouterr()
-    assert eval.main(["--adapter", str(run_dir), "--generate", "2", "--max-new-tokens", "6",
-                      "--judge", str(setup.rm)]) == 0
+    # as many prompts as --judge needs; the test split has fewer
+    assert eval.main(["--adapter", str(run_dir), "--generate", str(judge.MIN_PROMPTS),
+                      "--max-new-tokens", "6", "--judge", str(setup.rm)]) == 0
     out = capsys.readouterr().out
     report = json.loads((run_dir / "eval.json").read_text())["judge"]
-    assert report["reward_model"] == str(setup.rm) and report["prompts"] == 2
-    assert 0 <= report["win_rate"] <= 1 and 0 <= report["lc_win_rate"] <= 1
-    assert "judged by" in out and "length-controlled" in out
+    test_pairs = preferences.read_pairs(str(built), "test")
+    assert report["reward_model"] == str(setup.rm) and report["prompts"] == len(test_pairs) < 8
+    assert 0 <= report["win_rate"] <= 1 and report["lc_win_rate"] is None
+    assert f"judged by {setup.rm} on {len(test_pairs)} prompts" in out
+    assert "length-controlled n/a (not estimated below 8 prompts)" in out
     # each sample's scores: the reward model on the split's prompt as messages and the sampled
     # answer
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
-    test_pairs = preferences.read_pairs(str(built), "test")
     model, tokenizer = judge.load(str(setup.rm))
     for sample in samples:
         prompt = test_pairs[sample["row"]].prompt

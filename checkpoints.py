@@ -239,9 +239,10 @@ class Checkpointer(StopFlag):
         self.save(step)
         if signum:
             world = parallel.world_size()
-            launch = f"torchrun --nproc-per-node {world}" if world > 1 else "python"
+            launch = f" --nproc-per-node {world}" if world > 1 else ""
             raise StopRequested(f"{signal.Signals(signum).name} after step {step}: checkpoint "
-                                f"saved; resume with: {launch} train.py --resume {self.run_dir}",
+                                f"saved; resume with: python train.py{launch} --resume "
+                                f"{self.run_dir}",
                                 128 + signum)
 
     def save_final(self, step):

@@ -276,18 +276,24 @@ def choose_layout(model, max_length):
                          f"{positions} positions (config.max_position_embeddings): pass "
                          f"--max-length {positions}")
     pairs = probe_pairs(embeddings.shape[0], max_length)
+    # the short pairs share a row; the longest one alone, not padding the others to its length
+    groups = [group for group in (pairs[:2], pairs[2:]) if group]
 
     def distance(packed):
-        batch = packing.build_batch(pairs, 0, packing.Layout(packed, max_length))
-        batch = {k: v.to(device) for k, v in batch.items()}
-        return (policy_logps(model, batch) - own).abs().max().item()
+        distances = []
+        for group, reference in zip(groups, own, strict=True):
+            batch = packing.build_batch(group, 0, packing.Layout(packed, max_length))
+            batch = {k: v.to(device) for k, v in batch.items()}
+            distances.append((policy_logps(model, batch) - reference).abs().max())
+        # (torch's max keeps a NaN)
+        return torch.stack(distances).max().item()
 
     # eval: no dropout
     model.eval()
     try:
         with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             try:
-                own = own_logps(model, pairs)
+                own = [own_logps(model, group) for group in groups]
                 padded = distance(False)
             except Exception as error:
                 # e.g. a module that LoRA cannot wrap (Llama-4's MoE router)

@@ -1,7 +1,8 @@
-"""Data parallelism for `torchrun --nproc_per_node 4 train.py ...`: each process holds the whole
-model (4-bit where asked) on its own GPU, trains on its share of every optimizer step's pairs, and
-DistributedDataParallel averages the gradients once per step. A plain `python train.py` is a world
-of one: nothing here acts."""
+"""Data parallelism for `python train.py --nproc-per-node 4 ...` (or `torchrun --nproc-per-node 4
+train.py ...`): each process holds the whole model (4-bit where asked) on its own GPU, trains on its
+share of every optimizer step's pairs, and DistributedDataParallel averages the gradients once per
+step. A plain `python train.py` is a world of one: nothing here acts."""
+import logging
 import os
 import sys
 
@@ -27,6 +28,29 @@ def setup():
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
     return rank(), world, device
+
+
+def launch(script, argv, processes):
+    """`script argv` in `processes` processes on this machine, through torchrun's own launcher in
+    this process; the exit status of the first process to fail, else 0. Ctrl-C or SIGTERM reaches
+    every process, which finishes its step and saves: torchrun alone would kill them 30 s later
+    (its --shutdown-timeout) and end with its traceback; here they get an hour, and the launcher
+    ends as one process would (128 + the signal)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+    # the processes say what happened, once; torchrun's logger would repeat it per process
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(["--standalone", "--nproc-per-node", str(processes),
+                        "--shutdown-timeout", "3600", script, *argv]))
+    except SignalException as error:
+        return 128 + int(error.sigval)
+    except ChildFailedError as error:
+        code = error.get_first_failure()[1].exitcode
+        # killed by a signal: a negative code
+        return code if code > 0 else 128 - code
+    return 0
 
 
 def rank():

@@ -4,7 +4,7 @@
     python train.py --model meta-llama/Meta-Llama-3-8B-Instruct \
         --dataset princeton-nlp/llama3-ultrafeedback-armorm --eval-split test \
         --beta 10 --gamma-beta-ratio 0.3 --lr 5e-6
-    torchrun --nproc-per-node 8 train.py --model ... --dataset ...    # one process per GPU
+    python train.py --nproc-per-node 8 --model ... --dataset ...    # one process per GPU
     python train.py --resume runs/<name>              # after Ctrl-C, SIGTERM or a crash
 
 Supports: LoRA on every linear layer (or --lora-target), 4-bit QLoRA (default on CUDA), full
@@ -369,6 +369,9 @@ def parse_args(argv=None):
     g.add_argument("--skip-nonfinite", action="store_true",
                    help="skip a step whose loss or gradient is not finite instead of stopping")
     g.add_argument("--report-to", choices=["tensorboard", "wandb"], help="also log there")
+    g = p.add_argument_group("processes (parallel.py)")
+    g.add_argument("--nproc-per-node", type=positive_int, default=1,
+                   help="data parallelism: this many processes, one per GPU (torchrun's launcher)")
     g = p.add_argument_group("generation health (generation.py)")
     g.add_argument("--sample-every", type=count, default=0, metavar="N",
                    help="every N steps, sample held-out prompts and log their health (0: off)")
@@ -414,6 +417,10 @@ def check_args(args):
         raise UsageError(f"--max-prompt-length {args.max_prompt_length} exceeds --max-length "
                          f"{args.max_length}")
     processes = parallel.launched_world_size()
+    if processes > 1 and args.nproc_per_node not in (1, processes):
+        raise UsageError(f"--nproc-per-node {args.nproc_per_node} under torchrun's {processes} "
+                         f"processes: pass one of them")
+    processes = max(processes, args.nproc_per_node)
     if args.batch_size % processes:
         raise UsageError(f"--batch-size {args.batch_size} pairs per step cannot be split evenly "
                          f"over {processes} processes: make it a multiple of {processes}")
@@ -450,8 +457,12 @@ def say(line):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     try:
-        train(parse_args(argv))
+        args = parse_args(argv)
+        if args.nproc_per_node > 1 and parallel.launched_world_size() == 1:
+            return parallel.launch(__file__, argv, args.nproc_per_node)
+        train(args)
     except (preferences.DataError, UsageError) as error:
         say(f"error: {error}")
         return 2

@@ -90,25 +90,54 @@ def test_a_batch_that_cannot_be_split_is_refused(setup, tmp_path, capsys, monkey
         "error: --batch-size 3 pairs per step cannot be split evenly over 2 processes: "
         "make it a multiple of 2")
     assert not out.exists()
+    monkeypatch.delenv("WORLD_SIZE")
+    # train.py's own launcher checks before it starts any process
+    code = train.main(args + ["--output-dir", str(out), "--batch-size", "3",
+                              "--nproc-per-node", "2"])
+    assert code == 2 and "over 2 processes" in error_line(capsys.readouterr().err)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    code = train.main(args + ["--output-dir", str(out), "--nproc-per-node", "2"])
+    assert code == 2 and "--nproc-per-node 2 under torchrun's 4" in error_line(
+        capsys.readouterr().err)
+    assert not out.exists()
 
 
-def test_interrupt_and_resume_under_torchrun(setup, tmp_path):
+def wait_for_steps(process, out, steps):
+    """Until `steps` training steps are logged (however long loading takes), the run still on."""
+    while process.poll() is None and not (
+            (out / "metrics.jsonl").is_file() and len(train_rows(out)) >= steps):
+        time.sleep(0.05)
+    assert process.poll() is None, process.communicate()[1]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "train.py"])
+def test_interrupt_and_resume_with_two_processes(launcher, setup, tmp_path):
+    """SIGTERM to torchrun, or Ctrl-C to the whole terminal group of `python train.py
+    --nproc-per-node 2`: every process finishes its step and saves, one resume line is said, and
+    train.py's own launcher ends as one process would (143 or 130, no traceback at all)."""
     args, single = setup
     out = tmp_path / "run"
-    process = torchrun(args + ["--output-dir", str(out)])
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if (out / "metrics.jsonl").is_file() and len(train_rows(out)) >= 2:
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)  # torchrun passes it on to both processes
-    _, err = process.communicate(timeout=120)
+    if launcher == "torchrun":
+        process = torchrun(args + ["--output-dir", str(out)])
+    else:
+        process = subprocess.Popen(
+            [sys.executable, "train.py", "--nproc-per-node", "2", *args, "--output-dir", str(out)],
+            cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_steps(process, out, 2)
+    if launcher == "torchrun":
+        process.send_signal(signal.SIGTERM)  # torchrun passes it on to both processes
+    else:
+        os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C: the launcher and both processes
+    _, err = process.communicate(timeout=300)
     # said once, not per process
     stopped = [line for line in err.splitlines() if "stopped: " in line]
     assert len(stopped) == 1, err
-    assert f"torchrun --nproc-per-node 2 train.py --resume {out}" in stopped[0], err
-    # no traceback of ours
-    assert "Traceback (most recent call last):\n  File \"" + str(REPO) not in err
+    assert f"python train.py --nproc-per-node 2 --resume {out}" in stopped[0], err
+    if launcher == "train.py":
+        assert process.returncode == 130 and "Traceback" not in err, err
+    else:  # torchrun's own launcher adds its traceback; none of ours
+        assert "Traceback (most recent call last):\n  File \"" + str(REPO) not in err
     step = max(checkpoints.saved_steps(out))
     assert 2 <= step < 12
     (out / ".tmp-checkpoint-99" / "left").mkdir(parents=True)  # as a crash while saving leaves it

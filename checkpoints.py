@@ -27,6 +27,10 @@ FIXED_BY_THE_RUN = ("model", "full", "load_in_4bit", "lora_r", "lora_alpha", "lo
                     "sft_weight", "no_length_normalization", "batch_size", "seed", "world_size")
 
 
+# the exit status of a run stopped by --stop-on-degeneration
+DEGENERATED = 4
+
+
 class UsageError(argparse.ArgumentTypeError, ValueError):
     """A bad flag, or an output folder in the way: one line, exit code 2. Raised by an argparse
     `type=`, its message is the one argparse shows."""
@@ -208,7 +212,8 @@ class Checkpointer(StopFlag):
     """Around the loop: saves every `save_every` steps or `save_minutes` minutes, and on SIGTERM or
     Ctrl-C, which only set a flag: the step finishes, a checkpoint is written, the run stops."""
 
-    def __init__(self, model, tokenizer, optimizer, run_dir, save_every, save_minutes, keep):
+    def __init__(self, model, tokenizer, optimizer, run_dir, save_every, save_minutes, keep,
+                 stop_after=0):
         super().__init__("finishing this step, then saving a checkpoint")
         self.model = model
         self.tokenizer = tokenizer
@@ -221,18 +226,27 @@ class Checkpointer(StopFlag):
         # a finished run resumed: its final save is the only copy of its step (read before any
         # process writes, so all take the same decision in save_final)
         self.final_save_exists = (self.run_dir / "checkpoint.json").is_file()
+        # --stop-on-degeneration: after this many flagged sampling rounds in a row (0: never)
+        self.stop_after = stop_after
+        self.flagged_rounds = 0
+        healthy = self.run_dir / "checkpoint-healthy" / "checkpoint.json"
+        self.healthy_step = json.loads(healthy.read_text())["step"] if healthy.is_file() else None
         # what a crash while saving left behind
         for leftover in self.run_dir.glob(".tmp-checkpoint-*") if parallel.rank() == 0 else []:
             shutil.rmtree(leftover)
 
-    def after_step(self, step, last_step):
-        """After each optimizer step (1-based), in every process; StopRequested after a signal."""
+    def after_step(self, step, last_step, degeneration=None):
+        """After each optimizer step (1-based), in every process; StopRequested after a signal.
+        `degeneration`: after a sampling round, its verdict ("" healthy, else generation's line;
+        processes that did not sample pass ""), None without a round."""
         clock = self.save_seconds and time.monotonic() - self.last_save >= self.save_seconds
         due = bool((self.save_every and step % self.save_every == 0) or clock)
-        # All act on the first process to see the clock or a signal. A signal that lands after the
-        # flags were read stays set for the next step: never lost.
-        due, signum = parallel.agree(int(due), self.signal or 0)
+        # All act on the first process to see the clock, a signal or a degenerate sample. A signal
+        # that lands after the flags were read stays set for the next step: never lost.
+        due, signum, flagged = parallel.agree(int(due), self.signal or 0, int(bool(degeneration)))
         self.signal = signum or self.signal
+        if self.stop_after and degeneration is not None:
+            self.after_round(step, flagged, degeneration)
         # the final save comes next anyway
         if step == last_step or not (due or signum):
             return
@@ -245,6 +259,44 @@ class Checkpointer(StopFlag):
                                 f"{self.run_dir}",
                                 128 + signum)
 
+    def start_healthy(self, step):
+        """--stop-on-degeneration: the state training starts from is the first healthy one, unless
+        the run folder keeps one from before (a resume after a signal or a crash)."""
+        if self.stop_after and (self.healthy_step is None or self.healthy_step > step):
+            self.save(step, "checkpoint-healthy")
+            self.healthy_step = step
+
+    def after_round(self, step, flagged, line):
+        """A healthy round's state replaces checkpoint-healthy/, kept apart from the periodic
+        checkpoints; after `stop_after` flagged rounds in a row that state becomes the final save
+        and the run stops (exit 4). Later checkpoints hold collapsed states: they go, so that
+        --resume continues from the healthy one."""
+        if not flagged:
+            self.flagged_rounds = 0
+            self.save(step, "checkpoint-healthy")
+            self.healthy_step = step
+            return
+        self.flagged_rounds += 1
+        if self.flagged_rounds < self.stop_after:
+            return
+        if parallel.rank() == 0:
+            for later, folder in saved_steps(self.run_dir).items():
+                if later > self.healthy_step and folder != self.run_dir:
+                    shutil.rmtree(folder)
+            # as save_final: the marker goes first and comes last
+            healthy = self.run_dir / "checkpoint-healthy"
+            (self.run_dir / "checkpoint.json").unlink(missing_ok=True)
+            for file in sorted(healthy.iterdir(), key=lambda f: f.name == "checkpoint.json"):
+                shutil.copy2(file, self.run_dir / file.name)
+            shutil.rmtree(healthy)
+            plot_curves(self.run_dir)
+        parallel.barrier()
+        raise StopRequested(
+            f"{line.replace('warning: ', '', 1)} ({self.flagged_rounds} sampling rounds in a "
+            f"row); the run folder's model is step {self.healthy_step}'s, the last whose samples "
+            f"were healthy: python train.py --resume {self.run_dir} continues from it (lower --lr "
+            f"first)", DEGENERATED)
+
     def save_final(self, step):
         """Into the run folder itself, where eval.py and PeftModel look; its marker goes first, so
         --resume never trusts a save a crash cut short. Over an earlier final save (a finished run
@@ -252,7 +304,7 @@ class Checkpointer(StopFlag):
         Called in every process (RNG states)."""
         if self.final_save_exists:
             # one more than `keep`: this copy goes once the final save is whole
-            self.save(step, self.keep + 1)
+            self.save(step, keep=self.keep + 1)
         state = training_state(self.model, self.optimizer, step)
         if parallel.rank() == 0:
             (self.run_dir / "checkpoint.json").unlink(missing_ok=True)
@@ -260,17 +312,17 @@ class Checkpointer(StopFlag):
             if self.final_save_exists:
                 shutil.rmtree(self.run_dir / f"checkpoint-{step}")
 
-    def save(self, step, keep=None):
-        """checkpoint-<step>/ via a temporary folder renamed into place, so a crash leaves the older
-        ones intact; the newest `keep` (default: the run's) stay. Called in every process (RNG
-        states); one writes."""
+    def save(self, step, name=None, keep=None):
+        """checkpoint-<step>/ (or `name`) via a temporary folder renamed into place, so a crash
+        leaves the older ones intact; the newest `keep` (default: the run's) periodic ones stay.
+        Called in every process (RNG states); one writes."""
         state = training_state(self.model, self.optimizer, step)
         # the clock restarts when the checkpoint starts
         self.last_save = time.monotonic()
         if parallel.rank() != 0:
             return
-        final = self.run_dir / f"checkpoint-{step}"
-        temporary = self.run_dir / f".tmp-checkpoint-{step}"
+        final = self.run_dir / (name or f"checkpoint-{step}")
+        temporary = self.run_dir / f".tmp-{final.name}"
         write(self.model, self.tokenizer, temporary, state)
         # the same step saved again after a resume
         shutil.rmtree(final, ignore_errors=True)

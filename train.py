@@ -97,7 +97,8 @@ def train(args):
         scorer = torch.nn.parallel.DistributedDataParallel(
             scorer, device_ids=[torch.device(device).index] if device != "cpu" else None)
     saver = checkpoints.Checkpointer(model, tokenizer, optimizer, out, args.save_every,
-                                     args.save_every_minutes, args.keep_checkpoints)
+                                     args.save_every_minutes, args.keep_checkpoints,
+                                     generation.STOP_AFTER if args.stop_on_degeneration else 0)
     pad_id = tokenizer.pad_token_id
     monitor = None
     if args.sample_every and main_process:
@@ -107,6 +108,8 @@ def train(args):
         before = evaluate(model, eval_set, args, pad_id, layout)
         logger.log(0, before | (monitor.base() if monitor else {}))
         print(f"held-out reward accuracy before training: {before['eval/rewards/accuracies']:.3f}")
+    # --stop-on-degeneration: the state to fall back to
+    saver.start_healthy(start)
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="training",
                disable=not main_process)
     with saver:
@@ -128,8 +131,8 @@ def train(args):
                 metrics = {"skipped": "non-finite", "lr": lr}
             optimizer.zero_grad(set_to_none=True)
             logger.log(step + 1, metrics)
-            # every N steps or minutes, and on SIGTERM / Ctrl-C
-            saver.after_step(step + 1, total_steps)
+            # every N steps or minutes, on SIGTERM / Ctrl-C, and a sampling round's verdict
+            saver.after_step(step + 1, total_steps, metrics.get("degeneration"))
     finish(model, tokenizer, out, saver, total_steps, logger, eval_set, layout, args)
     return out
 
@@ -209,13 +212,14 @@ def finite_or_stop(metrics, step, indices, args):
 
 
 def periodic(step, total_steps, model, eval_set, monitor, pad_id, layout, args):
-    """Held-out metrics every --eval-every steps, and generation health every --sample-every."""
+    """Held-out metrics every --eval-every steps, and generation health every --sample-every:
+    "degeneration" is the round's verdict ("" healthy; in every process, the first samples)."""
     metrics = {}
     if args.eval_every and step % args.eval_every == 0 and step < total_steps and eval_set:
         metrics |= evaluate(model, eval_set, args, pad_id, layout)
-    if monitor and step % args.sample_every == 0:
-        health, warning = monitor.round(step)
-        metrics |= health
+    if args.sample_every and step % args.sample_every == 0:
+        health, warning = monitor.round(step) if monitor else ({}, None)
+        metrics |= health | {"degeneration": warning or ""}
         if warning:
             tqdm.write(warning)
     return metrics
@@ -378,6 +382,10 @@ def parse_args(argv=None):
     g.add_argument("--sample-prompts", type=positive_int, default=8, help="prompts per round")
     g.add_argument("--sample-max-new-tokens", type=positive_int, default=128,
                    help="tokens per sampled answer")
+    g.add_argument("--stop-on-degeneration", action="store_true",
+                   help="with --sample-every: after 2 degenerate rounds in a row, stop (exit 4) "
+                        "with the last healthy round's model as the run's; --resume continues "
+                        "from it")
     p.set_defaults(demo=False, run_config=None)
     args = p.parse_args(argv)
     if args.resume:
@@ -467,9 +475,10 @@ def main(argv=None):
         say(f"error: {error}")
         return 2
     except StopRequested as stop:
-        # a signal stops every process alike: say it once
-        if stop.exit_code <= 128 or parallel.rank() == 0:
-            say(f"{'stopped' if stop.exit_code > 128 else 'error'}: {stop}")
+        # a signal or degenerate samples stop every process alike: say it once
+        alike = stop.exit_code > 128 or stop.exit_code == checkpoints.DEGENERATED
+        if not alike or parallel.rank() == 0:
+            say(f"{'stopped' if alike else 'error'}: {stop}")
         return stop.exit_code
     # Ctrl-C outside the training steps (loading, or the final evaluation)
     except KeyboardInterrupt:

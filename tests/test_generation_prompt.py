@@ -4,7 +4,9 @@ response's first token takes from the prompt (read, not scored), and a truncated
 
 The built tokenizers split text into characters, and two BPE merges join "]" with a following "["
 or "*": as on Mistral, where a reply follows "[/INST]" directly, a response's first token can
-swallow the prompt's last character."""
+swallow the prompt's last character. A third merge, ranked after them, joins "T]": the prompt
+rendered alone then ends in "T]", a conversation in "T" and "][", so the prompt's last id is not
+the generation prompt's."""
 import json
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import preferences
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = [("]", "["), ("]", "*")]
+T_MERGE = [*MERGES, ("T", "]")]
 # Mistral's layout: "<s>[INST] question [/INST]answer</s>"; nothing follows "[/INST]" but the reply
 MISTRAL_LIKE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
                 "{{ '[INST] ' + m['content'] + ' [/INST]' }}"
@@ -28,15 +31,15 @@ CHATML = ("{% if messages[0]['role'] != 'system' %}"
 CHATML_HEAD = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
 
 
-def char_tokenizer(template, **special_tokens):
-    """A fast tokenizer of single characters (printable ASCII and newline) and MERGES, with
+def char_tokenizer(template, merges=MERGES, **special_tokens):
+    """A fast tokenizer of single characters (printable ASCII and newline) and `merges`, with
     SPECIALS, `template`, and the special tokens given ("bos_token", "eos_token")."""
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
-    symbols = [*SPECIALS, "\n", *map(chr, range(32, 127)), *("".join(m) for m in MERGES)]
+    symbols = [*SPECIALS, "\n", *map(chr, range(32, 127)), *("".join(m) for m in merges)]
     # no pre-tokenizer: a merge may join characters across the prompt/response boundary
     vocab = {symbol: i for i, symbol in enumerate(symbols)}
-    backend = Tokenizer(models.BPE(vocab, MERGES, unk_token="<unk>"))
+    backend = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>"))
     backend.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=template,
                                    pad_token="<pad>", unk_token="<unk>",
@@ -74,10 +77,16 @@ ROWS = [{"prompt": "Add 1 to [2, 3].", "chosen": "[3, 4]", "rejected": "*Sure*"}
         {"prompt": "Say yes.", "chosen": "Yes", "rejected": "No"}]
 
 
-def test_the_generation_prompt_is_the_prompt_rendered_alone(tmp_path):
-    tokenizer = char_tokenizer(MISTRAL_LIKE, bos_token="<s>", eos_token="</s>")
+@pytest.mark.parametrize("merges, unscored, prompt_end", [
+    (MERGES, [[0, 0], [0, 1], [0, 0]], [[0, "]"], [0, "]"], [0]]),
+    (T_MERGE, [[0, 0], [1, 1], [0, 0]], [[1, "T]"], [0, "T]"], [0]])], ids=["2-merges", "T]"])
+def test_the_generation_prompt_is_the_prompt_rendered_alone(merges, unscored, prompt_end,
+                                                            tmp_path):
+    tokenizer = char_tokenizer(MISTRAL_LIKE, merges, bos_token="<s>", eos_token="</s>")
     examples, _ = load(tokenizer, ROWS, tmp_path)
-    assert [example["unscored"] for example in examples] == [[0, 0], [0, 1], [0, 0]]
+    assert [example["unscored"] for example in examples] == unscored
+    assert [[n, *tokenizer.convert_ids_to_tokens(ids)] for n, *ids in
+            (example["prompt_end"] for example in examples)] == prompt_end
     for example, row in zip(examples, ROWS, strict=True):
         expected = alone(tokenizer, user(row["prompt"]))
         assert tokenizer.decode(expected).endswith(" [/INST]")
@@ -86,7 +95,7 @@ def test_the_generation_prompt_is_the_prompt_rendered_alone(tmp_path):
 
 def test_a_truncated_generation_prompt_loses_what_the_prompt_loses(tmp_path):
     """The same ids cut from the start of the text; the head and the rendered-alone end stay."""
-    tokenizer = char_tokenizer(MISTRAL_LIKE, bos_token="<s>", eos_token="</s>")
+    tokenizer = char_tokenizer(MISTRAL_LIKE, T_MERGE, bos_token="<s>", eos_token="</s>")
     rows = [{**ROWS[0], "prompt": "Read this: " + "abc " * 30 + ROWS[0]["prompt"]}]
     [whole], _ = load(tokenizer, rows, tmp_path)
     [cut], summary = load(tokenizer, rows, tmp_path, max_length=64, max_prompt_length=48)
@@ -94,6 +103,7 @@ def test_a_truncated_generation_prompt_loses_what_the_prompt_loses(tmp_path):
     keep = len(preferences.prompt_head(tokenizer))
     removed = len(whole["prompt"]) - 48
     expected = preferences.generation_prompt(whole)
+    assert whole["prompt_end"][0] == 1
     assert preferences.generation_prompt(cut) == expected[:keep] + expected[keep + removed:]
     assert tokenizer.decode(preferences.generation_prompt(cut)).endswith("[2, 3]. [/INST]")
 

@@ -5,6 +5,7 @@ import contextlib
 import json
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -192,6 +193,13 @@ def test_samples_stop_at_the_stop_token_and_log_ratios_match_full_logits(tiny):
     ended = [s[f"{name}_ended"] for s in samples for name in ("policy", "base")]
     assert any(ended) and not all(ended)  # both branches met (seed chosen so)
     assert any(s["policy_ids"] != s["base_ids"] for s in samples)
+
+
+def test_stop_tokens_are_eos_generation_configs_and_the_end_of_turn():
+    tokenizer = char_tokenizer(CHATML, eos_token="</s>")
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[4, 0]))
+    _, stop = generation.sampling_config(model, tokenizer, 1.0, 1.0, 16)
+    assert stop == sorted([0, 4, *tokenizer.convert_tokens_to_ids(["</s>", "<|im_end|>"])])
 
 
 def test_samples_stop_at_the_templates_end_of_turn_where_eos_differs(tmp_path):

@@ -7,11 +7,13 @@ or "*": as on Mistral, where a reply follows "[/INST]" directly, a response's fi
 swallow the prompt's last character. A third merge, ranked after them, joins "T]": the prompt
 rendered alone then ends in "T]", a conversation in "T" and "][", so the prompt's last id is not
 the generation prompt's."""
+import contextlib
 import json
 from pathlib import Path
 
 import pytest
 
+import generation
 import preferences
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
@@ -144,6 +146,20 @@ def test_a_truncated_prompt_keeps_the_template_head_in_at_most_half_the_room(tmp
     # with 16 ids of room, the head keeps 8: the end still holds the assistant's header
     short, responses = preferences._truncate(whole, [[7, 8]], head, 20, 16)
     assert short == whole[:8] + whole[8 - 16:] and responses == [[7, 8]]
+
+
+def test_samples_are_drawn_after_the_generation_prompt(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tokenizer = char_tokenizer(MISTRAL_LIKE, bos_token="<s>", eos_token="</s>")
+    examples, _ = load(tokenizer, ROWS, tmp_path)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16,
+                                         intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    samples = generation.generate_samples(model, lambda: contextlib.nullcontext(model), tokenizer,
+                                          examples, 3, 2, sides=("base",))
+    for sample in samples:
+        prompt = alone(tokenizer, user(ROWS[sample["row"]]["prompt"]))
+        assert sample["prompt"] == tokenizer.decode(prompt)
 
 
 @pytest.mark.skipif(not (FIXTURES / "real-tokenizers").is_dir(), reason="../shared/fixtures absent")

@@ -216,6 +216,17 @@ def test_a_pair_whose_prompt_alone_is_cut_counts_as_truncated(tiny_model, tmp_pa
     assert summary.counts["train"]["truncated"] == 1 and "1 truncated but kept" in str(summary)
 
 
+def test_without_a_template_the_prompt_is_its_text_after_bos(tiny_model, tmp_path):
+    tokenizer = modeling.load_tokenizer(tiny_model)
+    tokenizer.chat_template = None
+    dataset = write_jsonl(tmp_path / "pairs.jsonl",
+                          [{"prompt": "shout: apple", "chosen": "APPLE", "rejected": "apple"}])
+    [example] = preferences.load_examples(tokenizer, dataset, "train")[0][:]
+    prompt = tokenizer.convert_tokens_to_ids(["<|bos|>", "shout:", "apple"])
+    assert example["prompt"] == preferences.generation_prompt(example) == prompt
+    assert example["chosen"] == tokenizer.convert_tokens_to_ids(["APPLE", "<|end|>"])
+
+
 def test_a_split_of_identical_pairs_only_loads_as_no_pairs(tiny_model, tmp_path):
     """A batch with no pair to tokenize: a chat template refuses an empty list of conversations."""
     dataset = write_jsonl(tmp_path / "pairs.jsonl",

@@ -265,7 +265,7 @@ def _token_ids(tokenizer, pairs, end):
     ids = encoded["input_ids"]
     # a Python tokenizer knows no characters: the prompts tokenized on their own
     if encoded.encodings is None:
-        prompt_ids = generation_prompt_ids(tokenizer, pairs) * 2
+        prompt_ids = tokenizer(prompt_texts[:n], add_special_tokens=False)["input_ids"] * 2
         starts = [_shared_length(p, full) for p, full in zip(prompt_ids, ids, strict=True)]
     else:
         starts = []
@@ -314,9 +314,9 @@ def _truncate(prompt, responses, head, max_length, max_prompt_length):
 def generation_prompt(example):
     """The ids a model reads before it writes a response: the prompt rendered alone (see
     `generation_prompt_ids`), rebuilt from the shared prompt and "prompt_end" ([n, *ids]: the last n
-    ids of the prompt replaced by ids). Of a truncated prompt, the same ids are cut as of the
-    prompt: the model reads the text it trained on. Without "prompt_end" (a pair from `_token_ids`
-    alone), the shared prompt and the side whose tokens hold more of the prompt's text."""
+    ids of the prompt replaced by ids). A truncated prompt's lacks the very ids the prompt lacks:
+    the model reads the text it trained on. Without "prompt_end" (a pair from `_token_ids` alone),
+    the shared prompt and the side whose tokens hold more of the prompt's text."""
     prompt = list(example["prompt"])
     if "prompt_end" in example:
         drop, *tail = example["prompt_end"]

@@ -330,12 +330,13 @@ class SampleMonitor:
         out_dir/samples-step-<step>.jsonl, each line with the base's answer to the same prompt
         beside the policy's."""
         base_health = self.base()
-        started = time.time()
+        # a duration: a clock that never goes back
+        started = time.monotonic()
         samples = self.sample(("policy",))
         policy_health = health(samples, "policy")
         kl = kl_sequence(samples)
         metrics = policy_health | kl
-        metrics["sample/seconds"] = time.time() - started
+        metrics["sample/seconds"] = time.monotonic() - started
         self.out_dir.mkdir(parents=True, exist_ok=True)
         pairs = zip(self.base_samples, samples, strict=True)
         lines = "".join(json.dumps(base | sample) + "\n" for base, sample in pairs)

@@ -10,7 +10,6 @@ import csv
 import hashlib
 import json
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -400,14 +399,21 @@ def tokenize_split(tokenizer, dataset, split, max_length, max_prompt_length):
     # 4 bytes per token id (Python ints in lists take 70)
     features = Features({**{name: List(Value("int32")) for name in COLUMNS},
                          "status": Value("int8"), "truncated": Value("bool")})
-    started = time.time()
     settings = dict(tokenizer=tokenizer, source=dataset, end=end, head=head, max_length=max_length,
                     max_prompt_length=max_prompt_length)
     options = dict(batched=True, with_indices=True, remove_columns=rows.column_names,
                    features=features, new_fingerprint=fingerprint, fn_kwargs=settings)
-    tokenized = rows.map(tokenize_batch, desc=f"tokenizing {dataset}:{split}", **options)
+    calls = []
+
+    # Read from the cache when tokenize_batch never ran. (A file's time cannot tell: Linux stamps
+    # files from a clock that lags time.time() by up to a few milliseconds.)
+    def tokenize(*args, **kwargs):
+        calls.append(1)
+        return tokenize_batch(*args, **kwargs)
+
+    tokenized = rows.map(tokenize, desc=f"tokenizing {dataset}:{split}", **options)
     files = [f["filename"] for f in tokenized.cache_files]
-    from_cache = bool(files) and all(Path(f).stat().st_mtime < started for f in files)
+    from_cache = not calls
     # Cached ids must still be what the tokenizer gives: a few rows tokenized afresh say whether a
     # setting the fingerprint cannot see has changed them.
     sample = range(min(8, len(rows)))

@@ -264,7 +264,7 @@ def test_a_round_restores_rng_states_and_module_modes(tiny, tmp_path):
     assert set(base) == {f"health/base/{name}" for name in names}
     policy = {key for key in metrics if key.startswith("health/")}
     assert policy == {f"health/policy/{name}" for name in names}
-    assert metrics["sample/seconds"] > 0 and "kl/sequence_se" in metrics
+    assert metrics["sample/seconds"] >= 0 and "kl/sequence_se" in metrics
     assert warning is None or warning.startswith("step 7: warning:")
     lines = (tmp_path / "samples-step-7.jsonl").read_text().splitlines()
     assert len(lines) == 6

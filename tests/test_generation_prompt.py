@@ -100,12 +100,12 @@ def test_a_truncated_generation_prompt_loses_what_the_prompt_loses(tmp_path):
     tokenizer = char_tokenizer(MISTRAL_LIKE, T_MERGE, bos_token="<s>", eos_token="</s>")
     rows = [{**ROWS[0], "prompt": "Read this: " + "abc " * 30 + ROWS[0]["prompt"]}]
     [whole], _ = load(tokenizer, rows, tmp_path)
+    assert whole["prompt_end"][0] == 1  # "T]" replaces the prompt's last id
     [cut], summary = load(tokenizer, rows, tmp_path, max_length=64, max_prompt_length=48)
     assert len(cut["prompt"]) == 48 and summary.counts["train"]["truncated"] == 1
     keep = len(preferences.prompt_head(tokenizer))
     removed = len(whole["prompt"]) - 48
     expected = preferences.generation_prompt(whole)
-    assert whole["prompt_end"][0] == 1
     assert preferences.generation_prompt(cut) == expected[:keep] + expected[keep + removed:]
     assert tokenizer.decode(preferences.generation_prompt(cut)).endswith("[2, 3]. [/INST]")
 

@@ -36,7 +36,7 @@ def test_sampling_rounds_log_health_and_change_nothing(model_dir, tmp_path, caps
     for row in policy_rows:
         assert {"health/policy/rep4", "health/policy/ended", "health/policy/distinct2",
                 "kl/sequence", "sample/seconds"} <= row.keys()
-        assert 0 <= row["health/policy/rep4"] <= 1 and row["sample/seconds"] > 0
+        assert 0 <= row["health/policy/rep4"] <= 1 and row["sample/seconds"] >= 0
     samples = (tmp_path / "sampled" / "samples" / "samples-step-4.jsonl").read_text().splitlines()
     assert len(samples) == 3
     # training's own metrics are the same numbers

@@ -444,9 +444,11 @@ class Examples:
 
     def fingerprint(self):
         """sha256 of these pairs' lengths and ids, in order, however the Arrow data is laid out: a
-        resume must see the very same training pairs."""
+        resume must see the very same training pairs. Not "prompt_end": only sampling reads it."""
         digest = hashlib.sha256()
         for name, (ids, starts) in self.columns.items():
+            if name == "prompt_end":
+                continue
             digest.update(self.lengths(name).astype(np.int64))
             for row in self.rows:
                 digest.update(np.ascontiguousarray(ids[starts[row]:starts[row + 1]], np.int32))

@@ -252,6 +252,21 @@ def test_pairs_are_held_in_numpy_and_indexed_like_a_list(tiny_model, tmp_path):
     assert isinstance(examples[0]["prompt"], list)  # collate and generate take lists
 
 
+def test_the_data_fingerprint_leaves_out_what_only_sampling_reads():
+    """A resume checks the training pairs: a run started before "prompt_end" existed resumes."""
+    def examples(prompt_end):
+        rows = {"prompt": [1, 2], "chosen": [3], "rejected": [4], "unscored": [0, 0],
+                "prompt_end": prompt_end}
+        columns = {name: (np.array(ids, np.int32), np.array([0, len(ids)]))
+                   for name, ids in rows.items()}
+        return preferences.Examples(columns, np.arange(1))
+
+    assert examples([0]).fingerprint() == examples([1, 5]).fingerprint()
+    assert examples([0]).fingerprint() == preferences.Examples(
+        {name: examples([0]).columns[name] for name in preferences.COLUMNS[:4]},
+        np.arange(1)).fingerprint()
+
+
 # ---------------------------------------------------------------- the datasets cache
 
 def test_second_load_reads_the_cache_and_any_change_misses_it(tiny_model, tmp_path, monkeypatch):

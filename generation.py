@@ -16,7 +16,6 @@ Standard errors are std / sqrt(n) (0 with fewer than two values). Deterministic 
 import contextlib
 import json
 import math
-import random
 import statistics
 import time
 from pathlib import Path
@@ -41,14 +40,21 @@ MAX_KL_PER_TOKEN = 0.1
 
 
 def sampling_config(model, tokenizer, temperature, top_p, max_new_tokens):
-    """A GenerationConfig that samples from the model's softmax alone, and the model's stop tokens.
+    """A GenerationConfig that samples from the model's softmax alone, and the stop tokens (sorted
+    ids): the tokenizer's EOS, generation_config.json's, and the chat template's end of turn.
     transformers 5 fills every field a GenerationConfig leaves unset from the model's
     generation_config.json (repetition_penalty, min_new_tokens, ...): once this config is the
-    model's own, the library's neutral defaults fill the rest (top_k's is 50, hence 0). The model's
-    stop tokens are kept (Gemma-2 ends a turn with <end_of_turn>, not its EOS)."""
+    model's own, the library's neutral defaults fill the rest (top_k's is 50, hence 0)."""
     from transformers import GenerationConfig
-    stop = model.generation_config.eos_token_id or tokenizer.eos_token_id
-    stop = sorted({tokenizer.eos_token_id, *(stop if isinstance(stop, list) else [stop])})
+    listed = model.generation_config.eos_token_id or []
+    stop = {tokenizer.eos_token_id, *(listed if isinstance(listed, list) else [listed])}
+    # A chat model made from a base keeps the base's EOS in generation_config.json while its
+    # template ends a turn with another token (SmolLM2 and Qwen2.5 bases: <|endoftext|>; ChatML
+    # turns end at <|im_end|>); Gemma-2's turns end at <end_of_turn>, not at its EOS.
+    terminator = preferences.end_of_turn(tokenizer).terminator
+    if terminator:
+        stop.add(tokenizer.convert_tokens_to_ids(terminator))
+    stop = sorted(stop)
     config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
                               max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=stop)
@@ -272,8 +278,9 @@ def describe(report):
 
 class SampleMonitor:
     """Sampling during training, from fixed prompts with a fixed seed, that leaves training as it
-    was: RNG states (torch CPU and CUDA, Python's `random`) and each module's train/eval mode are
-    restored. The model must be a peft model: the base is the same model with its adapter disabled.
+    was: torch's RNG states (CPU and CUDA; sampling draws from nothing else) and each module's
+    train/eval mode are restored. The model must be a peft model: the base is the same model with
+    its adapter disabled.
 
         monitor = SampleMonitor(model, tokenizer, held_out, 8, 64, seed, out_dir)
         base_metrics = monitor.base()                   # once, before training
@@ -296,7 +303,7 @@ class SampleMonitor:
         in train mode, would turn off the KV cache), with every RNG state and module mode
         restored."""
         modes = [(module, module.training) for module in self.model.modules()]
-        states = (torch.get_rng_state(), random.getstate())
+        cpu_state = torch.get_rng_state()
         cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         self.model.eval()
         try:
@@ -304,8 +311,7 @@ class SampleMonitor:
                                     self.examples, self.count, self.max_new_tokens, seed=self.seed,
                                     sides=sides)
         finally:
-            torch.set_rng_state(states[0])
-            random.setstate(states[1])
+            torch.set_rng_state(cpu_state)
             if cuda_states is not None:
                 torch.cuda.set_rng_state_all(cuda_states)
             for module, training in modes:
@@ -324,12 +330,13 @@ class SampleMonitor:
         out_dir/samples-step-<step>.jsonl, each line with the base's answer to the same prompt
         beside the policy's."""
         base_health = self.base()
-        started = time.time()
+        # a duration: a clock that never goes back
+        started = time.monotonic()
         samples = self.sample(("policy",))
         policy_health = health(samples, "policy")
         kl = kl_sequence(samples)
         metrics = policy_health | kl
-        metrics["sample/seconds"] = time.time() - started
+        metrics["sample/seconds"] = time.monotonic() - started
         self.out_dir.mkdir(parents=True, exist_ok=True)
         pairs = zip(self.base_samples, samples, strict=True)
         lines = "".join(json.dumps(base | sample) + "\n" for base, sample in pairs)

@@ -10,7 +10,6 @@ import csv
 import hashlib
 import json
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -19,8 +18,9 @@ import numpy as np
 from jinja2 import TemplateError
 
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-# the token id columns of a tokenized split; "unscored": see `_token_ids`
-COLUMNS = ("prompt", "chosen", "rejected", "unscored")
+# the token id columns of a tokenized split; "unscored": see `_token_ids`; "prompt_end": see
+# `generation_prompt`
+COLUMNS = ("prompt", "chosen", "rejected", "unscored", "prompt_end")
 # status of a row
 KEPT, IDENTICAL, EMPTIED = 0, 1, 2
 
@@ -224,6 +224,18 @@ def _up_to_end_of_turn(text, prompt_text, response, end):
     return text[:at + len(end.terminator)], False
 
 
+def generation_prompt_ids(tokenizer, pairs):
+    """Each pair's prompt as a model reads it before it writes a reply, untruncated: rendered alone
+    with the template's generation prompt and tokenized as `_token_ids` tokenizes conversations;
+    without a template, the prompt's text after BOS."""
+    if not pairs:
+        return []
+    if tokenizer.chat_template is None:
+        return tokenizer([pair.prompt[-1]["content"] for pair in pairs])["input_ids"]
+    texts = _render(tokenizer, [pair.prompt for pair in pairs], pairs, add_generation_prompt=True)
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 def _token_ids(tokenizer, pairs, end):
     """(prompt, chosen, rejected, unscored) ids of each pair, untruncated, in batched calls. With a
     template each conversation is tokenized whole, as the model reads it (no special tokens added:
@@ -234,7 +246,7 @@ def _token_ids(tokenizer, pairs, end):
     eos = [tokenizer.eos_token_id]
     n = len(pairs)
     if tokenizer.chat_template is None:
-        prompts = tokenizer([pair.prompt[-1]["content"] for pair in pairs])["input_ids"]
+        prompts = generation_prompt_ids(tokenizer, pairs)
         texts = [pair.chosen["content"] for pair in pairs] + [p.rejected["content"] for p in pairs]
         responses = tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [(prompts[i], responses[i] + eos, responses[n + i] + eos, [0, 0]) for i in range(n)]
@@ -299,11 +311,18 @@ def _truncate(prompt, responses, head, max_length, max_prompt_length):
 
 
 def generation_prompt(example):
-    """The prompt's ids as a model reads them before it writes a response: the shared prompt and the
-    side whose tokens hold more of the prompt's text (see `_token_ids`)."""
+    """The ids a model reads before it writes a response: the prompt rendered alone (see
+    `generation_prompt_ids`), rebuilt from the shared prompt and "prompt_end" ([n, *ids]: the last n
+    ids of the prompt replaced by ids). A truncated prompt's lacks the very ids the prompt lacks:
+    the model reads the text it trained on. Without "prompt_end" (a pair from `_token_ids` alone),
+    the shared prompt and the side whose tokens hold more of the prompt's text."""
+    prompt = list(example["prompt"])
+    if "prompt_end" in example:
+        drop, *tail = example["prompt_end"]
+        return prompt[:len(prompt) - drop] + tail
     chosen, rejected = example.get("unscored", (0, 0))
-    return list(example["prompt"]) + list(example["chosen"][:chosen] if chosen >= rejected
-                                          else example["rejected"][:rejected])
+    return prompt + list(example["chosen"][:chosen] if chosen >= rejected
+                         else example["rejected"][:rejected])
 
 
 # ---------------------------------------------------------------- a whole split, batched and cached
@@ -320,17 +339,24 @@ def tokenize_batch(batch, indices, tokenizer, source, end, head, max_length, max
     identical = [pair.chosen["content"] == pair.rejected["content"] for pair in pairs]
     different = [pair for pair, same in zip(pairs, identical, strict=True) if not same]
     token_ids = iter(_token_ids(tokenizer, different, end))
+    alone = iter(generation_prompt_ids(tokenizer, different))
     out = {name: [] for name in (*COLUMNS, "status", "truncated")}
     for same in identical:
-        row = ([], [], [], [0, 0], IDENTICAL, False)
+        row = ([], [], [], [0, 0], [], IDENTICAL, False)
         if not same:
-            prompt, *untruncated, unscored = next(token_ids)
-            prompt, responses = _truncate(prompt, untruncated, head, max_length, max_prompt_length)
-            row = ([], [], [], unscored, EMPTIED, False)
+            whole, *untruncated, unscored = next(token_ids)
+            # On Mistral both sides' first tokens can swallow the prompt's last "]": the prompt
+            # rendered alone ends in ids neither conversation has. Kept as what differs from the
+            # shared prompt (an id or two; a copy would add a prompt's ids, ~40% of a pair's).
+            generation = next(alone)
+            shared = _shared_length(whole, generation)
+            prompt_end = [len(whole) - shared, *generation[shared:]]
+            prompt, responses = _truncate(whole, untruncated, head, max_length, max_prompt_length)
+            row = ([], [], [], unscored, [], EMPTIED, False)
             # a response left with no ids past the prompt's text has nothing to score
             if all(len(ids) > n for ids, n in zip(responses, unscored, strict=True)):
-                truncated = list(map(len, responses)) != list(map(len, untruncated))
-                row = (prompt, *responses, unscored, KEPT, truncated)
+                truncated = [prompt, *responses] != [whole, *untruncated]
+                row = (prompt, *responses, unscored, prompt_end, KEPT, truncated)
         for name, value in zip(out, row, strict=True):
             out[name].append(value)
     return out
@@ -373,14 +399,21 @@ def tokenize_split(tokenizer, dataset, split, max_length, max_prompt_length):
     # 4 bytes per token id (Python ints in lists take 70)
     features = Features({**{name: List(Value("int32")) for name in COLUMNS},
                          "status": Value("int8"), "truncated": Value("bool")})
-    started = time.time()
     settings = dict(tokenizer=tokenizer, source=dataset, end=end, head=head, max_length=max_length,
                     max_prompt_length=max_prompt_length)
     options = dict(batched=True, with_indices=True, remove_columns=rows.column_names,
                    features=features, new_fingerprint=fingerprint, fn_kwargs=settings)
-    tokenized = rows.map(tokenize_batch, desc=f"tokenizing {dataset}:{split}", **options)
+    calls = []
+
+    # Read from the cache when tokenize_batch never ran. (A file's time cannot tell: Linux stamps
+    # files from a clock that lags time.time() by up to a few milliseconds.)
+    def tokenize(*args, **kwargs):
+        calls.append(1)
+        return tokenize_batch(*args, **kwargs)
+
+    tokenized = rows.map(tokenize, desc=f"tokenizing {dataset}:{split}", **options)
     files = [f["filename"] for f in tokenized.cache_files]
-    from_cache = bool(files) and all(Path(f).stat().st_mtime < started for f in files)
+    from_cache = not calls
     # Cached ids must still be what the tokenizer gives: a few rows tokenized afresh say whether a
     # setting the fingerprint cannot see has changed them.
     sample = range(min(8, len(rows)))
@@ -393,8 +426,9 @@ def tokenize_split(tokenizer, dataset, split, max_length, max_prompt_length):
 
 class Examples:
     """Tokenized pairs, in a given order, as numpy arrays over Arrow data (4 bytes per token id).
-    `examples[i]` is {"prompt", "chosen", "rejected", "unscored"}: lists of ids, built for that pair
-    ("unscored": how many leading ids of chosen and rejected are prompt text, read, not scored)."""
+    `examples[i]` is {"prompt", "chosen", "rejected", "unscored", "prompt_end"}: lists of ids,
+    built for that pair ("unscored": how many leading ids of chosen and rejected are prompt text,
+    read, not scored; "prompt_end": see `generation_prompt`)."""
 
     def __init__(self, columns, rows):
         # name -> (ids of all rows end to end, where each row starts)
@@ -410,9 +444,11 @@ class Examples:
 
     def fingerprint(self):
         """sha256 of these pairs' lengths and ids, in order, however the Arrow data is laid out: a
-        resume must see the very same training pairs."""
+        resume must see the very same training pairs. Not "prompt_end": only sampling reads it."""
         digest = hashlib.sha256()
         for name, (ids, starts) in self.columns.items():
+            if name == "prompt_end":
+                continue
             digest.update(self.lengths(name).astype(np.int64))
             for row in self.rows:
                 digest.update(np.ascontiguousarray(ids[starts[row]:starts[row + 1]], np.int32))
@@ -444,7 +480,8 @@ def _columns(tokenized):
 @dataclass
 class Summary:
     """What load_examples kept and left out, per part ("train", "held-out"), and token lengths."""
-    # part -> {"pairs": kept, "identical": n, "emptied": n, "truncated": n}
+    # part -> {"pairs": kept, "identical": n, "emptied": n, "truncated": n kept with their prompt
+    # or a response cut}
     counts: dict
     # "prompt" / "chosen" / "rejected" -> {"mean", "p50", "p95", "max"}; {} with no pairs
     lengths: dict

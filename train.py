@@ -272,6 +272,10 @@ def prepare_data(args, main_process):
     if not train_set:
         raise preferences.DataError(f"{args.dataset}: no training pairs left after holding out and "
                                     f"truncation")
+    # before any work: a sampling round with no prompt would stop the run after its first step
+    if args.sample_every and not eval_set:
+        raise preferences.DataError(f"{args.dataset}: --sample-every samples held-out prompts, and "
+                                    f"no held-out pair is left (see the counts above)")
     args.data_fingerprint = train_set.fingerprint()
     # again with the data's fingerprint
     checkpoints.refuse_conflicts(args)

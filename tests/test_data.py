@@ -84,6 +84,8 @@ def test_ids_equal_the_template_up_to_the_end_of_turn_token(name):
         assert example["prompt"] == generation_prompt[:len(example["prompt"])]
         assert (len(generation_prompt) - len(example["prompt"])
                 <= (1 if name == "mistral-instruct" else 0))
+        # ... and the model samples after the prompt rendered alone
+        assert preferences.generation_prompt(example) == generation_prompt
         for side in ("chosen", "rejected"):
             whole = template_ids(tokenizer, prompt + [{"role": "assistant", "content": row[side]}])
             ids = example["prompt"] + example[side]
@@ -201,6 +203,30 @@ def test_identical_pairs_are_left_out_and_counted(tiny_model, tmp_path):
     assert "mean" in text and "p95" in text and summary.lengths["chosen"]["max"] == 2
 
 
+def test_a_pair_whose_prompt_alone_is_cut_counts_as_truncated(tiny_model, tmp_path):
+    tokenizer = modeling.load_tokenizer(tiny_model)
+    rows = [{"prompt": "whisper: " + " ".join(demo.WORDS), "chosen": "stone", "rejected": "STONE"},
+            {"prompt": "shout: apple", "chosen": "APPLE", "rejected": "apple"}]
+    examples, _, summary = preferences.load_examples(tokenizer, write_jsonl(
+        tmp_path / "pairs.jsonl", rows), "train", max_length=16, max_prompt_length=12)
+    assert [len(examples[i]["prompt"]) for i in range(2)] == [12, 6]
+    assert [examples[0]["chosen"], examples[0]["rejected"]] == [
+        tokenizer.convert_tokens_to_ids(["stone", "<|end|>"]),
+        tokenizer.convert_tokens_to_ids(["STONE", "<|end|>"])]
+    assert summary.counts["train"]["truncated"] == 1 and "1 truncated but kept" in str(summary)
+
+
+def test_without_a_template_the_prompt_is_its_text_after_bos(tiny_model, tmp_path):
+    tokenizer = modeling.load_tokenizer(tiny_model)
+    tokenizer.chat_template = None
+    dataset = write_jsonl(tmp_path / "pairs.jsonl",
+                          [{"prompt": "shout: apple", "chosen": "APPLE", "rejected": "apple"}])
+    [example] = preferences.load_examples(tokenizer, dataset, "train")[0][:]
+    prompt = tokenizer.convert_tokens_to_ids(["<|bos|>", "shout:", "apple"])
+    assert example["prompt"] == preferences.generation_prompt(example) == prompt
+    assert example["chosen"] == tokenizer.convert_tokens_to_ids(["APPLE", "<|end|>"])
+
+
 def test_a_split_of_identical_pairs_only_loads_as_no_pairs(tiny_model, tmp_path):
     """A batch with no pair to tokenize: a chat template refuses an empty list of conversations."""
     dataset = write_jsonl(tmp_path / "pairs.jsonl",
@@ -224,6 +250,21 @@ def test_pairs_are_held_in_numpy_and_indexed_like_a_list(tiny_model, tmp_path):
     assert [examples[i] for i in order] == [examples[int(i)] for i in order.tolist()]
     assert examples[0:2] == [examples[0], examples[1]] and examples[-1] == examples[2]
     assert isinstance(examples[0]["prompt"], list)  # collate and generate take lists
+
+
+def test_the_data_fingerprint_leaves_out_what_only_sampling_reads():
+    """A resume checks the training pairs: a run started before "prompt_end" existed resumes."""
+    def examples(prompt_end):
+        rows = {"prompt": [1, 2], "chosen": [3], "rejected": [4], "unscored": [0, 0],
+                "prompt_end": prompt_end}
+        columns = {name: (np.array(ids, np.int32), np.array([0, len(ids)]))
+                   for name, ids in rows.items()}
+        return preferences.Examples(columns, np.arange(1))
+
+    assert examples([0]).fingerprint() == examples([1, 5]).fingerprint()
+    assert examples([0]).fingerprint() == preferences.Examples(
+        {name: examples([0]).columns[name] for name in preferences.COLUMNS[:4]},
+        np.arange(1)).fingerprint()
 
 
 # ---------------------------------------------------------------- the datasets cache
@@ -260,6 +301,25 @@ def test_second_load_reads_the_cache_and_any_change_misses_it(tiny_model, tmp_pa
     assert load(tok=other_eos)[1:] == (False, 12)
     write_jsonl(Path(dataset), demo.make_pairs(words[:11], random.Random(0)))
     assert load()[1:] == (False, 11)
+
+
+def test_a_changed_max_prompt_length_tokenizes_anew(tiny_model, tmp_path):
+    """Only the last row's prompt is long: the 8 rows that check a cached split do not change, so
+    only the fingerprint can tell."""
+    tokenizer = modeling.load_tokenizer(tiny_model)
+    rows = demo.make_pairs([demo.WORDS[i:i + 2] for i in range(12)], random.Random(0))
+    rows.append({"prompt": "whisper: " + " ".join(demo.WORDS), "chosen": "a", "rejected": "b"})
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+    def load(max_prompt_length):
+        examples, _, summary = preferences.load_examples(tokenizer, dataset, "train",
+                                                         max_length=24,
+                                                         max_prompt_length=max_prompt_length)
+        return len(examples[-1]["prompt"]), summary.from_cache
+
+    assert load(16) == (16, False)
+    assert load(16) == (16, True)
+    assert load(12) == (12, False)
 
 
 # ---------------------------------------------------------------- CSV text (issue 12, item 11)

@@ -1,13 +1,16 @@
 """generation.py: health measures on hand-made samples with known values, the degeneration rule at
 its thresholds, sampling on a tiny model (stop tokens, log-ratios against float64 full logits), and
 SampleMonitor rounds that leave RNG states, module modes and training exactly as they were."""
+import contextlib
 import json
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import tokenize_pair
+from test_generation_prompt import CHATML, char_tokenizer
 
 import demo
 import generation
@@ -45,6 +48,18 @@ def test_health_of_hand_made_samples():
     # bigrams: 5 of (5, 5), 7 distinct, none, 4 distinct: 12 distinct of 16
     assert health["health/policy/distinct2"] == 0.75
     assert all(type(value) is float for value in health.values())
+
+
+def test_repetition_counts_4_grams_and_distinct_counts_bigrams():
+    """Answers whose n-gram counts differ with n: another n gives other numbers."""
+    samples = [side([7, 8, 7, 8, 7, 9, STOP], True, "a b a b a c"),
+               side([1, 1, 1, 1, 1], False, "d d d d d")]
+    health = generation.health(samples, "policy")
+    # 4-grams: 3 distinct of 3 (3-grams: 3 of 4), and 1 of 2 (3-grams: 1 of 3)
+    assert health["health/policy/rep4"] == 0.25
+    assert health["health/policy/rep4_se"] == pytest.approx(0.25)
+    # bigrams: (7, 8), (8, 7), (7, 9) of 5, and (1, 1) of 4 (trigrams: 4 distinct of 7)
+    assert health["health/policy/distinct2"] == 4 / 9
 
 
 def test_health_counts_whitespace_as_empty_and_reads_the_named_side():
@@ -92,6 +107,16 @@ def test_degeneration_thresholds(key, inside, outside, word):
     assert generation.degeneration(policy | {f"health/policy/{key}": inside}, base) is None
     line = generation.degeneration(policy | {f"health/policy/{key}": outside}, base)
     assert word in line and line.count(";") == 0
+
+
+@pytest.mark.parametrize("base_length", [0.0, 0.5])
+def test_degeneration_counts_a_base_under_one_token_as_one(base_length):
+    base = {"health/base/rep4": 0.0, "health/base/ended": 1.0, "health/base/empty": 1.0,
+            "health/base/length": base_length}
+    policy = {key.replace("/base/", "/policy/"): value for key, value in base.items()}
+    assert generation.degeneration(policy | {"health/policy/length": 1.5}, base) is None
+    line = generation.degeneration(policy | {"health/policy/length": 2.5}, base)
+    assert f"length (2.5 tokens, base {base_length:.1f})" in line
 
 
 def test_degeneration_on_kl_per_sampled_token():
@@ -170,6 +195,44 @@ def test_samples_stop_at_the_stop_token_and_log_ratios_match_full_logits(tiny):
     assert any(s["policy_ids"] != s["base_ids"] for s in samples)
 
 
+def test_stop_tokens_are_eos_generation_configs_and_the_end_of_turn():
+    tokenizer = char_tokenizer(CHATML, eos_token="</s>")
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[4, 0]))
+    _, stop = generation.sampling_config(model, tokenizer, 1.0, 1.0, 16)
+    assert stop == sorted([0, 4, *tokenizer.convert_tokens_to_ids(["</s>", "<|im_end|>"])])
+
+
+def test_samples_stop_at_the_templates_end_of_turn_where_eos_differs(tmp_path):
+    """A chat model made from a base: its EOS and generation_config.json say <|endoftext|>, its
+    template ends a turn with <|im_end|>, made likely here (p ≈ 0.6 a token): every sample ends
+    there, not in invented turns after it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tokenizer = char_tokenizer(CHATML, eos_token="<|endoftext|>")
+    eos, im_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         tie_word_embeddings=False, eos_token_id=eos,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == eos
+    model = modeling.load_model(str(tmp_path)).eval()
+    tokenizer = modeling.load_tokenizer(str(tmp_path))
+    assert generation.sampling_config(model, tokenizer, 1.0, 1.0, 16)[1] == sorted([eos, im_end])
+    bias = torch.zeros(len(tokenizer))
+    bias[im_end] = 5.0
+    model.lm_head.bias = torch.nn.Parameter(bias)
+    prompts = [[{"role": "user", "content": f"Count to {n}."}] for n in range(6)]
+    pairs = [preferences.Pair(prompt, None, None, True, "row") for prompt in prompts]
+    examples = [{"prompt": ids, "prompt_end": [0]}
+                for ids in preferences.generation_prompt_ids(tokenizer, pairs)]
+    samples = generation.generate_samples(model, lambda: contextlib.nullcontext(model), tokenizer,
+                                          examples, 6, 16, seed=0, sides=("base",))
+    assert all(sample["base_ended"] and sample["base_ids"][-1] == im_end for sample in samples)
+    assert max(sample["base_tokens"] for sample in samples) > 1  # some text before it
+
+
 def monitor_for(tiny, model, out_dir, seed=1):
     model_dir, tokenizer, examples = tiny
     return generation.SampleMonitor(model, tokenizer, examples, 6, 8, seed, out_dir)
@@ -185,29 +248,38 @@ def test_a_round_restores_rng_states_and_module_modes(tiny, tmp_path):
     modes = [module.training for module in model.modules()]
     monitor = monitor_for(tiny, model, tmp_path)
     torch.manual_seed(123)
-    random.seed(5)
     cpu_state = torch.get_rng_state()
-    python_state = random.getstate()
-    expected = (torch.rand(4), random.random())
+    expected = torch.rand(4)
     torch.set_rng_state(cpu_state)
-    random.setstate(python_state)
+    python_state = random.getstate()
 
     base = monitor.base()
     metrics, warning = monitor.round(7)
 
-    assert torch.equal(torch.get_rng_state(), cpu_state) and random.getstate() == python_state
-    assert torch.equal(torch.rand(4), expected[0]) and random.random() == expected[1]
+    assert torch.equal(torch.get_rng_state(), cpu_state) and torch.equal(torch.rand(4), expected)
+    # nothing to restore there: sampling draws nothing from Python's random
+    assert random.getstate() == python_state
     assert [module.training for module in model.modules()] == modes
     names = ("length", "length_se", "ended", "cut", "empty", "rep4", "rep4_se", "distinct2")
     assert set(base) == {f"health/base/{name}" for name in names}
     policy = {key for key in metrics if key.startswith("health/")}
     assert policy == {f"health/policy/{name}" for name in names}
-    assert metrics["sample/seconds"] > 0 and "kl/sequence_se" in metrics
+    assert metrics["sample/seconds"] >= 0 and "kl/sequence_se" in metrics
     assert warning is None or warning.startswith("step 7: warning:")
     lines = (tmp_path / "samples-step-7.jsonl").read_text().splitlines()
     assert len(lines) == 6
     for line in lines:
         assert {"policy", "base", "policy_ids", "base_ids", "log_ratio"} <= set(json.loads(line))
+
+
+def test_a_round_samples_in_eval_mode_whatever_the_mode_it_is_called_in(tiny, tmp_path):
+    """LoRA dropout acts in train mode only: a round from training samples as one from eval."""
+    model = fresh_policy(tiny[0]).train()
+    monitor_for(tiny, model, tmp_path / "train").round(1)
+    model.eval()
+    monitor_for(tiny, model, tmp_path / "eval").round(1)
+    text = (tmp_path / "train" / "samples-step-1.jsonl").read_text()
+    assert text == (tmp_path / "eval" / "samples-step-1.jsonl").read_text()
 
 
 def test_rounds_are_deterministic_for_a_seed(tiny, tmp_path):

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from test_train import adapter, metrics, run, small_args, standard_rows, write_jsonl
+from test_train import adapter, error_line, metrics, run, small_args, standard_rows, write_jsonl
 
 import demo
 
@@ -36,7 +36,7 @@ def test_sampling_rounds_log_health_and_change_nothing(model_dir, tmp_path, caps
     for row in policy_rows:
         assert {"health/policy/rep4", "health/policy/ended", "health/policy/distinct2",
                 "kl/sequence", "sample/seconds"} <= row.keys()
-        assert 0 <= row["health/policy/rep4"] <= 1 and row["sample/seconds"] > 0
+        assert 0 <= row["health/policy/rep4"] <= 1 and row["sample/seconds"] >= 0
     samples = (tmp_path / "sampled" / "samples" / "samples-step-4.jsonl").read_text().splitlines()
     assert len(samples) == 3
     # training's own metrics are the same numbers
@@ -81,3 +81,27 @@ def test_sampling_needs_held_out_prompts_and_lora(model_dir, tmp_path, capsys):
     code, _, err = run(small_args(model_dir, dataset, tmp_path / "b", "--sample-every", 1, "--full",
                                   "--eval-fraction", 0.25), capsys)
     assert code == 2 and "needs LoRA" in err
+
+
+@pytest.mark.parametrize("held_out", ["--eval-fraction", "--eval-split"])
+def test_sampling_with_no_held_out_pair_left_is_refused_before_training(model_dir, tmp_path,
+                                                                        held_out, capsys):
+    """Every held-out pair left out (chosen == rejected): one line, exit 2, no run folder."""
+    rows = standard_rows(8)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", rows)
+    write_jsonl(folder / "test.jsonl", [row | {"rejected": row["chosen"]} for row in rows[:2]])
+    options = ["--eval-split", "test"]
+    if held_out == "--eval-fraction":
+        # train.py holds out these 2 of 8 (--seed 42)
+        order = list(range(8))
+        random.Random(42).shuffle(order)
+        for i in order[:2]:
+            rows[i]["rejected"] = rows[i]["chosen"]
+        folder = write_jsonl(tmp_path / "pairs.jsonl", rows)
+        options = ["--eval-fraction", 0.25]
+    code, _, err = run(small_args(model_dir, folder, tmp_path / "run", *options,
+                                  "--sample-every", 1), capsys)
+    assert code == 2 and "no held-out pair is left" in error_line(err)
+    assert not (tmp_path / "run").exists()

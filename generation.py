@@ -37,6 +37,9 @@ LENGTH_FACTOR = 2.0
 # KL(π ‖ π_base) per sampled token: word salad of ordinary length shows here, not in the counts
 # above (SmolLM2-135M on UltraFeedback, README: 0.002 after a sound run, 1.2 after a collapse)
 MAX_KL_PER_TOKEN = 0.1
+# train.py --stop-on-degeneration: degenerate rounds in a row that stop a run. One round of 8
+# samples flags healthy runs now and then; two in a row never did (bench/README.md)
+STOP_AFTER = 2
 
 
 def sampling_config(model, tokenizer, temperature, top_p, max_new_tokens):
@@ -216,19 +219,23 @@ def degeneration(policy_health, base_health, kl=None):
     policy = {key.rsplit("/", 1)[1]: value for key, value in policy_health.items()}
     base = {key.rsplit("/", 1)[1]: value for key, value in base_health.items()}
     problems = []
+    # each signal with its value against its threshold
     if policy["rep4"] > base["rep4"] + MAX_REP4_RISE:
-        problems.append(f"repetition (seq-rep-4 {policy['rep4']:.2f}, base {base['rep4']:.2f})")
+        problems.append(f"repetition (seq-rep-4 {policy['rep4']:.2f} > base {base['rep4']:.2f} + "
+                        f"{MAX_REP4_RISE})")
     if policy["ended"] < base["ended"] - MAX_ENDED_DROP:
-        problems.append(f"answers that do not end ({policy['ended']:.0%} end at the stop token, "
-                        f"base {base['ended']:.0%})")
+        problems.append(f"answers that do not end ({policy['ended']:.0%} end at the stop token < "
+                        f"base {base['ended']:.0%} − {MAX_ENDED_DROP:.0%})")
     if policy["empty"] > base["empty"] + MAX_EMPTY_RISE:
-        problems.append(f"empty answers ({policy['empty']:.0%}, base {base['empty']:.0%})")
+        problems.append(f"empty answers ({policy['empty']:.0%} > base {base['empty']:.0%} + "
+                        f"{MAX_EMPTY_RISE:.0%})")
     base_length = max(base["length"], 1.0)
     if not base_length / LENGTH_FACTOR <= policy["length"] <= base_length * LENGTH_FACTOR:
-        problems.append(f"length ({policy['length']:.1f} tokens, base {base['length']:.1f})")
+        problems.append(f"length ({policy['length']:.1f} tokens, outside base "
+                        f"{base['length']:.1f} ÷ or × {LENGTH_FACTOR:g})")
     if kl is not None and kl["kl/sequence_per_token"] > MAX_KL_PER_TOKEN:
-        problems.append(f"far from the base (KL {kl['kl/sequence_per_token']:.2f} nats per "
-                        f"sampled token): read the samples")
+        problems.append(f"far from the base (KL {kl['kl/sequence_per_token']:.2f} > "
+                        f"{MAX_KL_PER_TOKEN} nats per sampled token): read the samples")
     if not problems:
         return None
     return "warning: the policy's samples degenerate: " + "; ".join(problems)

@@ -50,8 +50,7 @@ import modeling
 import preferences
 from checkpoints import UsageError
 
-# A reply, so that preferences.py cuts the prompt out of a templated conversation as it does for
-# training
+# A reply, so that a row with a prompt alone reads as a pair (preferences.to_pair)
 PLACEHOLDER = {"role": "assistant", "content": "placeholder"}
 # What decides the answers and the pairs: a re-run in the same folder must keep these
 FIXED = ("model", "prompts", "split", "reward_model", "samples", "temperature", "top_p",
@@ -281,8 +280,7 @@ def build(args):
                          f"(pass --chat-template)")
     pairs = [preferences.Pair(messages, PLACEHOLDER, PLACEHOLDER, True, where)
              for messages, where in prompts]
-    end = preferences.end_of_turn(tokenizer)
-    prompt_ids = [ids for ids, *_ in preferences._token_ids(tokenizer, pairs, end)]
+    prompt_ids = preferences.generation_prompt_ids(tokenizer, pairs)
     done = resume(out, args, prompts)
     if done:
         print(f"{out / 'samples.jsonl'} holds {done} of {len(prompts)} prompts: continuing")

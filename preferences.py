@@ -314,15 +314,10 @@ def generation_prompt(example):
     """The ids a model reads before it writes a response: the prompt rendered alone (see
     `generation_prompt_ids`), rebuilt from the shared prompt and "prompt_end" ([n, *ids]: the last n
     ids of the prompt replaced by ids). A truncated prompt's lacks the very ids the prompt lacks:
-    the model reads the text it trained on. Without "prompt_end" (a pair from `_token_ids` alone),
-    the shared prompt and the side whose tokens hold more of the prompt's text."""
+    the model reads the text it trained on."""
     prompt = list(example["prompt"])
-    if "prompt_end" in example:
-        drop, *tail = example["prompt_end"]
-        return prompt[:len(prompt) - drop] + tail
-    chosen, rejected = example.get("unscored", (0, 0))
-    return prompt + list(example["chosen"][:chosen] if chosen >= rejected
-                         else example["rejected"][:rejected])
+    drop, *tail = example["prompt_end"]
+    return prompt[:len(prompt) - drop] + tail
 
 
 # ---------------------------------------------------------------- a whole split, batched and cached

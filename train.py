@@ -387,9 +387,9 @@ def parse_args(argv=None):
     g.add_argument("--sample-max-new-tokens", type=positive_int, default=128,
                    help="tokens per sampled answer")
     g.add_argument("--stop-on-degeneration", action="store_true",
-                   help="with --sample-every: after 2 degenerate rounds in a row, stop (exit 4) "
-                        "with the last healthy round's model as the run's; --resume continues "
-                        "from it")
+                   help=f"with --sample-every: after {generation.STOP_AFTER} degenerate rounds in "
+                        f"a row, stop (exit {checkpoints.DEGENERATED}) with the last healthy "
+                        f"round's model as the run's; --resume continues from it")
     p.set_defaults(demo=False, run_config=None)
     args = p.parse_args(argv)
     if args.resume:
@@ -440,6 +440,8 @@ def check_args(args):
         raise UsageError(f"--report-to {args.report_to} needs: pip install {args.report_to}")
     if args.eval_split and args.eval_fraction:
         raise UsageError("pass --eval-split or --eval-fraction, not both")
+    if args.stop_on_degeneration and not args.sample_every:
+        raise UsageError("--stop-on-degeneration acts on sampling rounds: pass --sample-every N")
     if args.sample_every and args.full:
         raise UsageError("--sample-every compares the policy with its base, the model with its "
                          "LoRA adapter off: it needs LoRA, not --full")

@@ -46,16 +46,14 @@ def pytest_configure(config):
 
 
 def tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, max_prompt_length):
-    """Token ids of one pair (message lists), truncated as preferences.load_examples truncates whole
-    splits; None if a response would end up empty."""
+    """Token ids of one pair (message lists), as preferences.load_examples tokenizes whole splits;
+    None if it leaves the pair out (identical responses, or one truncated to nothing)."""
     import preferences
-    pair = preferences.Pair(prompt, chosen, rejected, True, "pair")
-    end = preferences.end_of_turn(tokenizer)
-    [(prompt_ids, *responses, unscored)] = preferences._token_ids(tokenizer, [pair], end)
-    prompt_ids, responses = preferences._truncate(prompt_ids, responses,
-                                                  preferences.prompt_head(tokenizer), max_length,
-                                                  max_prompt_length)
-    if not all(len(ids) > n for ids, n in zip(responses, unscored, strict=True)):
+    batch = {"prompt": [prompt], "chosen": [prompt + [chosen]], "rejected": [prompt + [rejected]]}
+    row = preferences.tokenize_batch(batch, [0], tokenizer, "pair",
+                                     preferences.end_of_turn(tokenizer),
+                                     preferences.prompt_head(tokenizer), max_length,
+                                     max_prompt_length)
+    if row["status"][0] != preferences.KEPT:
         return None
-    return {"prompt": prompt_ids, "chosen": responses[0], "rejected": responses[1],
-            "unscored": unscored}
+    return {name: row[name][0] for name in preferences.COLUMNS}

@@ -116,7 +116,7 @@ def test_degeneration_counts_a_base_under_one_token_as_one(base_length):
     policy = {key.replace("/base/", "/policy/"): value for key, value in base.items()}
     assert generation.degeneration(policy | {"health/policy/length": 1.5}, base) is None
     line = generation.degeneration(policy | {"health/policy/length": 2.5}, base)
-    assert f"length (2.5 tokens, base {base_length:.1f})" in line
+    assert f"length (2.5 tokens, outside base {base_length:.1f} ÷ or × 2)" in line
 
 
 def test_degeneration_on_kl_per_sampled_token():
@@ -124,7 +124,7 @@ def test_degeneration_on_kl_per_sampled_token():
     base = base_like(healthy)
     assert generation.degeneration(healthy, base, {"kl/sequence_per_token": 0.09}) is None
     line = generation.degeneration(healthy, base, {"kl/sequence_per_token": 0.11})
-    assert "far from the base (KL 0.11 nats per sampled token)" in line
+    assert "far from the base (KL 0.11 > 0.1 nats per sampled token)" in line
 
 
 # ---------------------------------------------------------------- on a tiny model

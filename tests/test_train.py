@@ -988,7 +988,7 @@ def test_a_token_across_the_prompt_response_boundary_goes_to_the_response():
     # "ab" merged into chosen's response; prompt shared; rejected's bare "a" is prompt text, read
     # not scored
     assert example == {"prompt": [0, 4], "chosen": [5, 4, 1], "rejected": [2, 4, 1],
-                       "unscored": [0, 1]}
+                       "unscored": [0, 1], "prompt_end": [0, 2]}
     for side, text in (("chosen", "<s>xabx</s>"), ("rejected", "<s>xax</s>")):
         assert example["prompt"] + example[side] == tok(text, add_special_tokens=False)["input_ids"]
 

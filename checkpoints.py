@@ -311,6 +311,8 @@ class Checkpointer(StopFlag):
             write(self.model, self.tokenizer, self.run_dir, state)
             if self.final_save_exists:
                 shutil.rmtree(self.run_dir / f"checkpoint-{step}")
+            # --stop-on-degeneration's fallback: a finished run needs none
+            shutil.rmtree(self.run_dir / "checkpoint-healthy", ignore_errors=True)
 
     def save(self, step, name=None, keep=None):
         """checkpoint-<step>/ (or `name`) via a temporary folder renamed into place, so a crash

@@ -1,5 +1,6 @@
 """Generation health during training (train.py --sample-every): the numbers per sampling round, a
 warning when the policy degenerates, and a training result identical to a run without sampling."""
+import json
 import random
 import shutil
 
@@ -7,7 +8,11 @@ import pytest
 import torch
 from test_train import adapter, error_line, metrics, run, small_args, standard_rows, write_jsonl
 
+import checkpoints
 import demo
+import generation
+import modeling
+import preferences
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +49,18 @@ def test_sampling_rounds_log_health_and_change_nothing(model_dir, tmp_path, caps
     assert [r["loss"] for r in plain_rows] == [r["loss"] for r in rows if "loss" in r]
 
 
-def test_a_policy_that_learns_to_repeat_is_flagged(model_dir, tmp_path, capsys):
-    """Planted degeneration: every chosen answer repeats one word a dozen times. The held-out
-    reward accuracy rises to 1, and only the samples say what happened."""
+@pytest.fixture(scope="module")
+def collapse(model_dir, tmp_path_factory):
+    return planted_collapse(model_dir, tmp_path_factory.mktemp("collapse"))
+
+
+def planted_collapse(model_dir, folder):
+    """Planted degeneration: every chosen answer repeats one word a dozen times. (peaked model
+    folder, dataset)."""
     from transformers import AutoModelForCausalLM
     # A random model's logits are nearly flat (its lm_head, which LoRA leaves alone, is drawn at
     # std 0.02): scaled up, its next-token distributions are as peaked as a trained model's.
-    peaked = tmp_path / "model"
+    peaked = folder / "model"
     shutil.copytree(model_dir, peaked)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
@@ -62,7 +72,12 @@ def test_a_policy_that_learns_to_repeat_is_flagged(model_dir, tmp_path, capsys):
         words = rng.sample(demo.WORDS, 3)
         rows.append({"prompt": "shout: " + " ".join(words), "chosen": " ".join(["APPLE"] * 12),
                      "rejected": " ".join(w.upper() for w in words)})
-    dataset = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    return peaked, write_jsonl(folder / "pairs.jsonl", rows)
+
+
+def test_a_policy_that_learns_to_repeat_is_flagged(collapse, tmp_path, capsys):
+    """The held-out reward accuracy rises to 1, and only the samples say what happened."""
+    peaked, dataset = collapse
     code, out, err = run(small_args(peaked, dataset, tmp_path / "run", "--max-steps", 12,
                                     "--lr", 1e-2, "--eval-fraction", 0.25, "--sample-every", 12,
                                     "--sample-prompts", 6, "--sample-max-new-tokens", 24), capsys)
@@ -74,8 +89,76 @@ def test_a_policy_that_learns_to_repeat_is_flagged(model_dir, tmp_path, capsys):
     assert "step 12: warning: the policy's samples degenerate: repetition" in out + err
 
 
+# ---------------------------------------------------------------- --stop-on-degeneration
+
+def collapsing(collapse, out, *extra):
+    """The planted collapse at a gentler lr: samples healthy at step 2, flagged from step 4."""
+    peaked, dataset = collapse
+    return small_args(peaked, dataset, out, "--max-steps", 12, "--lr", 3e-3, "--eval-fraction",
+                      0.25, "--sample-every", 2, "--sample-prompts", 6, "--sample-max-new-tokens",
+                      24, *extra)
+
+
+def test_a_collapse_stops_at_the_second_flagged_round_with_the_last_healthy_model(
+        collapse, tmp_path, capsys):
+    from peft import PeftModel
+    out = tmp_path / "run"
+    code, _, err = run(collapsing(collapse, out, "--stop-on-degeneration", "--save-every", 1),
+                       capsys)
+    assert code == checkpoints.DEGENERATED == 4, err
+    line = [line for line in err.splitlines() if line.startswith("stopped: ")]
+    assert len(line) == 1, err
+    assert line[0].startswith("stopped: step 6: the policy's samples degenerate: far from the base"
+                              " (KL "), line
+    assert "> 0.1 nats per sampled token" in line[0]
+    assert ("(2 sampling rounds in a row); the run folder's model is step 2's, the last whose "
+            f"samples were healthy: python train.py --resume {out} continues from it") in line[0]
+    rows = metrics(out)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [(r["step"], bool(r["degeneration"])) for r in rows if "degeneration" in r] == [
+        (2, False), (4, True), (6, True)]
+    assert (out / "curves.png").is_file()
+    # the final save is step 2's; the later, collapsed checkpoints and the healthy copy are gone
+    assert checkpoints.saved_steps(out) == {2: out}
+    assert not (out / "checkpoint-healthy").exists()
+    # the kept model samples, with the monitor's seed and prompts, what it sampled at step 2
+    peaked, dataset = collapse
+    tokenizer = modeling.load_tokenizer(str(out))
+    _, held_out, _ = preferences.load_examples(tokenizer, dataset, "train", None, 0.25, 42, 32, 16)
+    policy = PeftModel.from_pretrained(modeling.load_model(str(peaked)), str(out)).eval()
+    samples = generation.generate_samples(policy, lambda: generation.without_adapter(policy),
+                                          tokenizer, held_out, 6, 24, seed=42, sides=("policy",))
+    logged = [json.loads(line) for line in
+              (out / "samples" / "samples-step-2.jsonl").read_text().splitlines()]
+    assert [s["policy_ids"] for s in samples] == [s["policy_ids"] for s in logged]
+    # --resume continues from the kept step, here with a lower learning rate
+    code, stdout, err = run(["--resume", out, "--lr", 1e-4], capsys)
+    assert code == 0, err
+    assert f"resuming from {out} (step 2)" in stdout
+    assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, 13))
+
+
+def test_a_healthy_run_is_the_same_with_and_without_stop_on_degeneration(model_dir, tmp_path,
+                                                                         capsys):
+    dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(24))
+    common = ["--max-steps", 4, "--eval-fraction", 0.25, "--lora-dropout", 0.2, "--lr", 1e-3,
+              "--sample-every", 1, "--sample-prompts", 3, "--sample-max-new-tokens", 8]
+    for name, extra in (("plain", []), ("guarded", ["--stop-on-degeneration"])):
+        code, _, err = run(small_args(model_dir, dataset, tmp_path / name, *common, *extra),
+                           capsys)
+        assert code == 0, err
+    plain, guarded = adapter(tmp_path / "plain"), adapter(tmp_path / "guarded")
+    assert plain.keys() == guarded.keys()
+    assert all(torch.equal(plain[k], guarded[k]) for k in plain)
+    # the fallback is not needed once the run is done
+    assert not (tmp_path / "guarded" / "checkpoint-healthy").exists()
+
+
 def test_sampling_needs_held_out_prompts_and_lora(model_dir, tmp_path, capsys):
     dataset = write_jsonl(tmp_path / "pairs.jsonl", standard_rows(8))
+    code, _, err = run(small_args(model_dir, dataset, tmp_path / "a", "--stop-on-degeneration"),
+                       capsys)
+    assert code == 2 and "--stop-on-degeneration acts on sampling rounds" in error_line(err)
     code, _, err = run(small_args(model_dir, dataset, tmp_path / "a", "--sample-every", 1), capsys)
     assert code == 2 and "--eval-fraction" in err
     code, _, err = run(small_args(model_dir, dataset, tmp_path / "b", "--sample-every", 1, "--full",

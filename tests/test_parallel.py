@@ -149,3 +149,22 @@ def test_interrupt_and_resume_with_two_processes(launcher, setup, tmp_path):
     assert checkpoints.resume_conflicts({"world_size": 2}, {"world_size": 1})
     state = torch.load(out / "training_state.pt", weights_only=True)
     assert len(state["rng"]) == 2
+
+
+def test_degenerate_samples_stop_every_process_together(tmp_path):
+    """The first process samples; all stop at the same step, the run folder keeps the healthy
+    model, and train.py's launcher ends with the one process's exit status."""
+    from test_health import collapsing, planted_collapse
+    model_dir = demo.build_tiny_model(tmp_path / "tiny", hidden_size=32)
+    collapse = planted_collapse(model_dir, tmp_path)
+    out = tmp_path / "run"
+    process = subprocess.run(
+        [sys.executable, "train.py", "--nproc-per-node", "2",
+         *map(str, collapsing(collapse, out, "--stop-on-degeneration", "--lora-dropout", 0))],
+        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=600)
+    assert process.returncode == checkpoints.DEGENERATED, process.stderr
+    stopped = [line for line in process.stderr.splitlines() if line.startswith("stopped: ")]
+    assert len(stopped) == 1 and "the run folder's model is step 2's" in stopped[0]
+    assert checkpoints.saved_steps(out) == {2: out}
+    assert [r["step"] for r in train_rows(out)] == [1, 2, 3, 4, 5, 6]

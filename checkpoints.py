@@ -1,9 +1,11 @@
-"""The run folder, and the command lines' one-line errors and flag checks. A run folder holds the
-final save at its top (adapter or model, tokenizer, training_state.pt, run_config.json,
-metrics.jsonl, curves.png) and the newest `--keep-checkpoints` `checkpoint-<step>/` of the same
-form: written whole or not at all, loaded without running code, and resumed (from the highest step)
-only into their own run."""
-import argparse
+"""The run folder: saves, resuming, the metrics log and the curves. A run folder holds the final
+save at its top (adapter or model, tokenizer, training_state.pt, run_config.json, metrics.jsonl,
+curves.png) and the newest `--keep-checkpoints` `checkpoint-<step>/` of the same form (with
+--stop-on-degeneration also `checkpoint-healthy/`): written whole or not at all, loaded without
+running code, and resumed (from the highest step) only into their own run.
+
+    python checkpoints.py runs/demo     # draws runs/demo/curves.png again from its metrics.jsonl
+"""
 import contextlib
 import json
 import math
@@ -17,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+import cli
 import parallel
+from cli import DEGENERATED, StopFlag, StopRequested, UsageError
 
 # What the finished steps meant: a resume may not change these. The other settings (--max-steps,
 # --epochs, the lr schedule, --eval-every, --report-to, ...) only change what comes next.
@@ -25,89 +29,6 @@ FIXED_BY_THE_RUN = ("model", "full", "load_in_4bit", "lora_r", "lora_alpha", "lo
                     "chat_template", "dataset", "split", "eval_split", "eval_fraction",
                     "max_length", "max_prompt_length", "data_fingerprint", "beta", "gamma",
                     "sft_weight", "no_length_normalization", "batch_size", "seed", "world_size")
-
-
-# the exit status of a run stopped by --stop-on-degeneration
-DEGENERATED = 4
-
-
-class UsageError(argparse.ArgumentTypeError, ValueError):
-    """A bad flag, or an output folder in the way: one line, exit code 2. Raised by an argparse
-    `type=`, its message is the one argparse shows."""
-
-
-class StopRequested(Exception):
-    """The run stopped on purpose (signal, divergence, out of memory): message and exit code."""
-
-    def __init__(self, message, exit_code):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with defaults, except None and False (off, or decided at run time)."""
-
-    def _get_help_string(self, action):
-        off = action.default is None or action.default is False
-        return action.help if off else super()._get_help_string(action)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with --help showing defaults, and a bad flag as one line (UsageError), not usage."""
-
-    def __init__(self, **kwargs):
-        super().__init__(formatter_class=HelpFormatter, **kwargs)
-
-    def error(self, message):
-        raise UsageError(message)
-
-
-def names(text):
-    """--lora-target: "all-linear", or module names separated by commas ("q_proj, v_proj")."""
-    listed = [name.strip() for name in text.split(",") if name.strip()]
-    if not listed:
-        raise argparse.ArgumentTypeError(f"names no module: {text!r}")
-    return ",".join(listed)
-
-
-def checked(rule, test):
-    """An argparse `type=` that reads a number and refuses one that fails `test` (NaN fails all)."""
-    def read(text):
-        value = (int if rule.startswith("a whole") else float)(text)
-        if not test(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, not {text}")
-        return value
-    read.__name__ = rule
-    return read
-
-
-positive_int = checked("a whole number >= 1", lambda v: v >= 1)
-count = checked("a whole number >= 0", lambda v: v >= 0)
-positive = checked("a number > 0", lambda v: math.isfinite(v) and v > 0)
-non_negative = checked("a number >= 0", lambda v: math.isfinite(v) and v >= 0)
-unit_interval = checked("in [0, 1)", lambda v: 0 <= v < 1)
-
-
-class StopFlag:
-    """Inside `with`, SIGINT (Ctrl-C) and SIGTERM (preemption) only set a flag, so the work in
-    progress finishes first; a second Ctrl-C changes nothing."""
-
-    def __init__(self, announce):
-        self.announce = announce
-        self.signal = None
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self._set) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *_):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _set(self, signum, _frame):
-        if self.signal is None and parallel.rank() == 0:
-            print(f"\n{signal.Signals(signum).name}: {self.announce}", file=sys.stderr, flush=True)
-        self.signal = signum
 
 
 def resume_settings(run_dir, gamma_given):
@@ -494,3 +415,22 @@ def plot_curves(out):
         ax.set(title=key, xlabel="step")
         ax.legend()
     fig.savefig(out / "curves.png", dpi=100)
+
+
+def main(argv=None):
+    p = cli.Parser(description="Draw RUN/curves.png again from RUN/metrics.jsonl.")
+    p.add_argument("run", help="a run folder")
+    try:
+        run = Path(p.parse_args(argv).run)
+        if not (run / "metrics.jsonl").is_file():
+            raise cli.UsageError(f"{run}: no metrics.jsonl (not a run folder)")
+    except cli.UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    plot_curves(run)
+    print(f"wrote {run / 'curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

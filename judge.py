@@ -36,7 +36,7 @@ from jinja2 import TemplateError
 
 import modeling
 import preferences
-from checkpoints import UsageError
+from cli import UsageError
 
 # on φ only: an unpenalised θ makes LC equal the win rate when all lengths are equal
 RIDGE = 1e-2

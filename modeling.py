@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import cli
 import packing
 import parallel
 import simpo
-from checkpoints import UsageError
+from cli import UsageError
 
 # bitsandbytes on a CPU announces at import that an optional kernel package is missing: noise
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -40,25 +41,9 @@ def read_chat_template(value):
     return value
 
 
-def looks_local(name):
-    """A path, not a hub id ("org/name"): it starts with . / ~, has more than one /, or its parent
-    folder exists here."""
-    name, path = str(name), Path(name)
-    return (name.startswith((".", "/", "~")) or name.count("/") > 1
-            or (path.parent != Path(".") and path.parent.is_dir()))
-
-
-def missing_folder(flag, name):
-    """The one-line error of a local path that is not there (the hub would answer "couldn't
-    connect"), or None."""
-    if looks_local(name) and not Path(name).expanduser().exists():
-        return UsageError(f"{flag} {name}: no such folder")
-    return None
-
-
 def load_tokenizer(name, chat_template=None, trust_remote_code=False):
     from transformers import AutoTokenizer
-    if error := missing_folder("--model", name):
+    if error := cli.missing_folder("--model", name):
         raise error
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)

@@ -43,12 +43,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import checkpoints
+import cli
 import generation
 import judge
 import modeling
 import preferences
-from checkpoints import UsageError
+from cli import UsageError
 
 # A reply, so that a row with a prompt alone reads as a pair (preferences.to_pair)
 PLACEHOLDER = {"role": "assistant", "content": "placeholder"}
@@ -59,7 +59,7 @@ FIXED = ("model", "prompts", "split", "reward_model", "samples", "temperature", 
 
 
 def parse_args(argv=None):
-    p = checkpoints.Parser(description=__doc__.split("\n\n")[0])
+    p = cli.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the SFT model to sample from: folder or hub id")
     p.add_argument("--prompts", required=True, help="a dataset of prompts: file, folder or hub id")
     p.add_argument("--split", default="train", help="the split of --prompts")
@@ -223,7 +223,7 @@ def sample_all(args, out, prompts, prompt_ids, done, tokenizer):
     test = held_out(len(prompts), args.test_fraction, args.seed)
     started, tokens = time.monotonic(), 0
     bar = tqdm(total=len(prompts), initial=done, desc="prompts", unit="prompt")
-    stop_flag = checkpoints.StopFlag("finishing this batch of prompts, then stopping")
+    stop_flag = cli.StopFlag("finishing this batch of prompts, then stopping")
     with open(out / "samples.jsonl", "a") as log, stop_flag, bar:
         for start in range(done, len(prompts), args.batch_size):
             batch = range(start, min(start + args.batch_size, len(prompts)))
@@ -241,7 +241,7 @@ def sample_all(args, out, prompts, prompt_ids, done, tokenizer):
             bar.set_postfix_str(f"{tokens / (time.monotonic() - started):.0f} tokens/s")
             if stop_flag.signal and batch[-1] + 1 < len(prompts):
                 name = signal.Signals(stop_flag.signal).name
-                raise checkpoints.StopRequested(f"{name} after prompt {batch[-1] + 1} of "
+                raise cli.StopRequested(f"{name} after prompt {batch[-1] + 1} of "
                                                 f"{len(prompts)}; resume with: "
                                                 f"{args.resume_command}",
                                                 128 + stop_flag.signal)
@@ -302,7 +302,7 @@ def main(argv=None):
     except (preferences.DataError, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except checkpoints.StopRequested as stop:
+    except cli.StopRequested as stop:
         print(f"stopped: {stop}", file=sys.stderr)
         return stop.exit_code
     # outside the sampling loop: while loading, or writing the pairs

@@ -17,6 +17,8 @@ from typing import NamedTuple
 import numpy as np
 from jinja2 import TemplateError
 
+import cli
+
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # the token id columns of a tokenized split; "unscored": see `_token_ids`; "prompt_end": see
 # `generation_prompt`
@@ -47,9 +49,7 @@ def load_rows(dataset, split):
 
     path = Path(dataset)
     suffix = path.suffix.lower()
-    looks_local = (suffix in FILE_TYPES or dataset.startswith((".", "/", "~"))
-                   or dataset.count("/") > 1 or (path.parent != Path(".") and path.parent.is_dir()))
-    if looks_local and not path.exists():
+    if (suffix in FILE_TYPES or cli.looks_local(dataset)) and not path.exists():
         raise DataError(f"{dataset}: no such file or folder")
     if path.is_file() and suffix not in FILE_TYPES:
         raise DataError(f"{dataset}: unsupported file type {path.suffix!r} "

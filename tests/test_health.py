@@ -9,6 +9,7 @@ import torch
 from test_train import adapter, error_line, metrics, run, small_args, standard_rows, write_jsonl
 
 import checkpoints
+import cli
 import demo
 import generation
 import modeling
@@ -105,7 +106,7 @@ def test_a_collapse_stops_at_the_second_flagged_round_with_the_last_healthy_mode
     out = tmp_path / "run"
     code, _, err = run(collapsing(collapse, out, "--stop-on-degeneration", "--save-every", 1),
                        capsys)
-    assert code == checkpoints.DEGENERATED == 4, err
+    assert code == cli.DEGENERATED == 4, err
     line = [line for line in err.splitlines() if line.startswith("stopped: ")]
     assert len(line) == 1, err
     assert line[0].startswith("stopped: step 6: the policy's samples degenerate: far from the base"

@@ -14,7 +14,7 @@ import torch
 import demo
 import judge
 import preferences
-from checkpoints import UsageError
+from cli import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,7 @@ import modeling
 import onpolicy
 import preferences
 import train
-from checkpoints import UsageError
+from cli import UsageError
 
 N_PROMPTS = 10  # distinct ones: batches of 3, 3, 3, 1
 

@@ -21,6 +21,7 @@ from test_train import (
 )
 
 import checkpoints
+import cli
 import demo
 import train
 
@@ -163,7 +164,7 @@ def test_degenerate_samples_stop_every_process_together(tmp_path):
          *map(str, collapsing(collapse, out, "--stop-on-degeneration", "--lora-dropout", 0))],
         cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
         timeout=600)
-    assert process.returncode == checkpoints.DEGENERATED, process.stderr
+    assert process.returncode == cli.DEGENERATED, process.stderr
     stopped = [line for line in process.stderr.splitlines() if line.startswith("stopped: ")]
     assert len(stopped) == 1 and "the run folder's model is step 2's" in stopped[0]
     assert checkpoints.saved_steps(out) == {2: out}

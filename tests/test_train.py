@@ -1038,3 +1038,14 @@ def test_data_that_fits_the_run_badly_gets_a_note(model_dir, model_without_templ
                          capsys)
     assert code == 0, err
     assert "note:" not in out
+
+
+def test_curves_are_drawn_again_from_the_metrics(demo_run, tmp_path, capsys):
+    import checkpoints
+    run_dir = tmp_path / "run"
+    shutil.copytree(demo_run.run, run_dir)
+    (run_dir / "curves.png").unlink()
+    assert checkpoints.main([str(run_dir)]) == 0
+    assert (run_dir / "curves.png").stat().st_size > 0
+    assert checkpoints.main([str(tmp_path)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err

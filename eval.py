@@ -17,19 +17,20 @@ import torch
 from tqdm import tqdm
 
 import checkpoints
+import cli
 import generation
 import judge
 import modeling
 import packing
 import preferences
 import simpo
-from checkpoints import UsageError, non_negative, positive, positive_int
+from cli import UsageError, non_negative, positive, positive_int
 
 
 def parse_args(argv=None):
     epilog = ("Defaults of --model, --dataset, --beta, --gamma, the lengths and --load-in-4bit: "
               "the run's. eval.py runs in one process, also on torchrun runs.")
-    p = checkpoints.Parser(description=__doc__.split("\n\n")[0], epilog=epilog)
+    p = cli.Parser(description=__doc__.split("\n\n")[0], epilog=epilog)
     p.add_argument("--adapter", required=True, help="LoRA run or checkpoint, or full model folder")
     p.add_argument("--model", help="the base SFT model")
     p.add_argument("--ref-model", help="a full fine-tuning run's base (default: --model)")
@@ -43,12 +44,12 @@ def parse_args(argv=None):
                    default=torch.cuda.is_available(), help="a 4-bit base, as QLoRA trains")
     p.add_argument("--batch-size", type=positive_int, default=4, help="pairs per forward pass")
     p.add_argument("--chunk-size", type=positive_int, default=1024, help="tokens per KL chunk")
-    p.add_argument("--generate", type=checkpoints.count, default=0, metavar="N",
+    p.add_argument("--generate", type=cli.count, default=0, metavar="N",
                    help="also sample N held-out prompts from policy and base: their health")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="with --generate")
     # Temperature 1 and no top-p: the sequence-level KL estimate is unbiased only on samples from π.
     p.add_argument("--temperature", type=positive, default=1.0, help="with --generate")
-    top_p = checkpoints.checked("in (0, 1]", lambda v: 0 < v <= 1)
+    top_p = cli.checked("in (0, 1]", lambda v: 0 < v <= 1)
     p.add_argument("--top-p", type=top_p, default=1.0, help="with --generate")
     p.add_argument("--seed", type=int, default=0, help="which prompts --generate samples, and how")
     p.add_argument("--judge", metavar="RM", help="with --generate: a reward model judges samples")

@@ -22,17 +22,20 @@ The check: the folder as saved, loaded back, against the adapter applied unmerge
 16-bit base, on --check-pairs of the pairs eval.py scores for the run (its held-out pairs; its first
 training pairs if it held out none), as the max |difference| per token of average log-prob. Beyond
 the tolerance merge.py refuses: everything is written into a temporary folder next to --out, renamed
-into place only after the check, so --out is never half-written. Tolerances, measured on the CPU
-(the adapter itself moves these numbers by 0.3 to 0.9 on the runs measured):
-- float32: 1e-4. The demo run (width 64) differs by 3e-7, SmolLM2-135M with a trained adapter by
-  2e-6: only the order of float32 sums.
-- bfloat16: 0.05 (also float32 on a GPU, which scores in bf16 autocast). bf16 rounds each merged
-  weight (W + ΔW) to 8 bits of mantissa where the adapter model keeps ΔW apart: the demo run differs
-  by 0.004, SmolLM2-135M by 0.013.
-For a QLoRA run it also scores the 4-bit base with the adapter, the model that trained (and that
-`eval.py --adapter` evaluates), and prints how far the merged 16-bit model is from it: the base
-without nf4's rounding is another model, and the shipped model is the 16-bit one (SmolLM2-135M:
-max 0.09, mean 0.03 per token; the tiny test model: about 0.01).
+into place only after the check, so --out is never half-written. Tolerances, measured on the CPU on
+the demo run and on LoRA and QLoRA runs of SmolLM2-135M (held-out UltraFeedback pairs of up to 731
+tokens), where the adapter itself moves these numbers by 0.5 to 1.1:
+- float32: 1e-4. Measured at most 4e-6 (the demo: 1e-6): only the order of float32 sums.
+- bfloat16: 0.2, the start-up check's 16-bit tolerance (also float32 on a GPU, which scores in bf16
+  autocast; not measured on a GPU). Measured at most 0.06 (the demo: 0.002): bf16 rounds each merged
+  weight W + ΔW to 8 bits where the adapter model keeps ΔW apart, and bf16 scoring alone moves the
+  numbers by up to 0.02. An adapter that moves them by less than this cannot be told from its base:
+  merge.py says so.
+A QLoRA run trained its adapter on the 4-bit base, and eval.py --adapter evaluates it there:
+merge.py also scores that model and prints how far the merged 16-bit one is from it. The shipped
+model is the 16-bit one, without nf4's rounding: SmolLM2-135M's differs by max 1.5, mean 0.48 per
+token (its base alone, nf4 against bf16: max 0.7, mean 0.28; larger models are not measured); the
+tests' tiny model by max 0.02, mean 0.005.
 """
 import argparse
 import gc
@@ -52,7 +55,7 @@ from checkpoints import StopRequested, UsageError, positive_int
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # max |difference| per token of average log-prob, merged vs adapter (measured: module docstring)
-TOLERANCE = {torch.bfloat16: 0.05, torch.float32: 1e-4}
+TOLERANCE = {torch.bfloat16: 0.2, torch.float32: 1e-4}
 # written last into --out: a folder merge.py finished, and the only kind --overwrite replaces
 RECORD = "merged_from.json"
 

@@ -145,7 +145,7 @@ def test_merged_logits_equal_the_adapter_models(demo_run, merged):
             assert_close(merged_f32(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
             got = merged_bf16(input_ids=ids).logits.log_softmax(-1)
             difference = (got - expected.log_softmax(-1)).abs().max().item()
-            assert difference < merge.TOLERANCE[torch.bfloat16] * 5, difference
+            assert difference < merge.TOLERANCE[torch.bfloat16], difference
             # the adapter's own effect is far larger: the merge carries it
             with reference.disable_adapter():
                 base = reference(input_ids=ids).logits.log_softmax(-1)
@@ -153,7 +153,7 @@ def test_merged_logits_equal_the_adapter_models(demo_run, merged):
 
 
 def test_merge_prints_the_check_and_records_it(demo_run, merged):
-    for out, stdout, tolerance in ((merged.bf16, merged.bf16_stdout, 0.05),
+    for out, stdout, tolerance in ((merged.bf16, merged.bf16_stdout, 0.2),
                                    (merged.f32, merged.f32_stdout, 1e-4)):
         line = next(line for line in stdout.splitlines() if line.startswith("check on "))
         assert "16 pairs, split 'test'" in line and "held out by the run" in line
@@ -161,7 +161,7 @@ def test_merge_prints_the_check_and_records_it(demo_run, merged):
         record = json.loads((out / "merged_from.json").read_text())
         assert record["check"]["tolerance"] == tolerance
         assert record["check"]["max_difference"] <= tolerance
-        assert record["check"]["adapter_effect"] > 10 * tolerance
+        assert record["check"]["adapter_effect"] > 3 * tolerance
         assert record["model"] == str(demo_run.model) and record["run"] == str(demo_run.run)
         assert record["run_config"]["dataset"] == demo_run.config["dataset"]
         assert "trained_4bit" not in record and "4-bit" not in stdout
@@ -224,7 +224,7 @@ def test_eval_scores_the_merged_model_as_the_adapter_run(demo_run, merged, tmp_p
         reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
     adapter = reports["adapter"]
     beta = demo_run.config["beta"]
-    for name, tolerance in (("merged", 1e-4), ("merged-bf16", 0.05)):
+    for name, tolerance in (("merged", 1e-4), ("merged-bf16", 0.2)):
         report = reports[name]
         assert report["pairs"] == adapter["pairs"] == 128 and report["scored"] == adapter["scored"]
         assert report["base"] == adapter["base"]
@@ -353,6 +353,34 @@ def test_existing_out_is_refused_unless_it_is_a_merge_and_overwrite_is_given(dem
     assert rc == 0, err
     assert not (out / "eval.json").exists() and leftovers(tmp_path) == []
     assert json.loads((out / "merged_from.json").read_text())["check"]["pairs"].startswith("2 ")
+
+
+def test_the_check_scores_the_pairs_the_run_held_out(demo_run, tmp_path, monkeypatch):
+    """A run that held out a fraction of its split: every model the check scores is scored on the
+    first of those pairs (the ones eval.py scores), not on training pairs."""
+    from transformers import AutoTokenizer
+    run = tmp_path / "fraction"
+    shutil.copytree(demo_run.run, run, ignore=shutil.ignore_patterns("checkpoint-*"))
+    config = demo_run.config | {"split": "test", "eval_split": None, "eval_fraction": 0.25}
+    (run / "run_config.json").write_text(json.dumps(config))
+    scored = []
+    real_logps = merge.logps
+
+    def recording(model, examples, *args):
+        scored.append([examples[i] for i in range(len(examples))])
+        return real_logps(model, examples, *args)
+
+    monkeypatch.setattr(merge, "logps", recording)
+    rc, stdout, err = run_merge("--adapter", run, "--out", tmp_path / "merged",
+                                "--check-pairs", "3", "--dtype", "float32")
+    assert rc == 0, err
+    assert "check on 3 pairs, the pairs the run held out of" in stdout
+    tokenizer = AutoTokenizer.from_pretrained(demo_run.model)
+    _, held, _ = preferences.load_examples(tokenizer, config["dataset"], "test", None, 0.25,
+                                           config["seed"], config["max_length"],
+                                           config["max_prompt_length"])
+    # the adapter model, the base, the merged model
+    assert len(scored) == 3 and all(pairs == [held[i] for i in range(3)] for pairs in scored)
 
 
 def test_checkpoint_and_a_run_without_held_out_pairs(demo_run, tmp_path):

@@ -84,7 +84,11 @@ def parse_args(argv=None):
         if (adapter / "config.json").is_file():
             args.full_model = adapter
             return args
-        raise UsageError(f"--adapter {adapter}: not a run (no adapter_config.json, no config.json)")
+        message = f"--adapter {adapter}: not a run (no adapter_config.json, no config.json)"
+        if saved := checkpoints.saved_steps(adapter):
+            message += (f"; the run has no final save yet: merge {saved[max(saved)]}, or finish it "
+                        f"with train.py --resume {adapter}")
+        raise UsageError(message)
     args.run = evaluation.run_settings(adapter)
     args.model = args.model or args.run.get("model")
     args.dataset = args.dataset or args.run.get("dataset")

@@ -326,6 +326,12 @@ def test_folders_that_are_not_runs(demo_run, tmp_path):
     for folder, fragment in ((demo_run.dataset, "not a run"), (tmp_path / "gone", "no such")):
         rc, _, err = run_merge("--adapter", folder, "--out", tmp_path / "merged")
         assert_usage_error(rc, err, str(folder), fragment)
+    # a run still training: its newest checkpoint is named
+    run = tmp_path / "unfinished"
+    shutil.copytree(demo_run.run / "checkpoint-64", run / "checkpoint-64")
+    shutil.copy(demo_run.run / "run_config.json", run)
+    rc, _, err = run_merge("--adapter", run, "--out", tmp_path / "merged")
+    assert_usage_error(rc, err, "no final save yet", str(run / "checkpoint-64"))
     assert not (tmp_path / "merged").exists()
 
 

@@ -90,11 +90,8 @@ def training_state(model, optimizer, step):
             "trainable": trainable}
 
 
-def write(model, tokenizer, folder, state):
-    """Adapter (or model) in the usual format, tokenizer and training state, into `folder`."""
-    model.save_pretrained(folder)
-    # peft's model card is a template of "More Information Needed"
-    (Path(folder) / "README.md").unlink(missing_ok=True)
+def save_tokenizer(tokenizer, folder):
+    """The tokenizer, chat template included, as it tokenizes now (train.py's saves, merge.py's)."""
     tokenizer.save_pretrained(folder)
     # transformers 5 does not save `legacy`; a SentencePiece tokenizer (Mistral, Llama-2) reloaded
     # without it puts "▁" after a special token, tokenizing differently from the model's own.
@@ -102,6 +99,14 @@ def write(model, tokenizer, folder, state):
         config_file = Path(folder) / "tokenizer_config.json"
         config = json.loads(config_file.read_text()) | {"legacy": tokenizer.legacy}
         config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def write(model, tokenizer, folder, state):
+    """Adapter (or model) in the usual format, tokenizer and training state, into `folder`."""
+    model.save_pretrained(folder)
+    # peft's model card is a template of "More Information Needed"
+    (Path(folder) / "README.md").unlink(missing_ok=True)
+    save_tokenizer(tokenizer, folder)
     torch.save(state, Path(folder) / "training_state.pt")
     (Path(folder) / "checkpoint.json").write_text(json.dumps({"step": state["step"]}))
 

@@ -3,9 +3,13 @@
     python eval.py --adapter runs/demo     # the run's held-out split, with the run's own settings
     python eval.py --adapter runs/llama3 --dataset HuggingFaceH4/ultrafeedback_binarized \
         --split test_prefs --generate 64 --out report.json
+    python eval.py --model runs/demo-merged --ref-model runs/demo-model    # merge.py's output
 
 A LoRA run's base is the same model with its adapter switched off: no second copy in memory. For a
-full fine-tuning run (`--adapter` is the trained model folder) `--ref-model` names the base.
+full fine-tuning run (`--adapter` is the trained model folder) `--ref-model` names the base. A plain
+model folder and its base can also be given as `--model` and `--ref-model`, with no `--adapter`; a
+model merge.py wrote brings its run's settings (merged_from.json), so its run's held-out pairs are
+scored.
 """
 import argparse
 import contextlib
@@ -27,11 +31,27 @@ import simpo
 from cli import UsageError, non_negative, positive, positive_int
 
 
+def run_settings(folder):
+    """The settings of the run that `folder` comes from (a checkpoint's run_config.json is one
+    folder up; merge.py keeps a merged model's in merged_from.json), with the base peft recorded."""
+    merged = folder / "merged_from.json"
+    if merged.is_file():
+        # a merged model is 16-bit whatever its run trained on: 4-bit only when asked for
+        return json.loads(merged.read_text())["run_config"] | {"load_in_4bit": None}
+    configs = [f / "run_config.json" for f in (folder, folder.parent)]
+    run = next((json.loads(f.read_text()) for f in configs if f.is_file()), {})
+    if (folder / "adapter_config.json").is_file():
+        adapter_config = json.loads((folder / "adapter_config.json").read_text())
+        run.setdefault("model", adapter_config.get("base_model_name_or_path"))
+    return run
+
+
 def parse_args(argv=None):
     epilog = ("Defaults of --model, --dataset, --beta, --gamma, the lengths and --load-in-4bit: "
               "the run's. eval.py runs in one process, also on torchrun runs.")
     p = cli.Parser(description=__doc__.split("\n\n")[0], epilog=epilog)
-    p.add_argument("--adapter", required=True, help="LoRA run or checkpoint, or full model folder")
+    p.add_argument("--adapter", help="LoRA run or checkpoint, or full model folder (none: --model "
+                                     "is the policy, --ref-model its base)")
     p.add_argument("--model", help="the base SFT model")
     p.add_argument("--ref-model", help="a full fine-tuning run's base (default: --model)")
     p.add_argument("--dataset", help="a file, folder or hub dataset")
@@ -55,21 +75,27 @@ def parse_args(argv=None):
     p.add_argument("--judge", metavar="RM", help="with --generate: a reward model judges samples")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the Python code a hub model ships with (only for a model you trust)")
-    p.add_argument("--out", help="write every number here as JSON (default: <adapter>/eval.json)")
-    p.add_argument("--samples", help="generated samples, JSONL (default: <adapter>/samples.jsonl)")
+    p.add_argument("--out", help="write every number here as JSON (default: <adapter>/eval.json, "
+                                 "or <model>/eval.json without --adapter)")
+    p.add_argument("--samples", help="generated samples, JSONL (default: in that folder, "
+                                     "samples.jsonl)")
     args = p.parse_args(argv)
-    adapter = Path(args.adapter)
+    # no --adapter: --model is a plain model folder (merge.py's output, a --full run), scored
+    # against --ref-model as `--adapter MODEL --ref-model BASE` scores it
+    if args.adapter is None and not (args.model and args.ref_model):
+        raise UsageError("pass --adapter (a run), or --model and --ref-model (a model folder "
+                         "and its base)")
+    flag = "--adapter" if args.adapter else "--model"
+    adapter = Path(args.adapter or args.model)
     if not adapter.is_dir():
-        raise UsageError(f"--adapter {adapter}: no such folder")
-    # a checkpoint's run config is one folder up; peft records the base it trained on
-    configs = [folder / "run_config.json" for folder in (adapter, adapter.parent)]
-    run = next((json.loads(f.read_text()) for f in configs if f.is_file()), {})
-    if (adapter / "adapter_config.json").is_file():
-        adapter_config = json.loads((adapter / "adapter_config.json").read_text())
-        run.setdefault("model", adapter_config.get("base_model_name_or_path"))
+        raise UsageError(f"{flag} {adapter}: no such folder")
+    if flag == "--model" and (adapter / "adapter_config.json").is_file():
+        raise UsageError(f"--model {adapter} is a LoRA adapter: pass it as --adapter")
+    run = run_settings(adapter)
     keys = ("model", "dataset", "beta", "gamma", "max_length", "max_prompt_length", "load_in_4bit")
     p.set_defaults(run=run, **{k: run[k] for k in keys if run.get(k) is not None})
     args = p.parse_args(argv)
+    args.adapter = args.adapter or str(adapter)
     for flag, value in (("--model", args.model or args.ref_model), ("--dataset", args.dataset)):
         if value is None:
             raise UsageError(f"no run_config.json next to {adapter}: pass {flag}")

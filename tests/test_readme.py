@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import eval as evaluate
+import merge
 import onpolicy
 import train
 
@@ -45,6 +46,7 @@ def test_every_train_flag_is_documented_and_every_documented_flag_exists(capsys)
     known = (train_flags
              | help_flags(evaluate.parse_args, capsys)
              | help_flags(onpolicy.parse_args, capsys)
+             | help_flags(merge.parse_args, capsys)
              | help_flags(bench.main, capsys)
              | torchrun_flags
              | {"--help", "--index-url"})

@@ -77,8 +77,8 @@ def parse_args(argv=None):
                    help="run the Python code a hub model ships with (only for a model you trust)")
     p.add_argument("--out", help="write every number here as JSON (default: <adapter>/eval.json, "
                                  "or <model>/eval.json without --adapter)")
-    p.add_argument("--samples", help="generated samples, JSONL (default: in that folder, "
-                                     "samples.jsonl)")
+    p.add_argument("--samples", help="generated samples, JSONL (default: beside the report, "
+                                     "samples.jsonl or <report>-samples.jsonl)")
     args = p.parse_args(argv)
     # no --adapter: --model is a plain model folder (merge.py's output, a --full run), scored
     # against --ref-model as `--adapter MODEL --ref-model BASE` scores it
@@ -91,19 +91,30 @@ def parse_args(argv=None):
         raise UsageError(f"{flag} {adapter}: no such folder")
     if flag == "--model" and (adapter / "adapter_config.json").is_file():
         raise UsageError(f"--model {adapter} is a LoRA adapter: pass it as --adapter")
+    # a data folder, or a run with no final save yet: say so before asking for other flags
+    if not any((adapter / name).is_file() for name in ("adapter_config.json", "config.json")):
+        message = f"{flag} {adapter}: neither a LoRA adapter nor a model folder"
+        if saved := checkpoints.saved_steps(adapter):
+            message += (f" (the run has no final save yet: evaluate {saved[max(saved)]}, or "
+                        f"finish it with train.py --resume {adapter})")
+        raise UsageError(message)
     run = run_settings(adapter)
     keys = ("model", "dataset", "beta", "gamma", "max_length", "max_prompt_length", "load_in_4bit")
     p.set_defaults(run=run, **{k: run[k] for k in keys if run.get(k) is not None})
     args = p.parse_args(argv)
     args.adapter = args.adapter or str(adapter)
-    for flag, value in (("--model", args.model or args.ref_model), ("--dataset", args.dataset)):
-        if value is None:
-            raise UsageError(f"no run_config.json next to {adapter}: pass {flag}")
+    missing = [flag for flag, value in (("--model", args.model or args.ref_model),
+                                        ("--dataset", args.dataset)) if value is None]
+    if missing:
+        kind = "a LoRA adapter" if (adapter / "adapter_config.json").is_file() else "a model folder"
+        raise UsageError(f"{adapter} is {kind} with no run_config.json beside it: pass "
+                         f"{' and '.join(missing)} (and --split for a folder or hub dataset)")
     if args.max_prompt_length > args.max_length:
         raise UsageError(f"--max-prompt-length {args.max_prompt_length} exceeds --max-length "
                          f"{args.max_length}")
-    if args.judge and args.generate < 2:
-        raise UsageError("--judge compares sampled answers: pass --generate N, N >= 2")
+    if args.judge and args.generate < judge.MIN_PROMPTS:
+        raise UsageError(f"--judge compares sampled answers: pass --generate N, N >= "
+                         f"{judge.MIN_PROMPTS} (fewer give no length-controlled win rate)")
     return args
 
 
@@ -112,12 +123,6 @@ def load_policy_and_base(args, device, dtype):
     adapter = Path(args.adapter)
     # full fine-tuning: two models (in eval mode, as from_pretrained gives them)
     if not (adapter / "adapter_config.json").is_file():
-        if not (adapter / "config.json").is_file():
-            message = f"--adapter {adapter}: neither a LoRA adapter nor a model folder"
-            if saved := checkpoints.saved_steps(adapter):
-                message += (f" (the run has no final save yet: evaluate {saved[max(saved)]}, or "
-                            f"finish it with train.py --resume {adapter})")
-            raise UsageError(message)
         policy, reference = (
             modeling.load_model(name, args.load_in_4bit, dtype, device, args.trust_remote_code)
             for name in (str(adapter), args.ref_model or args.model))
@@ -172,7 +177,7 @@ def kl_to_base(policy, base_model, examples, pad_id, batch_size, chunk_size):
 
 
 def pairs_to_score(args):
-    """(split, held-out fraction, the pairs in words, whether the run trained on them)."""
+    """(split, held-out fraction, the pairs in words)."""
     run, dataset = args.run, args.dataset
     same = run.get("dataset") is not None and (
         Path(dataset).resolve() == Path(run["dataset"]).resolve())
@@ -181,22 +186,37 @@ def pairs_to_score(args):
                          f"scores the run's held-out pairs of it, or all of a file the run did not "
                          f"train on")
     if args.split:
-        training = same and args.split == run.get("split", "train")
-        note = ": the run trained on them" if training else ""
-        return args.split, 0.0, f"split {args.split!r} of {dataset}{note}", training
+        return args.split, 0.0, f"split {args.split!r} of {dataset}"
     if Path(dataset).is_file() and not same:
-        return "train", 0.0, f"all of {dataset}, not the run's training data", False
+        return "train", 0.0, f"all of {dataset}"
     if run.get("eval_split"):
         note = ", held out by the run" if same else ""
-        return run["eval_split"], 0.0, f"split {run['eval_split']!r} of {dataset}{note}", False
+        return run["eval_split"], 0.0, f"split {run['eval_split']!r} of {dataset}{note}"
     if same and run.get("eval_fraction"):
         what = (f"the pairs the run held out of {dataset} (--eval-fraction "
                 f"{run['eval_fraction']:g}, seed {run.get('seed', 0)})")
-        return run.get("split", "train"), run["eval_fraction"], what, False
+        return run.get("split", "train"), run["eval_fraction"], what
     if same:
         raise UsageError(f"the run held out no pairs of {dataset}: pass other data with --dataset "
                          f"(and --split for a folder or hub dataset)")
     raise UsageError(f"{dataset}: pass --split")
+
+
+def trained_on(examples, tokenizer, args):
+    """How many of `examples` the run trained on, by content: the same ids as one of its training
+    pairs, whatever file or split they came from. None when the run's data cannot be read."""
+    run = args.run
+    if not run.get("dataset"):
+        return None
+    try:
+        trained, _, _ = preferences.load_examples(
+            tokenizer, run["dataset"], run.get("split", "train"), run.get("eval_split"),
+            run.get("eval_fraction") or 0.0, run.get("seed", 0), args.max_length,
+            args.max_prompt_length)
+    except preferences.DataError:
+        return None
+    digests = set(trained.pair_digests())
+    return sum(digest in digests for digest in examples.pair_digests())
 
 
 def evaluate(args):
@@ -209,7 +229,7 @@ def evaluate(args):
         print(f"note: {args.ref_model or args.model} has another chat template than the run "
               f"trained with: scoring with the run's")
         tokenizer.chat_template = trained_with
-    split, fraction, scored, training = pairs_to_score(args)
+    split, fraction, scored = pairs_to_score(args)
     train_part, held_out, summary = preferences.load_examples(
         tokenizer, args.dataset, split, None, fraction, args.run.get("seed", 0), args.max_length,
         args.max_prompt_length)
@@ -222,7 +242,8 @@ def evaluate(args):
     average = not args.run.get("no_length_normalization", False)
     # skipped and counts: of the pairs scored only, not of training's
     report = {"settings": {k: v for k, v in vars(args).items() if k != "run"},
-              "pairs": len(examples), "scored": scored, "includes_training_pairs": training,
+              "pairs": len(examples), "scored": scored,
+              "training_pairs": trained_on(examples, tokenizer, args),
               "skipped": summary.skipped(part), "counts": summary.counts[part]}
     pad_id = tokenizer.pad_token_id
     for name, context in (("policy", contextlib.nullcontext(policy)), ("base", base_model())):
@@ -231,24 +252,47 @@ def evaluate(args):
                                         f"scoring {name}")
         report[name] = modeling.reward_metrics(*logps, args.beta, args.gamma)
     report |= kl_to_base(policy, base_model, examples, pad_id, args.batch_size, args.chunk_size)
-    if args.generate:
-        report |= generation.eval_report(policy, base_model, tokenizer, examples, split, device,
-                                         dtype, args)
     out = Path(args.out or Path(args.adapter) / "eval.json")
+    if args.generate:
+        # beside the report: an --out elsewhere never overwrites the run's own samples
+        name = "samples.jsonl" if out.stem == "eval" else f"{out.stem}-samples.jsonl"
+        samples = Path(args.samples or out.with_name(name))
+        report |= sample_report(policy, base_model, tokenizer, examples, split, samples, device,
+                                dtype, args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print_report(report, args)
 
 
+def sample_report(policy, base_model, tokenizer, examples, split, path, device, dtype, args):
+    """--generate: policy and base sampled on the same prompts (generation.py), each side's health,
+    the sequence KL and the degeneration verdict; with --judge, the reward model's comparison
+    (judge.py). The samples go to `path`, one JSON line each."""
+    samples = generation.generate_samples(policy, base_model, tokenizer, examples, args.generate,
+                                          args.max_new_tokens, args.temperature, args.top_p,
+                                          args.seed, batch_size=args.batch_size)
+    policy_health = generation.health(samples, "policy")
+    base_health = generation.health(samples, "base")
+    kl = generation.kl_sequence(samples)
+    report = policy_health | base_health | kl | {"sampled": len(samples)}
+    report["degeneration"] = generation.degeneration(policy_health, base_health, kl)
+    # the reward model reads each prompt as messages, with its own chat template
+    if args.judge:
+        report["judge"] = judge.judge_samples(args, samples, split, device, dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(sample) + "\n" for sample in samples))
+    return report | {"samples": str(path)}
+
+
 def print_report(report, args):
-    print(f"\n{report['pairs']} pairs scored: {report['scored']} "
+    print(f"\n{plural(report['pairs'], 'pair')} scored: {report['scored']} "
           f"(β={args.beta:g}, γ={args.gamma:g})")
     counts = report["counts"]
     print(f"left out: {counts['identical']} with chosen == rejected, {counts['emptied']} truncated "
           f"to nothing; {counts['truncated']} scored truncated")
-    if report["includes_training_pairs"]:
-        print("warning: these are training pairs, not held-out ones: the accuracy says little "
-              "about new data")
+    if report["training_pairs"]:
+        print(f"warning: {report['training_pairs']} of these {plural(report['pairs'], 'pair')} "
+              f"are pairs the run trained on: the accuracy says less about new data")
     print(f"{'':34}{'policy':>10}{'base':>10}")
     for key, label in (("rewards/accuracies", "reward accuracy"),
                        ("rewards/margins", "mean reward margin β·Δ"),
@@ -257,9 +301,68 @@ def print_report(report, args):
     print(f"KL(policy ‖ base) per response token: chosen {report['kl/chosen']:.4f}, "
           f"rejected {report['kl/rejected']:.4f}")
     if "kl/sequence" in report:
-        print(generation.describe(report))
+        print(describe_samples(report, args))
     if "judge" in report:
-        print(judge.describe(report["judge"]))
+        print(describe_judge(report["judge"]))
+
+
+# the table of sampled answers: health key, label
+HEALTH_ROWS = (("length", "  mean length (tokens)"), ("length_se", "    its standard error"),
+               ("ended", "  ended at the end of turn"), ("cut", "  cut at --max-new-tokens"),
+               ("empty", "  empty"), ("rep4", "  repeated 4-grams (seq-rep-4)"),
+               ("distinct2", "  distinct bigrams (distinct-2)"))
+
+
+def describe_samples(report, args):
+    """The samples of policy and base: a table, the sequence KL, the degeneration warning."""
+    lines = [f"{plural(report['sampled'], 'prompt')} sampled, policy and base (up to "
+             f"{args.max_new_tokens} tokens):", f"{'':34}{'policy':>10}{'base':>10}"]
+    for key, label in HEALTH_ROWS:
+        policy = report[f"health/policy/{key}"]
+        base = report[f"health/base/{key}"]
+        lines.append(f"{label:34}{policy:>10.3f}{base:>10.3f}")
+    # the mean of log π(y) − log π_base(y) over the policy's own samples: unbiased, so a few
+    # samples can average below 0, which the KL itself never is
+    lines.append(f"KL(policy ‖ base) per sampled sequence: {report['kl/sequence']:.3f} ± "
+                 f"{report['kl/sequence_se']:.3f} (an unbiased estimate: noisy, below 0 at times "
+                 f"on few samples; samples in {report['samples']})")
+    return "\n".join(lines + [report["degeneration"] or ""]).rstrip()
+
+
+def plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def describe_judge(result):
+    """The reward model's verdict (judge.compare's result). A number that could not be computed
+    reads n/a."""
+    def estimate(key):
+        value, se = result[key], result[f"{key}_se"]
+        if value is None:
+            return "n/a"
+        return f"{value:.3f}" if se is None else f"{value:.3f} ± {se:.3f}"
+
+    def characters(name):
+        value = result[f"length/{name}"]
+        return "n/a" if value is None else f"{value:.0f}"
+
+    n, wins, ties = result["prompts"], result["wins"], result["ties"]
+    first = (f"judged by {result['reward_model']} on {plural(n, 'prompt')} (same seed for policy "
+             f"and base)")
+    if result["non_finite"]:
+        first += f"; {result['non_finite']} more left out: a non-finite score"
+    lc = estimate("lc_win_rate")
+    if result["lc_win_rate"] is None:
+        lc += f" (not estimated below {judge.MIN_PROMPTS} prompts)"
+    elif not result["length_term"]:
+        lc += " = the win rate (no length term: every prompt has the same length difference)"
+    lines = [first,
+             f"  the policy's answer scores higher on {wins}, lower on {n - wins - ties}, equal on "
+             f"{ties}; mean characters: policy {characters('policy')}, base {characters('base')}",
+             f"  win rate {estimate('win_rate')} (soft: the mean of σ(r_policy − r_base); a tie "
+             f"counts half)",
+             f"  length-controlled {lc}"]
+    return "\n".join(lines)
 
 
 def main(argv=None):

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-import judge
 import modeling
 import packing
 import preferences
@@ -239,48 +238,6 @@ def degeneration(policy_health, base_health, kl=None):
     if not problems:
         return None
     return "warning: the policy's samples degenerate: " + "; ".join(problems)
-
-
-# eval.py's table rows: health key, label
-ROWS = (("length", "  mean length (tokens)"), ("length_se", "    its standard error"),
-        ("ended", "  ended at the end of turn"), ("cut", "  cut at --max-new-tokens"),
-        ("empty", "  empty"), ("rep4", "  repeated 4-grams (seq-rep-4)"),
-        ("distinct2", "  distinct bigrams (distinct-2)"))
-
-
-def eval_report(policy, base_model, tokenizer, examples, split, device, dtype, args):
-    """eval.py --generate: policy and base sampled on the same prompts, each side's health, the
-    sequence KL and the degeneration verdict; with --judge, the reward model's comparison.
-    The samples go to --samples (default <adapter>/samples.jsonl)."""
-    samples = generate_samples(policy, base_model, tokenizer, examples, args.generate,
-                               args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                               batch_size=args.batch_size)
-    policy_health = health(samples, "policy")
-    base_health = health(samples, "base")
-    kl = kl_sequence(samples)
-    report = policy_health | base_health | kl
-    report["degeneration"] = degeneration(policy_health, base_health, kl)
-    # the reward model reads each prompt as messages, with its own chat template
-    if args.judge:
-        report["judge"] = judge.judge_samples(args, samples, split, device, dtype)
-    path = Path(args.samples or Path(args.adapter) / "samples.jsonl")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(sample) + "\n" for sample in samples))
-    return report | {"samples": str(path)}
-
-
-def describe(report):
-    """eval.py's lines for the samples of policy and base: a table, the sequence KL, the warning."""
-    settings = report["settings"]
-    lines = [f"{settings['generate']} sampled answers (up to {settings['max_new_tokens']} tokens):",
-             f"{'':34}{'policy':>10}{'base':>10}"]
-    for key, label in ROWS:
-        policy = report[f"health/policy/{key}"]
-        base = report[f"health/base/{key}"]
-        lines.append(f"{label:34}{policy:>10.3f}{base:>10.3f}")
-    lines.append(f"KL(policy ‖ base) per sampled sequence: {report['kl/sequence']:.3f} ± "
-                 f"{report['kl/sequence_se']:.3f}  (samples in {report['samples']})")
-    return "\n".join(lines + [report["degeneration"] or ""]).rstrip()
 
 
 class SampleMonitor:

@@ -187,33 +187,3 @@ def judge_samples(args, samples, split, device, dtype):
             sample[f"{name}_score"] = value if math.isfinite(value) else None
     return {"reward_model": args.judge} | compare(scores["policy"], scores["base"],
                                                   lengths["policy"], lengths["base"])
-
-
-def describe(result):
-    """eval.py's lines for the judge. A number that could not be computed reads n/a."""
-    def estimate(key):
-        value, se = result[key], result[f"{key}_se"]
-        if value is None:
-            return "n/a"
-        return f"{value:.3f}" if se is None else f"{value:.3f} ± {se:.3f}"
-
-    def characters(name):
-        value = result[f"length/{name}"]
-        return "n/a" if value is None else f"{value:.0f}"
-
-    n, wins, ties = result["prompts"], result["wins"], result["ties"]
-    first = f"judged by {result['reward_model']} on {n} prompts (same seed for policy and base)"
-    if result["non_finite"]:
-        first += f"; {result['non_finite']} more left out: a non-finite score"
-    lc = estimate("lc_win_rate")
-    if result["lc_win_rate"] is None:
-        lc += f" (not estimated below {MIN_PROMPTS} prompts)"
-    elif not result["length_term"]:
-        lc += " = the win rate (no length term: every prompt has the same length difference)"
-    lines = [first,
-             f"  the policy's answer scores higher on {wins}, lower on {n - wins - ties}, equal on "
-             f"{ties}; mean characters: policy {characters('policy')}, base {characters('base')}",
-             f"  win rate {estimate('win_rate')} (soft: the mean of σ(r_policy − r_base); a tie "
-             f"counts half)",
-             f"  length-controlled {lc}"]
-    return "\n".join(lines)

@@ -121,7 +121,7 @@ def check_pairs(args, tokenizer):
     """(examples, the pairs in words): the first --check-pairs of those eval.py scores for the run,
     or of its training pairs if it held out none."""
     try:
-        split, fraction, scored, _ = evaluation.pairs_to_score(args)
+        split, fraction, scored = evaluation.pairs_to_score(args)
     except UsageError:
         run_dataset = args.run.get("dataset")
         same = run_dataset and Path(args.dataset).resolve() == Path(run_dataset).resolve()

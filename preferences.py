@@ -449,6 +449,12 @@ class Examples:
                 digest.update(np.ascontiguousarray(ids[starts[row]:starts[row + 1]], np.int32))
         return digest.hexdigest()[:16]
 
+    def pair_digests(self):
+        """One sha256 per pair of its prompt, chosen and rejected ids: the same pair, tokenized the
+        same way, from any file or split (eval.py: were these pairs trained on?)."""
+        return [hashlib.sha256(repr([pair[name] for name in COLUMNS[:3]]).encode()).hexdigest()
+                for pair in self[:]]
+
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]

@@ -129,7 +129,7 @@ def test_train_and_eval_run_with_each_real_tokenizer(name, tmp_path, capsys):
     code, stdout, err = quiet(eval.main, ["--adapter", out], capsys)
     assert code == 0, err
     report = json.loads((out / "eval.json").read_text())
-    assert report["pairs"] + report["skipped"] == 2 and not report["includes_training_pairs"]
+    assert report["pairs"] + report["skipped"] == 2 and report["training_pairs"] == 0
     assert all(np.isfinite(report["policy"][key]) for key in ("loss", "rewards/margins"))
     trained = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())][-1]
     # the same pairs
@@ -354,7 +354,7 @@ def test_eval_split_of_a_single_file_is_refused_and_the_report_names_the_pairs(
     code, stdout, err = quiet(eval.main, ["--adapter", out], capsys)
     assert code == 0, err
     report = json.loads((out / "eval.json").read_text())
-    assert report["pairs"] == 3 and report["includes_training_pairs"] is False
+    assert report["pairs"] == 3 and report["training_pairs"] == 0
     assert "held out" in report["scored"] and "--eval-fraction 0.25" in report["scored"]
     assert f"3 pairs scored: {report['scored']}" in stdout
 

@@ -659,3 +659,45 @@ def test_qlora_run_evaluates_on_its_4bit_base(demo_run, tmp_path, capsys):
     assert report["settings"]["load_in_4bit"] is True and report["pairs"] == 32
     assert report["kl/chosen"] > 0
     assert report["policy"]["rewards/margins"] != report["base"]["rewards/margins"]
+
+
+# ---------------------------------------------------------------- what a newcomer ran into
+
+def test_training_pairs_are_found_by_content_in_any_file(tiny, tmp_path, capsys):
+    """A held-out file that repeats the run's training rows (here: all 24 rows of its data, 18 of
+    them trained on) is flagged by the pairs' ids, not by its path."""
+    copy = tmp_path / "looks-new.jsonl"
+    copy.write_text(tiny.pairs.read_text())
+    rc, out, err = run_eval(capsys, "--adapter", tiny.lora, "--dataset", copy,
+                            "--out", tmp_path / "report.json")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["pairs"] == 24 and report["training_pairs"] == 18
+    assert "warning: 18 of these 24 pairs are pairs the run trained on" in out
+    rc, out, err = run_eval(capsys, "--adapter", tiny.lora, "--out", tmp_path / "held.json")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "held.json").read_text())["training_pairs"] == 0
+    assert "warning" not in out
+
+
+def test_samples_go_beside_the_report(demo_run, tmp_path, capsys):
+    """--out elsewhere: the run folder's samples.jsonl is left alone; one prompt reads as one."""
+    before = {p.name for p in demo_run.run.iterdir()}
+    rc, out, err = run_eval(capsys, "--adapter", demo_run.run, "--out", tmp_path / "report.json",
+                            "--generate", 1, "--max-new-tokens", 4)
+    assert rc == 0, err
+    assert (tmp_path / "report-samples.jsonl").is_file()
+    assert {p.name for p in demo_run.run.iterdir()} == before
+    assert "1 prompt sampled, policy and base (up to 4 tokens):" in out
+    assert "an unbiased estimate: noisy" in out
+
+
+def test_a_folder_that_is_not_a_run_is_said_first(tiny, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text(tiny.pairs.read_text())
+    rc, _, err = run_eval(capsys, "--adapter", data)
+    assert_usage_error(rc, err, "neither a LoRA adapter nor a model folder")
+    rc, _, err = run_eval(capsys, "--adapter", tiny.model)
+    assert_usage_error(rc, err, "is a model folder with no run_config.json beside it: pass "
+                                "--model and --dataset")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import demo
+import eval as evaluate
 import judge
 import preferences
 from cli import UsageError
@@ -154,7 +155,7 @@ def test_equal_scores_are_ties_not_wins_and_count_half():
     assert (result["wins"], result["ties"]) == (2, 4)
     expected = (4 * 0.5 + 2 / (1 + math.exp(-1)) + 2 / (1 + math.exp(1))) / 8
     assert result["win_rate"] == pytest.approx(expected, abs=1e-12)
-    lines = judge.describe(result | {"reward_model": "rm"})
+    lines = evaluate.describe_judge(result | {"reward_model": "rm"})
     assert "scores higher on 2, lower on 2, equal on 4" in lines
     assert ("win rate 0.500 ± 0.062 (soft: the mean of σ(r_policy − r_base); a tie counts half)"
             in lines)
@@ -173,7 +174,7 @@ def test_non_finite_scores_are_left_out_and_counted():
     expected = judge.compare(*([values[i] for i in kept] for values in
                                (policy_scores, base_scores, policy_lengths, base_lengths)))
     assert result == expected | {"non_finite": 3} and expected["non_finite"] == 0
-    lines = judge.describe(result | {"reward_model": "rm"})
+    lines = evaluate.describe_judge(result | {"reward_model": "rm"})
     assert ("on 9 prompts (same seed for policy and base); 3 more left out: a non-finite score"
             in lines)
 
@@ -187,13 +188,13 @@ def test_a_result_is_json_and_describe_never_prints_nan(n):
     assert (result["lc_win_rate"] is None) == (n < judge.MIN_PROMPTS)
     assert (result["win_rate_se"] is None) == (n < 2)
     assert (result["win_rate"] is None) == (n == 0)
-    lines = judge.describe(result | {"reward_model": "rm"})
+    lines = evaluate.describe_judge(result | {"reward_model": "rm"})
     assert "nan" not in lines
     if n < judge.MIN_PROMPTS:
         assert f"length-controlled n/a (not estimated below {judge.MIN_PROMPTS} prompts)" in lines
     everything_left_out = judge.compare([math.nan] * n, [0.0] * n, policy_lengths, base_lengths)
     assert json.dumps(everything_left_out, allow_nan=False)
-    assert "nan" not in judge.describe(everything_left_out | {"reward_model": "rm"})
+    assert "nan" not in evaluate.describe_judge(everything_left_out | {"reward_model": "rm"})
 
 
 def test_one_length_difference_for_every_prompt_is_no_length_term():
@@ -202,7 +203,7 @@ def test_one_length_difference_for_every_prompt_is_no_length_term():
     result = judge.compare(policy_scores, [0.0] * 20, [130] * 20, [100] * 20)
     assert result["length_term"] is False and result["length_coefficient"] == 0
     assert result["lc_win_rate"] == pytest.approx(result["win_rate"], abs=1e-12)
-    lines = judge.describe(result | {"reward_model": "rm"})
+    lines = evaluate.describe_judge(result | {"reward_model": "rm"})
     assert "= the win rate (no length term: every prompt has the same length difference)" in lines
     varied = judge.compare(policy_scores, [0.0] * 20, [130] * 19 + [131], [100] * 20)
     assert varied["length_term"] is True

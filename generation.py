@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import modeling
 import packing
@@ -121,7 +122,9 @@ def generate_samples(policy, base_model, tokenizer, examples, count, max_new_tok
     order = torch.randperm(len(examples), generator=seeded)[:count].tolist()
     samples = [{"row": int(rows[i]), "prompt_ids": preferences.generation_prompt(examples[i])}
                for i in order]
-    for start in range(0, len(samples), batch_size):
+    # by batch of prompts: each is max_new_tokens forward passes of policy and base
+    for start in tqdm(range(0, len(samples), batch_size), desc="sampling", unit="batch",
+                      leave=False):
         batch = samples[start:start + batch_size]
         prompts = [sample["prompt_ids"] for sample in batch]
         for name in sides:

@@ -33,6 +33,7 @@ import math
 
 import torch
 from jinja2 import TemplateError
+from tqdm import tqdm
 
 import modeling
 import preferences
@@ -84,7 +85,7 @@ def score(model, tokenizer, conversations, batch_size=8):
     pad = model.config.pad_token_id
     size = batch_size if pad is not None else 1
     device, scores = next(model.parameters()).device, []
-    for i in range(0, len(rows), size):
+    for i in tqdm(range(0, len(rows), size), desc="judging", unit="batch", leave=False):
         chunk = rows[i:i + size]
         width = max(map(len, chunk))
         input_ids = [row + [pad] * (width - len(row)) for row in chunk]

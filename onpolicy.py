@@ -137,9 +137,10 @@ def resume(out, args, prompts):
 
 
 @torch.no_grad()
-def sample(model, config, stop, prompts, samples, seed):
+def sample(model, config, stop, prompts, samples, seed, bar=None):
     """`samples` answers to each prompt, drawn in one left-padded batch per answer: per prompt, a
-    list of (token ids up to the stop token, whether max_new_tokens cut the answer before one)."""
+    list of (token ids up to the stop token, whether max_new_tokens cut the answer before one).
+    `bar` (tqdm) moves by one per answer."""
     width, pad = max(map(len, prompts)), config.pad_token_id
     input_ids = [[pad] * (width - len(ids)) + ids for ids in prompts]
     mask = [[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts]
@@ -152,6 +153,8 @@ def sample(model, config, stop, prompts, samples, seed):
         for answer, ids in zip(answers, output[:, width:].tolist(), strict=True):
             end = next((n for n, token in enumerate(ids) if token in stop), len(ids))
             answer.append((ids[:end], end == len(ids)))
+        if bar is not None:
+            bar.update(len(prompts))
     return answers
 
 
@@ -222,13 +225,15 @@ def sample_all(args, out, prompts, prompt_ids, done, tokenizer):
                         "--reward-model")
     test = held_out(len(prompts), args.test_fraction, args.seed)
     started, tokens = time.monotonic(), 0
-    bar = tqdm(total=len(prompts), initial=done, desc="prompts", unit="prompt")
+    # by answer: a batch of 16 prompts at 5 answers each is minutes of sampling on a GPU
+    bar = tqdm(total=len(prompts) * args.samples, initial=done * args.samples, desc="answers",
+               unit="answer")
     stop_flag = cli.StopFlag("finishing this batch of prompts, then stopping")
     with open(out / "samples.jsonl", "a") as log, stop_flag, bar:
         for start in range(done, len(prompts), args.batch_size):
             batch = range(start, min(start + args.batch_size, len(prompts)))
             answers = sample(model, config, stop, [prompt_ids[i] for i in batch], args.samples,
-                             args.seed + start * args.samples)
+                             args.seed + start * args.samples, bar)
             records = judge_batch(reward, [prompts[i][0] for i in batch], answers, tokenizer, args)
             log.write("".join(json.dumps({"index": i, "split": "test" if i in test else "train"}
                                          | record) + "\n"
@@ -237,7 +242,6 @@ def sample_all(args, out, prompts, prompt_ids, done, tokenizer):
             # a prompt counts as done once it is on disk
             os.fsync(log.fileno())
             tokens += sum(len(ids) + (not cut) for row in answers for ids, cut in row)
-            bar.update(len(batch))
             bar.set_postfix_str(f"{tokens / (time.monotonic() - started):.0f} tokens/s")
             if stop_flag.signal and batch[-1] + 1 < len(prompts):
                 name = signal.Signals(stop_flag.signal).name
@@ -292,7 +296,21 @@ def build(args):
           f"{counts['fewer than two answers']} with fewer than two answers (answers left out: "
           f"{counts['truncated']} cut at --max-new-tokens, {counts['empty']} empty, "
           f"{counts['non-finite score']} with a non-finite score)")
+    for line in warnings(counts, len(prompts) * args.samples, args):
+        print(f"warning: {line}")
     return counts
+
+
+def warnings(counts, answers, args):
+    """What a run that exits 0 may still have got wrong: pairs too few to use."""
+    if counts["truncated"] * 2 > answers:
+        yield (f"{counts['truncated']} of {answers} answers hit --max-new-tokens "
+               f"{args.max_new_tokens} and were left out: raise it")
+    if not counts["train"]:
+        yield "no training pairs: train.py has nothing to train on"
+    if args.test_fraction and not counts["test"]:
+        yield ("no test pairs: every held-out prompt was left out (train.py --eval-split test "
+               "would have nothing to score)")
 
 
 def main(argv=None):

@@ -690,6 +690,7 @@ def test_samples_go_beside_the_report(demo_run, tmp_path, capsys):
     assert {p.name for p in demo_run.run.iterdir()} == before
     assert "1 prompt sampled, policy and base (up to 4 tokens):" in out
     assert "an unbiased estimate: noisy" in out
+    assert "sampling" in err  # progress, batch by batch
 
 
 def test_a_folder_that_is_not_a_run_is_said_first(tiny, tmp_path, capsys):

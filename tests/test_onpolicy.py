@@ -87,12 +87,12 @@ def stopped(setup, built):
     out, sampled_ids, calls = setup.dir / "stopped", [], []
     original = onpolicy.sample
 
-    def sample_then_signal(model, config, stop, prompts, samples, seed):
+    def sample_then_signal(model, config, stop, prompts, samples, seed, bar=None):
         sampled_ids.extend(prompts)
         calls.append(len(prompts))
         if len(calls) == 1:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(model, config, stop, prompts, samples, seed)
+        return original(model, config, stop, prompts, samples, seed, bar)
 
     argv = [str(arg) for arg in setup.common + ["--out", out]]
     onpolicy.sample = sample_then_signal
@@ -156,6 +156,22 @@ def test_cut_and_empty_answers_are_left_out_and_never_scored(setup, monkeypatch)
     assert record["answers"][0]["text"] == "apple apple apple apple apple apple"
     assert seen == ["apple", "TIGER"]
     assert record["left_out"] == "tie" and record["chosen"] is None
+
+
+def test_a_run_with_few_usable_pairs_says_so():
+    """Exit 0 and a summary line are not enough when most answers were cut or no test pair is
+    left: each gets a warning line."""
+    args = SimpleNamespace(max_new_tokens=16, test_fraction=0.1)
+    counts = {"truncated": 6, "train": 3, "test": 0}
+    assert list(onpolicy.warnings(counts, 10, args)) == [
+        "6 of 10 answers hit --max-new-tokens 16 and were left out: raise it",
+        "no test pairs: every held-out prompt was left out (train.py --eval-split test would have "
+        "nothing to score)"]
+    counts = {"truncated": 5, "train": 0, "test": 1}
+    assert list(onpolicy.warnings(counts, 10, args)) == [
+        "no training pairs: train.py has nothing to train on"]
+    assert list(onpolicy.warnings({"truncated": 0, "train": 3, "test": 0}, 10,
+                                  SimpleNamespace(max_new_tokens=16, test_fraction=0.0))) == []
 
 
 def test_the_test_prompts_are_a_seeded_fraction_and_never_none_by_rounding():
@@ -242,7 +258,7 @@ def scripted(setup):
     out, seeds, lines_at_fsync, done = setup.dir / "scripted", [], [], []
     tokenizer = modeling.load_tokenizer(setup.sft)
 
-    def scripted_sample(model, config, stop, prompts, samples, seed):
+    def scripted_sample(model, config, stop, prompts, samples, seed, bar=None):
         seeds.append(seed)
         texts = SCRIPT[len(done):len(done) + len(prompts)]
         done.extend(prompts)
@@ -482,7 +498,10 @@ def test_answer_k_is_drawn_after_the_seed_plus_k(tmp_path):
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                              add_generation_prompt=True)["input_ids"]
                for text in ("shout: apple", "whisper: apple river stone cloud tiger")]
-    together = onpolicy.sample(model, config, stop, prompts, 3, 7)
+    moved = []
+    together = onpolicy.sample(model, config, stop, prompts, 3, 7,
+                               SimpleNamespace(update=moved.append))
+    assert moved == [len(prompts)] * 3  # the progress bar moves by answer
     for k in range(3):
         alone = onpolicy.sample(model, config, stop, prompts, 1, 7 + k)
         assert [answers[k] for answers in together] == [answers[0] for answers in alone]
@@ -502,7 +521,8 @@ def test_its_pairs_train_and_the_run_is_judged_by_the_reward_model(setup, built,
     # as many prompts as --judge needs; the test split has fewer
     assert eval.main(["--adapter", str(run_dir), "--generate", str(judge.MIN_PROMPTS),
                       "--max-new-tokens", "6", "--judge", str(setup.rm)]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "judging" in err  # progress, batch by batch
     report = json.loads((run_dir / "eval.json").read_text())["judge"]
     test_pairs = preferences.read_pairs(str(built), "test")
     assert report["reward_model"] == str(setup.rm) and report["prompts"] == len(test_pairs) < 8

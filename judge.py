@@ -188,3 +188,11 @@ def judge_samples(args, samples, split, device, dtype):
             sample[f"{name}_score"] = value if math.isfinite(value) else None
     return {"reward_model": args.judge} | compare(scores["policy"], scores["base"],
                                                   lengths["policy"], lengths["base"])
+
+
+if __name__ == "__main__":
+    import argparse
+    # a module, not a command: --help says how to use it
+    argparse.ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    print("judge.py runs through eval.py --judge and onpolicy.py --reward-model: see --help")

@@ -66,10 +66,12 @@ def parse_args(argv=None):
     p.add_argument("--reward-model", required=True, help="a sequence classifier with one output")
     p.add_argument("--out", required=True, help="output folder; the same command again continues")
     p.add_argument("--samples", type=int, default=5, help="answers per prompt")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (as "
+                                                                  "published)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (as published)")
     p.add_argument("--max-new-tokens", type=int, default=4096, help="answers cut here are left out")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42,
+                   help="the answers drawn, and which prompts are held out for test")
     p.add_argument("--test-fraction", type=float, default=0.05, help="prompts held out for test")
     p.add_argument("--tie-tolerance", type=float, default=0.0,
                    help="a prompt whose best and worst scores differ by this or less is left out")

@@ -299,3 +299,12 @@ def test_judge_samples_scores_each_side_once_and_counts_characters(monkeypatch):
     assert result["length/policy"] == sum(len(policy) for policy, _ in kept) / 9
     assert result["length/base"] == sum(len(base) for _, base in kept) / 9
     assert (result["ties"], result["non_finite"], result["prompts"]) == (1, 1, 9)
+
+
+def test_judge_help_says_how_it_is_used():
+    import subprocess
+    import sys
+    from pathlib import Path
+    result = subprocess.run([sys.executable, "judge.py", "--help"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0 and "A reward model as judge" in result.stdout

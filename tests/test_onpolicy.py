@@ -5,6 +5,7 @@ eval.py --judge."""
 import json
 import math
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -545,3 +546,11 @@ def test_its_pairs_train_and_the_run_is_judged_by_the_reward_model(setup, built,
     rc = eval.main(["--adapter", str(run_dir), "--judge", str(setup.rm)])
     assert rc == 2 and "--judge compares sampled answers" in capsys.readouterr().err
     assert Path(run_dir / "eval.json").is_file()
+
+
+def test_every_flag_says_what_it_does_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        onpolicy.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in (("--temperature", "0.8"), ("--top-p", "0.95"), ("--seed", "42")):
+        assert re.search(rf"{flag} \S+ [a-z].*?\(default: {default}\)", text), flag

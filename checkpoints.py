@@ -245,8 +245,9 @@ class Checkpointer(StopFlag):
         leaves the older ones intact; the newest `keep` (default: the run's) periodic ones stay.
         Called in every process (RNG states); one writes."""
         state = training_state(self.model, self.optimizer, step)
-        # the clock restarts when the checkpoint starts
-        self.last_save = time.monotonic()
+        # the clock restarts when a checkpoint --resume can take starts
+        if name is None:
+            self.last_save = time.monotonic()
         if parallel.rank() != 0:
             return
         final = self.run_dir / (name or f"checkpoint-{step}")

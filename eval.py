@@ -220,6 +220,9 @@ def trained_on(examples, tokenizer, args):
 
 
 def evaluate(args):
+    # the demo's tiny model gains nothing from threads, which spin-wait on a busy machine (3×)
+    if args.run.get("demo"):
+        torch.set_num_threads(1)
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     # the base's tokenizer and the run's template, as train.py tokenized (not a re-saved copy)

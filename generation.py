@@ -35,7 +35,8 @@ MAX_ENDED_DROP = 0.3
 MAX_EMPTY_RISE = 0.2
 LENGTH_FACTOR = 2.0
 # KL(π ‖ π_base) per sampled token: word salad of ordinary length shows here, not in the counts
-# above (SmolLM2-135M on UltraFeedback, README: 0.002 after a sound run, 1.2 after a collapse)
+# above (SmolLM2-135M on UltraFeedback, bench/README.md: 0.002 after a sound run, 1.2 after a
+# collapse)
 MAX_KL_PER_TOKEN = 0.1
 # train.py --stop-on-degeneration: degenerate rounds in a row that stop a run. One round of 8
 # samples flags healthy runs now and then; two in a row never did (bench/README.md)

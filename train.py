@@ -109,8 +109,7 @@ def train(args):
         before = evaluate(model, eval_set, args, pad_id, layout)
         logger.log(0, before | (monitor.base() if monitor else {}))
         print(f"held-out reward accuracy before training: {before['eval/rewards/accuracies']:.3f}")
-    # --stop-on-degeneration: the state to fall back to
-    saver.start_healthy(start)
+    saver.start_healthy(start)  # --stop-on-degeneration's fallback
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="training",
                disable=not main_process)
     with saver:
@@ -249,6 +248,8 @@ def prepare_data(args, main_process):
     # built next to the run, not in it: eval.py loads it as the base model
     if args.demo:
         import demo
+        # a tiny model gains nothing from threads, which spin-wait on a busy machine (10× slower)
+        torch.set_num_threads(1)
         args.model = str((Path(args.output_dir).parent / "demo-model").resolve())
         if main_process:
             demo.build_tiny_model(args.model)
@@ -278,8 +279,7 @@ def prepare_data(args, main_process):
         raise preferences.DataError(f"{args.dataset}: --sample-every samples held-out prompts, and "
                                     f"no held-out pair is left (see the counts above)")
     args.data_fingerprint = train_set.fingerprint()
-    # again with the data's fingerprint
-    checkpoints.refuse_conflicts(args)
+    checkpoints.refuse_conflicts(args)  # again, with the data's fingerprint
     for line in data_notes(tokenizer, train_set, args):
         print(f"note: {line}")
     return tokenizer, train_set, eval_set
@@ -390,9 +390,9 @@ def parse_args(argv=None):
     g.add_argument("--sample-max-new-tokens", type=positive_int, default=128,
                    help="tokens per sampled answer")
     g.add_argument("--stop-on-degeneration", action="store_true",
-                   help=f"with --sample-every: after {generation.STOP_AFTER} degenerate rounds in "
-                        f"a row, stop (exit {cli.DEGENERATED}) with the last healthy "
-                        f"round's model as the run's; --resume continues from it")
+                   help=f"with --sample-every: after {generation.STOP_AFTER} degenerate rounds "
+                        f"in a row, stop (exit {cli.DEGENERATED}), the last healthy round's "
+                        f"model the run's; --resume continues from it")
     p.set_defaults(demo=False, run_config=None)
     args = p.parse_args(argv)
     if args.resume:

@@ -7,7 +7,7 @@ run.
     python bench/step.py --shape llama3-8b --lengths bench/lengths-ultrafeedback200.json \
         --batch-size 8 --micro-batch-size 4 --trl                # GPU: real lengths
     python bench/step.py --shape tiny --seq-len 64               # checks the script itself
-(README "Performance" has the CPU commands and numbers.)
+(bench/README.md, Performance, has the CPU commands and numbers.)
 
 Pairs: with --seq-len, identical-length pairs (prompt and each response seq_len/2 tokens); with
 --lengths, the (prompt, chosen, rejected) token counts of a real dataset

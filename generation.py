@@ -38,8 +38,9 @@ LENGTH_FACTOR = 2.0
 # above (SmolLM2-135M on UltraFeedback, bench/README.md: 0.002 after a sound run, 1.2 after a
 # collapse)
 MAX_KL_PER_TOKEN = 0.1
-# train.py --stop-on-degeneration: degenerate rounds in a row that stop a run. One round of 8
-# samples flags healthy runs now and then; two in a row never did (bench/README.md)
+# train.py --stop-on-degeneration: degenerate rounds in a row that stop a run. No healthy round
+# was flagged in 85, every collapse from its first round (bench/README.md): two cost one round of
+# delay and keep one unlucky round of a few samples from stopping a healthy run
 STOP_AFTER = 2
 
 

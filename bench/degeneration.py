@@ -2,7 +2,8 @@
 numbers behind --stop-on-degeneration's rule (generation.STOP_AFTER flagged rounds in a row).
 
     python bench/degeneration.py                  # demo seeds and a planted collapse: ~15 min
-    python bench/degeneration.py --real-model     # + SmolLM2-135M at lr 3e-4 and 3e-3: ~40 min
+    python bench/degeneration.py --real-model     # + SmolLM2-135M at lr 3e-4 and 3e-3: ~50 min
+    python bench/degeneration.py --real-model --out bench/degeneration.json   # the committed table
 
 Every run trains with --sample-every and without --stop-on-degeneration, so each sampling round's
 verdict (metrics.jsonl "degeneration") is recorded to the end; each stopping rule is then applied to

@@ -68,3 +68,25 @@ def test_demo_help_writes_nothing():
                             text=True)
     assert result.returncode == 0 and "toy preference" in result.stdout
     assert [f.stat().st_mtime_ns for f in files] == before
+
+
+def test_the_degeneration_table_is_the_rule_applied_to_the_recorded_rounds():
+    """bench/degeneration.json: each run's stops are the rule applied to its recorded verdicts, and
+    with generation.STOP_AFTER no healthy run stops while every collapse does."""
+    import generation
+    script = REPO / "bench" / "degeneration.py"
+    spec = importlib.util.spec_from_file_location("degeneration", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.stop_step([(2, ""), (4, "x"), (6, ""), (8, "x"), (10, "x")], 2) == 10
+    assert bench.stop_step([(2, "x"), (4, "")], 2) is None
+    report = json.loads((REPO / "bench" / "degeneration.json").read_text())
+    assert report["stop_after"] == generation.STOP_AFTER
+    names = set()
+    for run in report["runs"]:
+        names.add(run["name"])
+        for after in bench.RULES:
+            assert run[f"stops_after_{after}"] == bench.stop_step(run["rounds"], after)
+        stops = run[f"stops_after_{generation.STOP_AFTER}"]
+        assert (stops is None) == (run["kind"] == "healthy"), run["name"]
+    assert {"SmolLM2 lr 3e-4", "SmolLM2 lr 3e-3"} <= names

@@ -1049,3 +1049,12 @@ def test_curves_are_drawn_again_from_the_metrics(demo_run, tmp_path, capsys):
     assert (run_dir / "curves.png").stat().st_size > 0
     assert checkpoints.main([str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_is_on_by_default_also_on_a_cpu():
+    """Measured on SmolLM2-135M at --max-length 256 on a CPU: 5.2 GB peak with it, 8.7 without, at
+    the same speed; the demo turns it off (a tiny model has no memory to save)."""
+    assert train.parse_args(["--model", "m", "--dataset", "d.jsonl"]).gradient_checkpointing
+    assert not train.parse_args(["--model", "m", "--dataset", "d.jsonl",
+                                 "--no-gradient-checkpointing"]).gradient_checkpointing
+    assert train.parse_args([]).gradient_checkpointing is False
